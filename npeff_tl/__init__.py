@@ -1,0 +1,38 @@
+"""npeff_tl: NPEFF (Non-Negative Per-Example Fisher Factorization) for TransformerLens models.
+
+Importing the package is light: TransformerLens is imported only when a model is wrapped, and SAE-Lens only
+when an SAE baseline is used.
+"""
+
+import logging
+
+from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
+from .examples import Examples
+from .params import ParamSpace
+from .pefs import (
+    AnswerLogProb,
+    ClassLogProbs,
+    CrossEntropy,
+    DiagonalPEFs,
+    FunctionObjective,
+    GradBlock,
+    LowRankPEFs,
+    Objective,
+    PEFs,
+    compute_pefs,
+    load_pefs,
+    per_example_grads,
+)
+from .store import FormatError
+from .targets import Candidates, ClassRule, Sampled, Target, Threshold, TopK
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HookedTransformerAdapter", "ModelAdapter", "as_adapter", "Examples", "ParamSpace",
+    "AnswerLogProb", "ClassLogProbs", "CrossEntropy", "FunctionObjective", "Objective", "GradBlock",
+    "DiagonalPEFs", "LowRankPEFs", "PEFs", "compute_pefs", "load_pefs", "per_example_grads",
+    "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK",
+]

@@ -1,0 +1,117 @@
+"""Model adapters: the only place that knows how a model class stores parameters and computes logits.
+
+The core asks an adapter for (a) the model's parameters under TransformerLens names and (b) the logits at
+chosen token positions, optionally with some parameters replaced (for ``torch.func`` transforms). Supporting
+another model class (e.g. TransformerBridge) means writing one more adapter, not touching the core.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+
+class ModelAdapter(ABC):
+    """What npeff_tl needs from a model."""
+
+    model: nn.Module
+
+    @abstractmethod
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """All parameters under TransformerLens names, in the model's own order."""
+
+    @abstractmethod
+    def target_logits(
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        positions: Int[Tensor, "batch k"],
+        params: Mapping[str, Tensor] | None = None,
+    ) -> Float[Tensor, "batch k vocab"]:
+        """Logits predicted at ``positions`` of each sequence; ``params`` replaces parameters by name."""
+
+    @abstractmethod
+    def config_summary(self) -> dict[str, Any]:
+        """A JSON-able description of the model, saved with results."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+class _TargetLogits(nn.Module):
+    """Runs a HookedTransformer to the final residual stream and unembeds only the target positions.
+
+    Unembedding a handful of positions instead of all of them saves most of the cost of the unembedding
+    (forward and backward), which dominates for large vocabularies.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        from transformer_lens.utilities.activation_functions import apply_softcap
+
+        model = self.model
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)  # [batch, seq, d_model], before ln_final
+        index = positions[..., None].expand(*positions.shape, resid.shape[-1])
+        resid = resid.gather(1, index)  # [batch, k, d_model]
+        if model.cfg.normalization_type is not None:
+            resid = model.ln_final(resid)
+        return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
+
+
+class HookedTransformerAdapter(ModelAdapter):
+    """Adapter for ``transformer_lens.HookedTransformer``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._target_logits = _TargetLogits(model)
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    def target_logits(
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        positions: Int[Tensor, "batch k"],
+        params: Mapping[str, Tensor] | None = None,
+    ) -> Float[Tensor, "batch k vocab"]:
+        if params is None:
+            return self._target_logits(tokens, positions)
+        renamed = {f"model.{name}": value for name, value in params.items()}
+        return torch.func.functional_call(self._target_logits, renamed, (tokens, positions), strict=False)
+
+    def config_summary(self) -> dict[str, Any]:
+        cfg = self.model.cfg
+        keys = [
+            "model_name", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx",
+            "act_fn", "normalization_type", "positional_embedding_type",
+        ]
+        summary = {key: getattr(cfg, key, None) for key in keys}
+        summary["class"] = type(self.model).__name__
+        summary["dtype"] = str(self.dtype).removeprefix("torch.")
+        return summary
+
+
+def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
+    """Wrap ``model`` in the adapter for its class (an adapter is returned unchanged)."""
+    if isinstance(model, ModelAdapter):
+        return model
+    from transformer_lens import HookedTransformer
+
+    if isinstance(model, HookedTransformer):
+        return HookedTransformerAdapter(model)
+    raise TypeError(
+        f"npeff_tl does not know how to run a {type(model).__name__}: pass a transformer_lens.HookedTransformer "
+        "or wrap your model in a subclass of npeff_tl.adapters.ModelAdapter."
+    )

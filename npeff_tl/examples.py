@@ -1,0 +1,124 @@
+"""Examples: token sequences plus one target position per example.
+
+An example is a (sequence, position) pair. Usually each sequence gives one example; several positions of one
+sequence give several examples that share a forward pass. Sequences are right-padded (TransformerLens's
+default padding side), so padding never changes the prediction at a real token of a causal model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from .targets import Position
+
+TokensLike = Tensor | Sequence[Sequence[int]] | Sequence[Tensor]
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Right-padded token sequences and, per example, its sequence and target position (sequence-major)."""
+
+    tokens: Int[Tensor, "n_seq seq"]
+    lengths: Int[Tensor, " n_seq"]
+    seq_index: Int[Tensor, " n_examples"]
+    position: Int[Tensor, " n_examples"]
+
+    def __len__(self) -> int:
+        return int(self.seq_index.shape[0])
+
+    @classmethod
+    def from_tokens(
+        cls,
+        tokens: TokensLike,
+        position: Position = "last",
+        *,
+        attention_mask: Tensor | None = None,
+        pad_token_id: int | None = None,
+    ) -> Examples:
+        """Build examples from a [n, seq] tensor or a list of (ragged) token lists.
+
+        Sequence lengths come from ``attention_mask`` (1 = real token), else from trailing ``pad_token_id``
+        runs, else from the ragged list lengths, else every token counts.
+        """
+        tokens, lengths = _pad(tokens)
+        if attention_mask is not None:
+            lengths = _lengths_from_mask(torch.as_tensor(attention_mask), tokens.shape)
+        elif pad_token_id is not None:
+            real = tokens != pad_token_id
+            last_real = torch.where(real, torch.arange(tokens.shape[1]), -1).max(dim=1).values
+            lengths = last_real + 1
+        if int(lengths.min()) < 1:
+            empty = torch.nonzero(lengths < 1).flatten().tolist()[:10]
+            raise ValueError(f"sequences {empty} have no real tokens; every example needs at least one token")
+        seq_index, positions = _resolve_positions(position, lengths)
+        return cls(tokens, lengths, seq_index, positions)
+
+    def fingerprint(self) -> str:
+        """A hash of the tokens and target positions, to tell runs on different data apart."""
+        digest = hashlib.sha256()
+        for tensor in (self.tokens, self.lengths, self.seq_index, self.position):
+            digest.update(tensor.to(torch.int64).cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _pad(tokens: TokensLike) -> tuple[Tensor, Tensor]:
+    if isinstance(tokens, Tensor):
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.is_floating_point():
+            raise ValueError(f"tokens must be an integer tensor [n_sequences, seq_len], got shape {tuple(tokens.shape)}")
+        return tokens.long(), torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long)
+    rows = [torch.as_tensor(row, dtype=torch.long).reshape(-1) for row in tokens]
+    if not rows:
+        raise ValueError("no examples: the token list is empty")
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    padded = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+    return padded, lengths
+
+
+def _lengths_from_mask(mask: Tensor, shape: torch.Size) -> Tensor:
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but tokens have shape {tuple(shape)}")
+    mask = mask.bool().cpu()
+    lengths = mask.sum(dim=1)
+    right_padded = torch.arange(shape[1]) < lengths[:, None]
+    if not torch.equal(mask, right_padded):
+        raise ValueError(
+            "attention_mask is not right-padded (real tokens first, then padding); left padding shifts "
+            "positions: re-tokenize with padding_side='right'"
+        )
+    return lengths
+
+
+def _resolve_positions(position: Position, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    n_seq = lengths.shape[0]
+    if isinstance(position, str):  # "last"; Target validates the string
+        per_seq: list[list[int]] = [[int(n) - 1] for n in lengths]
+    elif isinstance(position, int):
+        per_seq = [[position if position >= 0 else int(n) + position] for n in lengths]
+    else:
+        position = position.tolist() if isinstance(position, Tensor) else list(position)
+        if len(position) != n_seq:
+            raise ValueError(f"got {len(position)} target positions for {n_seq} sequences; give one entry per sequence")
+        per_seq = [[int(p)] if isinstance(p, int) else [int(q) for q in p] for p in position]
+    seq_index, positions = [], []
+    for seq, (plist, length) in enumerate(zip(per_seq, lengths.tolist())):
+        for p in plist:
+            if not 0 <= p < length:
+                raise ValueError(
+                    f"target position {p} is out of range for sequence {seq}, which has {length} real tokens "
+                    f"(valid positions: 0..{length - 1}, or -1 for the last)"
+                )
+            seq_index.append(seq)
+            positions.append(p)
+    if not seq_index:
+        raise ValueError("no examples: every sequence was given an empty list of target positions")
+    return torch.tensor(seq_index, dtype=torch.long), torch.tensor(positions, dtype=torch.long)

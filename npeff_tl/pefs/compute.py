@@ -1,0 +1,219 @@
+"""compute_pefs: sparse per-example Fishers of a model, batched, streamed to disk and resumable.
+
+Per batch: one forward pass (no grad) gives the logits at the target positions, from which the class rule
+picks classes and weights; then ``batch_grads`` gives g_c = grad log p_c for those classes, and the factor
+columns are u_c = sqrt(w_c) g_c. Norms are taken on the dense result before sparsification (float64), and the
+dataset-level diagonal Fisher (mean of the dense D-PEFs) is accumulated on the way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Float64, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..adapters import ModelAdapter, as_adapter
+from ..examples import Examples, TokensLike
+from ..params import ParamSpace
+from ..store import ShardStore, load_tensors, save_tensors, tensor_fingerprint, versions
+from ..targets import Target
+from .containers import (
+    PEFS_FORMAT,
+    DiagonalPEFs,
+    LowRankPEFs,
+    PEFs,
+    _check_nnz,
+    load_pefs,
+    lowrank_norms,
+    sparsify_lowrank,
+)
+from .grads import as_examples, batch_grads, batch_target_logits
+from .objectives import ClassLogProbs
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["diagonal", "lowrank"]
+_COLUMN_CHUNK = 1 << 20  # columns per float64 chunk, to keep float64 copies small
+
+
+def _sum_of_squares_f64(x: Float[Tensor, "b size"]) -> Float64[Tensor, " b"]:
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[1], _COLUMN_CHUNK):
+        total += x[:, start : start + _COLUMN_CHUNK].double().square().sum(1)
+    return total
+
+
+def _column_sums_f64(x: Float[Tensor, "b size"]) -> Float64[Tensor, " size"]:
+    return torch.cat([x[:, s : s + _COLUMN_CHUNK].double().sum(0) for s in range(0, x.shape[1], _COLUMN_CHUNK)])
+
+
+def _batch_pefs(
+    adapter: ModelAdapter,
+    space: ParamSpace,
+    examples: Examples,
+    index: Int[Tensor, " b"],
+    target: Target,
+    kind: Kind,
+    nnz: int,
+    dtype: torch.dtype,
+    n_top_logits: int,
+    store_logits: bool,
+) -> tuple[dict[str, Tensor], Float64[Tensor, " size"]]:
+    """The sparse PEF rows of a batch, and the float64 sum of its dense D-PEFs."""
+    rule = target.classes
+    with torch.no_grad():
+        logits = batch_target_logits(adapter, examples, index)
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    if bad.any():
+        raise ValueError(
+            f"the model produced NaN/inf logits for examples {index[bad.cpu()].tolist()[:10]}; "
+            "check the weights (and the dtype: float16 overflows easily)"
+        )
+    selection = rule.select(logits, index.to(logits.device))
+    objective = ClassLogProbs(selection.class_ids, rule)
+    grads, _ = batch_grads(adapter, space, examples, index, objective, selection.class_ids)
+    factors = grads * selection.weights.sqrt()[..., None].to(grads.dtype)  # u_c = sqrt(w_c) g_c; 0 for padding
+    del grads
+    diagonal = factors.square().sum(1)  # f = sum_c u_c^2
+    fisher_sum = _column_sums_f64(diagonal)
+    if kind == "diagonal":
+        norms = _sum_of_squares_f64(diagonal).sqrt()
+        values, indices = diagonal.topk(nnz, dim=1)  # descending
+        rows = {"values": values, "indices": indices, "norms": norms}
+    else:
+        values, indices, col_offsets = sparsify_lowrank(factors, nnz)
+        ranks = (selection.class_ids >= 0).sum(1)
+        rows = {"values": values, "indices": indices, "norms": lowrank_norms(factors), "col_offsets": col_offsets, "ranks": ranks}
+    rows["values"] = rows["values"].to(dtype)
+    rows["indices"] = rows["indices"].to(torch.int32 if space.size < 2**31 else torch.int64)
+    top_values, top_ids = logits.topk(min(n_top_logits, logits.shape[-1]), dim=-1)
+    per_example = {
+        "example_index": index,
+        "seq_index": examples.seq_index[index],
+        "position": examples.position[index],
+        "class_ids": selection.class_ids,
+        "class_probs": selection.probs,
+        "class_weights": selection.weights,
+        "top_logit_ids": top_ids,
+        "top_logit_values": top_values.float(),
+    }
+    if store_logits:
+        per_example["logits"] = logits.float()
+    rows.update({f"per_example.{k}": v for k, v in per_example.items()})
+    return {k: v.cpu() for k, v in rows.items()}, fisher_sum
+
+
+def compute_pefs(
+    model: nn.Module | ModelAdapter,
+    examples: Examples | TokensLike,
+    space: ParamSpace,
+    target: Target = Target(),
+    kind: str = "diagonal",
+    *,
+    nnz: int | None = None,
+    batch_size: int = 16,
+    store: str | os.PathLike | None = None,
+    shard_size: int = 1024,
+    answers: Int[Tensor, " n_examples"] | None = None,
+    n_top_logits: int = 16,
+    store_logits: bool = False,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> PEFs:
+    """Per-example Fishers of ``model`` over ``space`` for ``examples``, sparsified to ``nnz`` entries each.
+
+    Args:
+        examples: ``Examples``, or token sequences whose target positions ``target.position`` gives.
+        kind: ``"diagonal"`` (D-PEFs) or ``"lowrank"`` (LRM-PEFs, the factor U_i with F_i = U_i U_i^T);
+            a plain ``str`` so that a typo gets npeff_tl's own error message.
+        nnz: entries kept per example (default: min(65536, size of the space they are chosen from: the
+            parameters for diagonal PEFs, classes x parameters for low-rank PEFs)).
+        batch_size: examples per batch; peak memory is about batch_size x classes x space size floats.
+        store: a directory to stream results to in shards of ``shard_size`` examples; re-running with the
+            same arguments resumes, skipping finished shards. The stored result does not depend on batch_size.
+        answers: the answer token per example, stored with the PEFs.
+        n_top_logits / store_logits: how much of the predicted distribution to keep per example.
+        dtype: dtype of the stored values (default float32, float64 for a float64 model).
+    """
+    adapter = as_adapter(model)
+    examples = as_examples(examples, target.position)
+    n = len(examples)
+    if kind not in ("diagonal", "lowrank"):
+        raise ValueError(f"kind must be 'diagonal' or 'lowrank', got {kind!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    space.check_model(adapter)
+    if kind == "diagonal":
+        nnz = _check_nnz(nnz if nnz is not None else min(65536, space.size), space.size)
+    else:  # low-rank entries are chosen jointly over classes x parameters
+        joint = space.size * target.classes.max_classes
+        nnz = _check_nnz(nnz if nnz is not None else min(65536, joint), joint, "classes x parameters")
+    if answers is not None:
+        answers = torch.as_tensor(answers, dtype=torch.long).reshape(-1)
+        if answers.shape[0] != n:
+            raise ValueError(f"got {answers.shape[0]} answers for {n} examples; give one answer per example")
+    dtype = dtype or (torch.float64 if adapter.dtype == torch.float64 else torch.float32)
+    metadata = {
+        "target": target.to_dict(),
+        "model": adapter.config_summary(),
+        "normalized": False,
+        "n_top_logits": n_top_logits,
+        "store_logits": store_logits,
+        "dtype": str(dtype).removeprefix("torch."),
+        "examples_sha256": examples.fingerprint(),
+        "model_sha256": tensor_fingerprint(list(adapter.named_parameters().values())),
+    }
+    config = {"kind": kind, "nnz": nnz, "space": space.to_dict(), "metadata": metadata}
+    cls = DiagonalPEFs if kind == "diagonal" else LowRankPEFs
+    sink = ShardStore(store, PEFS_FORMAT, config, n, shard_size) if store is not None else None
+    if sink and sink.meta.get("complete"):
+        logger.info("PEF store %s is complete; loading it", store)
+        return load_pefs(store)
+
+    shard_size = sink.shard_size if sink else shard_size
+    ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+    shards, fisher_sums = [], []
+    with tqdm(total=n, desc=f"{kind} PEFs", disable=not progress, unit="ex") as bar:
+        for j, (shard_start, shard_stop) in enumerate(ranges):
+            if sink and sink.is_done(j):
+                bar.update(shard_stop - shard_start)
+                continue
+            parts, fisher_sum = [], None
+            for start in range(shard_start, shard_stop, batch_size):
+                index = torch.arange(start, min(start + batch_size, shard_stop))
+                rows, batch_fisher = _batch_pefs(
+                    adapter, space, examples, index, target, kind, nnz, dtype, n_top_logits, store_logits
+                )
+                if answers is not None:
+                    rows["per_example.answer"] = answers[index]
+                parts.append(rows)
+                fisher_sum = batch_fisher if fisher_sum is None else fisher_sum + batch_fisher
+                bar.update(len(index))
+            shard = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+            if sink:  # the partial Fisher sum first: a shard file on disk means the shard is complete
+                save_tensors({"fisher_sum": fisher_sum}, sink.shard_path(j, "fisher_sum"))
+                sink.write(j, shard)
+            else:
+                shards.append(shard)
+                fisher_sums.append(fisher_sum)
+
+    dataset_fisher = torch.zeros(space.size, dtype=torch.float64)
+    for j in range(len(ranges)):  # summed in shard order, whichever shards this run computed
+        partial = load_tensors(sink.shard_path(j, "fisher_sum"))["fisher_sum"] if sink else fisher_sums[j]
+        dataset_fisher += partial.cpu()
+    dataset_fisher /= n
+    provenance = {"versions": versions()}
+    if sink:
+        save_tensors({"dataset_fisher": dataset_fisher}, sink.path / "dataset_fisher.safetensors")
+        sink.mark_complete(provenance=provenance)
+        for j in range(len(ranges)):
+            sink.shard_path(j, "fisher_sum").unlink()
+        return load_pefs(store)
+    pefs = cls._from_shards(shards, space, {"config": config, "provenance": provenance})
+    pefs.dataset_fisher = dataset_fisher
+    return pefs

@@ -1,0 +1,391 @@
+"""Containers for sparse per-example Fishers: diagonal (D-PEFs) and low-rank (LRM-PEFs).
+
+Both keep, per example, ``nnz`` (value, flat parameter index) pairs over a ParamSpace, the norm of the dense
+PEF before sparsification, and a table of per-example data (class ids and probabilities, target position,
+answer, top logits). They save as a directory of safetensors shards plus ``metadata.json``; ``compute_pefs``
+writes the same format incrementally, so one loader reads both.
+
+- ``DiagonalPEFs``: f_i = sum_c w_c g_c^2, the ``nnz`` largest entries in descending order (so a prefix of
+  them is again a valid sparsification). ``norms`` is ||f_i||_2.
+- ``LowRankPEFs``: U_i with columns u_c = sqrt(w_c) g_c, so F_i = U_i U_i^T; the ``nnz`` largest |entries|
+  jointly over classes x parameters, sorted by (class, parameter); ``col_offsets`` delimit the classes and
+  ``ranks`` is the number of classes per example. ``norms`` is ||U_i U_i^T||_F.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Float, Float64, Int
+from torch import Tensor
+
+from ..params import ParamSpace
+from ..store import FormatError, ShardStore, load_tensors, read_metadata, save_tensors, versions
+
+PEFS_FORMAT = "npeff_tl.pefs"
+D_NORM_EPS = 1e-9  # added to the norm when normalising D-PEFs (reference value)
+LRM_NORM_FLOOR = 1e-12  # floor of sqrt(norm) when normalising LRM-PEFs (reference value)
+# Keys of ``metadata`` that must agree for two PEF sets to be combined or compared.
+COMPATIBILITY_KEYS = ("target", "model", "normalized")
+
+
+@dataclass(kw_only=True)
+class PEFs(ABC):
+    """Sparse PEFs of ``n`` examples over ``space`` (see the module docstring for the two kinds)."""
+
+    values: Float[Tensor, "n nnz"]
+    indices: Int[Tensor, "n nnz"]
+    norms: Float64[Tensor, " n"]
+    space: ParamSpace
+    per_example: dict[str, Tensor] = field(default_factory=dict)
+    dataset_fisher: Float64[Tensor, " size"] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    kind: ClassVar[str] = ""
+    _row_fields: ClassVar[tuple[str, ...]] = ("values", "indices", "norms")
+
+    def __post_init__(self):
+        n = self.values.shape[0]
+        for name, column in self.per_example.items():
+            if column.shape[0] != n:
+                raise ValueError(f"per_example[{name!r}] has {column.shape[0]} rows for {n} examples")
+        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= self.space.size):
+            raise ValueError(f"parameter indices must lie in [0, {self.space.size}) (the size of the ParamSpace)")
+        if self.dataset_fisher is not None and self.dataset_fisher.shape[0] != self.space.size:
+            raise ValueError("dataset_fisher must have one entry per parameter of the space")
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def is_normalized(self) -> bool:
+        return bool(self.metadata.get("normalized", False))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={len(self)}, nnz={self.nnz}, space={self.space!r})"
+
+    # ------------------------------------------------------------------------------- rows
+    def subset(self, index: Tensor | Sequence[int] | slice) -> PEFs:
+        """The PEFs of some examples (the dataset-level Fisher is kept: it describes the whole run)."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long)
+        rows = {name: getattr(self, name)[index] for name in self._row_fields}
+        per_example = {name: column[index] for name, column in self.per_example.items()}
+        return dataclasses.replace(self, **rows, per_example=per_example)
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[PEFs]) -> PEFs:
+        """Stack PEF sets of the same kind, space, nnz, target rule and model."""
+        if not parts:
+            raise ValueError("concatenate needs at least one PEF set")
+        first = parts[0]
+        for other in parts[1:]:
+            _check_compatible(first, other)
+        rows = {name: torch.cat([getattr(p, name) for p in parts]) for name in first._row_fields}
+        keys = set.intersection(*(set(p.per_example) for p in parts))
+        per_example = {name: torch.cat([p.per_example[name] for p in parts]) for name in first.per_example if name in keys}
+        fishers = [p.dataset_fisher for p in parts]
+        fisher = None
+        if all(f is not None for f in fishers):  # a mean over all examples of all parts
+            fisher = sum(f * len(p) for f, p in zip(fishers, parts)) / sum(len(p) for p in parts)
+        return dataclasses.replace(first, **rows, per_example=per_example, dataset_fisher=fisher)
+
+    # ------------------------------------------------------------------------------- save / load
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save as a directory (metadata.json + safetensors), replacing ``path`` atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            store = ShardStore(tmp, PEFS_FORMAT, self._store_config(), len(self), max(len(self), 1))
+            store.write(0, self._shard_tensors())
+            if self.dataset_fisher is not None:
+                save_tensors({"dataset_fisher": self.dataset_fisher}, tmp / "dataset_fisher.safetensors")
+            store.mark_complete(provenance=self.provenance)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    def _store_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "nnz": self.nnz, "space": self.space.to_dict(), "metadata": self.metadata}
+
+    def _shard_tensors(self) -> dict[str, Tensor]:
+        tensors = {name: getattr(self, name) for name in self._row_fields}
+        tensors.update({f"per_example.{name}": column for name, column in self.per_example.items()})
+        return tensors
+
+    @classmethod
+    def _from_shards(cls, shards: list[dict[str, Tensor]], space: ParamSpace, meta: dict[str, Any]) -> PEFs:
+        tensors = {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
+        missing = [name for name in cls._row_fields if name not in tensors]
+        if missing:
+            raise FormatError(f"PEF shards lack the tensors {missing}; the files are corrupt or not PEFs")
+        per_example = {k.removeprefix("per_example."): v for k, v in tensors.items() if k.startswith("per_example.")}
+        rows = {name: tensors[name] for name in cls._row_fields}
+        return cls(
+            **rows,
+            space=space,
+            per_example=per_example,
+            metadata=meta["config"].get("metadata", {}),
+            provenance=meta.get("provenance", {}),
+        )
+
+    # ------------------------------------------------------------------------------- views
+    def normalized(self) -> PEFs:
+        """Each example scaled to (about) unit Frobenius norm of its dense PEF, as NPEFF fits expect."""
+        if self.is_normalized:
+            raise ValueError("these PEFs are already normalized")
+        return dataclasses.replace(
+            self, values=self.values / self._row_scale()[:, None].to(self.values.dtype),
+            metadata={**self.metadata, "normalized": True},
+        )
+
+    @abstractmethod
+    def _row_scale(self) -> Tensor:
+        """Per-example divisor that normalises the PEFs (each kind has its reference convention)."""
+
+
+def _check_compatible(a: PEFs, b: PEFs) -> None:
+    if type(a) is not type(b):
+        raise ValueError(f"cannot combine {type(a).__name__} with {type(b).__name__}")
+    if a.space != b.space:
+        raise ValueError("the PEF sets are over different parameter spaces")
+    if a.nnz != b.nnz:
+        raise ValueError(f"the PEF sets have different nnz ({a.nnz} vs {b.nnz})")
+    for key in COMPATIBILITY_KEYS:
+        if a.metadata.get(key) != b.metadata.get(key):
+            raise ValueError(f"the PEF sets differ in {key}: {a.metadata.get(key)} vs {b.metadata.get(key)}")
+
+
+def _sorted_csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR matrix from per-entry (row, col, value), columns sorted within each row."""
+    order = torch.argsort(rows * shape[1] + cols)
+    rows, cols, values = rows[order], cols[order], values[order]
+    crow = torch.zeros(shape[0] + 1, dtype=torch.long)
+    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, values, size=shape, check_invariants=False)
+
+
+@dataclass(kw_only=True, repr=False)
+class DiagonalPEFs(PEFs):
+    kind: ClassVar[str] = "diagonal"
+
+    def _row_scale(self) -> Tensor:
+        return self.norms + D_NORM_EPS
+
+    def to_csr(self) -> Float[Tensor, "n size"]:
+        """A torch sparse CSR matrix [n, space.size] (column indices sorted within each row)."""
+        n = len(self)
+        rows = torch.arange(n).repeat_interleave(self.nnz)
+        return _sorted_csr(rows, self.indices.reshape(-1).long(), self.values.reshape(-1), (n, self.space.size))
+
+    def to_dense(self) -> Float[Tensor, "n size"]:
+        dense = torch.zeros(len(self), self.space.size, dtype=self.values.dtype)
+        return dense.scatter_(1, self.indices.long(), self.values)
+
+    @classmethod
+    def from_dense(
+        cls, matrix: Float[Tensor, "n size"], nnz: int | None = None, space: ParamSpace | None = None, **metadata: Any
+    ) -> DiagonalPEFs:
+        """Sparsify dense non-negative diagonals (rows); norms are taken before sparsification."""
+        space = _space_for(space, matrix.shape[-1])
+        if (matrix < 0).any():
+            raise ValueError("diagonal PEFs are non-negative; the matrix has negative entries")
+        nnz = _check_nnz(nnz if nnz is not None else space.size, space.size)
+        values, indices = matrix.topk(nnz, dim=1)
+        norms = matrix.double().norm(dim=1)
+        return cls(values=values, indices=indices, norms=norms, space=space, metadata=_synthetic(metadata), provenance={"versions": versions()})
+
+    @classmethod
+    def from_sparse(
+        cls, matrix: Float[Tensor, "n size"], space: ParamSpace | None = None, **metadata: Any
+    ) -> DiagonalPEFs:
+        """From a sparse (CSR or COO) non-negative matrix; rows with fewer entries are padded with zeros."""
+        csr = matrix.to_sparse_csr() if matrix.layout != torch.sparse_csr else matrix
+        n, size = csr.shape
+        space = _space_for(space, size)
+        crow, cols, vals = csr.crow_indices(), csr.col_indices(), csr.values()
+        if (vals < 0).any():
+            raise ValueError("diagonal PEFs are non-negative; the matrix has negative entries")
+        counts = crow.diff()
+        nnz = _check_nnz(max(int(counts.max()), 1), size)
+        values = torch.zeros(n, nnz, dtype=vals.dtype)
+        indices = torch.zeros(n, nnz, dtype=torch.long)
+        for i in range(n):
+            row_vals, row_cols = vals[crow[i] : crow[i + 1]], cols[crow[i] : crow[i + 1]].long()
+            order = torch.argsort(row_vals, descending=True, stable=True)
+            k = len(row_vals)
+            values[i, :k], indices[i, :k] = row_vals[order], row_cols[order]
+            if k < nnz:  # pad with zeros at columns the row does not use
+                unused = torch.ones(size, dtype=torch.bool)
+                unused[row_cols] = False
+                indices[i, k:] = torch.nonzero(unused).flatten()[: nnz - k]
+        norms = values.double().norm(dim=1)
+        return cls(values=values, indices=indices, norms=norms, space=space, metadata=_synthetic(metadata), provenance={"versions": versions()})
+
+
+@dataclass(kw_only=True, repr=False)
+class LowRankPEFs(PEFs):
+    col_offsets: Int[Tensor, "n k_plus_1"]
+    ranks: Int[Tensor, " n"]
+
+    kind: ClassVar[str] = "lowrank"
+    _row_fields: ClassVar[tuple[str, ...]] = ("values", "indices", "norms", "col_offsets", "ranks")
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.col_offsets.shape[1]) - 1
+
+    def _row_scale(self) -> Tensor:
+        return self.norms.sqrt().clamp(min=LRM_NORM_FLOOR)
+
+    def _class_of_entry(self) -> Tensor:
+        """The class (factor column) of every stored entry, [n, nnz]."""
+        entry = torch.arange(self.nnz)
+        return (entry[None, None, :] >= self.col_offsets[:, 1:, None]).sum(1)
+
+    def to_csr(self) -> tuple[Float[Tensor, "rows size"], Int[Tensor, " n_plus_1"]]:
+        """(A, row_offsets): A has one row per (example, class) for the first ``ranks[i]`` classes of each
+        example; example i owns rows row_offsets[i]:row_offsets[i + 1]."""
+        row_offsets = torch.zeros(len(self) + 1, dtype=torch.long)
+        row_offsets[1:] = self.ranks.long().cumsum(0)
+        classes = self._class_of_entry()
+        real = classes < self.ranks[:, None]  # entries of padding classes are zeros; they get no row
+        rows = (row_offsets[:-1, None] + classes)[real]
+        shape = (int(row_offsets[-1]), self.space.size)
+        return _sorted_csr(rows, self.indices.long()[real], self.values[real], shape), row_offsets
+
+    def to_dense(self) -> Float[Tensor, "n k size"]:
+        """The sparsified factors U_i as a dense [n, max_rank, size] tensor."""
+        dense = torch.zeros(len(self), self.max_rank * self.space.size, dtype=self.values.dtype)
+        flat = self._class_of_entry() * self.space.size + self.indices.long()
+        return dense.scatter_(1, flat, self.values).reshape(len(self), self.max_rank, self.space.size)
+
+    @classmethod
+    def from_dense(
+        cls,
+        factors: Float[Tensor, "n k size"] | Sequence[Float[Tensor, "k_i size"]],
+        nnz: int | None = None,
+        space: ParamSpace | None = None,
+        **metadata: Any,
+    ) -> LowRankPEFs:
+        """Sparsify dense factors U_i (F_i = U_i U_i^T): a [n, k, size] tensor or a list of [k_i, size]
+        tensors for examples of different ranks. Norms are taken before sparsification."""
+        factor_list = list(factors.unbind(0)) if isinstance(factors, Tensor) else [torch.as_tensor(f) for f in factors]
+        if not factor_list:
+            raise ValueError("no examples: the list of factors is empty")
+        size = factor_list[0].shape[-1]
+        space = _space_for(space, size)
+        ranks = torch.tensor([f.shape[0] for f in factor_list], dtype=torch.long)
+        if int(ranks.min()) < 1 or any(f.shape[-1] != size for f in factor_list):
+            raise ValueError("every example needs a [k_i >= 1, size] factor, all with the same size")
+        joint = size * int(ranks.max())
+        nnz = _check_nnz(nnz if nnz is not None else joint, joint, "classes x parameters")
+        padded = torch.zeros(len(factor_list), int(ranks.max()), size, dtype=factor_list[0].dtype)
+        for i, f in enumerate(factor_list):
+            padded[i, : f.shape[0]] = f
+        values, indices, col_offsets = sparsify_lowrank(padded, nnz)
+        return cls(
+            values=values, indices=indices, norms=lowrank_norms(padded), col_offsets=col_offsets, ranks=ranks,
+            space=space, metadata=_synthetic(metadata), provenance={"versions": versions()},
+        )
+
+
+def sparsify_lowrank(factors: Float[Tensor, "b k size"], nnz: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``nnz`` |entries| of each example's factor jointly over classes x parameters, in (class, parameter)
+    order: (values [b, nnz], parameter indices [b, nnz], col_offsets [b, k + 1])."""
+    b, k, size = factors.shape
+    flat = factors.reshape(b, k * size)
+    chosen = flat.abs().topk(nnz, dim=1).indices.sort(dim=1).values
+    values = flat.gather(1, chosen)
+    classes = chosen // size
+    col_offsets = torch.zeros(b, k + 1, dtype=torch.long, device=factors.device)
+    col_offsets[:, 1:] = torch.nn.functional.one_hot(classes, k).sum(1).cumsum(1)
+    return values, chosen % size, col_offsets
+
+
+def lowrank_norms(factors: Float[Tensor, "b k size"], chunk: int = 1 << 20) -> Float64[Tensor, " b"]:
+    """||U U^T||_F per example, from the k x k Gram matrix U^T U accumulated in float64 over column chunks."""
+    b, k, size = factors.shape
+    gram = torch.zeros(b, k, k, dtype=torch.float64, device=factors.device)
+    for start in range(0, size, chunk):
+        block = factors[..., start : start + chunk].double()
+        gram += block @ block.mT
+    return gram.flatten(1).norm(dim=1)
+
+
+def _space_for(space: ParamSpace | None, size: int) -> ParamSpace:
+    if space is None:
+        return ParamSpace.flat(size)
+    if space.size != size:
+        raise ValueError(f"the matrix has {size} columns but the ParamSpace has {space.size} parameters")
+    return space
+
+
+def _check_nnz(nnz: int, size: int, space: str = "parameters") -> int:
+    if not 1 <= nnz <= size:
+        raise ValueError(
+            f"nnz={nnz} must lie in [1, {size}]: it is the number of entries kept per example, and the "
+            f"space it is taken from has {size} {space} (select more parameters or lower nnz)"
+        )
+    return nnz
+
+
+def _synthetic(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {"target": None, "model": None, "normalized": False, "source": "synthetic", **metadata}
+
+
+def load_pefs(path: str | os.PathLike) -> DiagonalPEFs | LowRankPEFs:
+    """Load PEFs saved with ``.save`` or written by ``compute_pefs(..., store=path)``."""
+    meta = read_metadata(path, PEFS_FORMAT)
+    if not meta.get("complete"):
+        raise FormatError(
+            f"{path} is an unfinished PEF store; finish it by running compute_pefs(..., store={str(path)!r}) "
+            "again with the same arguments"
+        )
+    config = meta.get("config", {})
+    classes = {cls.kind: cls for cls in (DiagonalPEFs, LowRankPEFs)}
+    if config.get("kind") not in classes or "space" not in config:
+        raise FormatError(f"{path}/metadata.json does not describe PEFs (kind {config.get('kind')!r})")
+    cls = classes[config["kind"]]
+    space = ParamSpace.from_dict(config["space"])
+    store = ShardStore(path, PEFS_FORMAT, config, meta["n_examples"], meta["shard_size"])
+    missing = [j for j in range(len(store.ranges)) if not store.is_done(j)]
+    if missing:
+        raise FormatError(f"{path} is marked complete but shards {missing[:10]} are missing")
+    shards = [store.read(j) for j in range(len(store.ranges))]
+    try:
+        pefs = cls._from_shards(shards, space, meta)
+    except (RuntimeError, TypeError) as error:
+        raise FormatError(f"{path}: the shards do not fit together ({error}); the files are corrupt") from None
+    if len(pefs) != meta["n_examples"] or pefs.nnz != config.get("nnz"):
+        raise FormatError(f"{path}: the shards hold {len(pefs)} x {pefs.nnz} entries, metadata says otherwise")
+    fisher_file = Path(path) / "dataset_fisher.safetensors"
+    if fisher_file.exists():
+        pefs.dataset_fisher = load_tensors(fisher_file)["dataset_fisher"]
+    return pefs

@@ -1,0 +1,167 @@
+"""Atomic safetensors + JSON files, and a directory of fixed example-range shards that long runs resume from.
+
+A store covers examples [0, n) in shards [j * shard_size, (j + 1) * shard_size). A shard is written once,
+atomically, when finished; a re-run skips finished shards. Because shard boundaries do not depend on the batch
+size (or, later, on the number of processes), neither does the stored result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+FORMAT_VERSION = 1
+
+
+class FormatError(ValueError):
+    """A file or directory that is not a valid npeff_tl result (corrupt, foreign or incomplete)."""
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_tensors(tensors: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Write a safetensors file atomically (a temporary name, then a rename)."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"missing file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise FormatError(f"{path} is not a readable safetensors file ({error}); it may be corrupt or truncated") from None
+
+
+def save_json(data: Any, path: str | os.PathLike) -> None:
+    """Write a JSON file atomically."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FormatError(f"{path} is not valid JSON ({error}); it may be corrupt") from None
+
+
+def _json_normal(data: Any) -> Any:
+    return json.loads(json.dumps(data, sort_keys=True))
+
+
+def read_metadata(directory: str | os.PathLike, fmt: str) -> dict[str, Any]:
+    """The metadata.json of a result directory, after checking it is of format ``fmt``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FormatError(f"{directory} is not a directory of saved npeff_tl results")
+    meta = load_json(directory / "metadata.json")
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(f"{directory} holds {found!r}, not {fmt!r} results")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise FormatError(f"{directory} was written by a newer npeff_tl (format {meta['format_version']}); upgrade")
+    return meta
+
+
+class ShardStore:
+    """A directory of shards over a fixed example range, created or resumed.
+
+    ``config`` is everything that defines the result; resuming with a different config is an error rather
+    than a silent mix of two runs.
+    """
+
+    def __init__(self, path: str | os.PathLike, fmt: str, config: Mapping[str, Any], n_examples: int, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.path = Path(path)
+        self.n_examples, self.shard_size = n_examples, shard_size
+        config = _json_normal(dict(config))
+        layout = {"n_examples": n_examples, "shard_size": shard_size}
+        if (self.path / "metadata.json").exists():
+            meta = read_metadata(self.path, fmt)
+            old = {**meta.get("config", {}), **{k: meta.get(k) for k in layout}}
+            new = {**config, **layout}
+            differs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            if differs:
+                raise ValueError(
+                    f"{self.path} holds a different run (it differs in: {', '.join(differs)}); "
+                    "use a new directory, or delete this one to start over"
+                )
+            self.meta = meta
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.meta = {"format": fmt, "format_version": FORMAT_VERSION, "complete": False, "config": config, **layout}
+            save_json(self.meta, self.path / "metadata.json")
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(s, min(s + self.shard_size, self.n_examples)) for s in range(0, self.n_examples, self.shard_size)]
+
+    def shard_path(self, j: int, prefix: str = "shard") -> Path:
+        return self.path / f"{prefix}_{j:05d}.safetensors"
+
+    def is_done(self, j: int) -> bool:
+        return self.shard_path(j).is_file()
+
+    def write(self, j: int, tensors: Mapping[str, Tensor], prefix: str = "shard") -> None:
+        save_tensors(tensors, self.shard_path(j, prefix))
+
+    def read(self, j: int, prefix: str = "shard") -> dict[str, Tensor]:
+        return load_tensors(self.shard_path(j, prefix))
+
+    def mark_complete(self, **extra: Any) -> None:
+        self.meta = {**self.meta, **_json_normal(extra), "complete": True}
+        save_json(self.meta, self.path / "metadata.json")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape a result, saved with it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("npeff-tl", "torch", "transformer-lens"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
+def tensor_fingerprint(tensors: list[Tensor]) -> str:
+    """A sha256 over the bytes of some tensors (e.g. a model's weights), to tell runs apart."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
