@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Literal
-
 import torch
 from jaxtyping import Float, Float64, Int
 from torch import Tensor, nn
@@ -29,27 +27,22 @@ from .containers import (
     PEFs,
     _check_nnz,
     load_pefs,
-    lowrank_norms,
-    sparsify_lowrank,
+    lowrank_gram,
 )
 from .grads import as_examples, batch_grads, batch_target_logits
 from .objectives import ClassLogProbs
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["diagonal", "lowrank"]
-_COLUMN_CHUNK = 1 << 20  # columns per float64 chunk, to keep float64 copies small
-
-
-def _sum_of_squares_f64(x: Float[Tensor, "b size"]) -> Float64[Tensor, " b"]:
-    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[1], _COLUMN_CHUNK):
-        total += x[:, start : start + _COLUMN_CHUNK].double().square().sum(1)
-    return total
-
-
-def _column_sums_f64(x: Float[Tensor, "b size"]) -> Float64[Tensor, " size"]:
-    return torch.cat([x[:, s : s + _COLUMN_CHUNK].double().sum(0) for s in range(0, x.shape[1], _COLUMN_CHUNK)])
+def _merge_top(
+    candidates: list[tuple[Tensor, Tensor]], nnz: int, key=lambda values: values
+) -> tuple[Tensor, Tensor]:
+    """The top-``nnz`` (by ``key(value)``, descending) of per-tensor top-k candidates: the global top-k, since
+    every entry of the global top-k is in the top-k of its own tensor."""
+    values = torch.cat([v for v, _ in candidates], dim=1)
+    indices = torch.cat([i for _, i in candidates], dim=1)
+    chosen = key(values).topk(nnz, dim=1).indices
+    return values.gather(1, chosen), indices.gather(1, chosen)
 
 
 def _batch_pefs(
@@ -58,13 +51,17 @@ def _batch_pefs(
     examples: Examples,
     index: Int[Tensor, " b"],
     target: Target,
-    kind: Kind,
+    kind: str,
     nnz: int,
     dtype: torch.dtype,
     n_top_logits: int,
     store_logits: bool,
 ) -> tuple[dict[str, Tensor], Float64[Tensor, " size"]]:
-    """The sparse PEF rows of a batch, and the float64 sum of its dense D-PEFs."""
+    """The sparse PEF rows of a batch, and the float64 sum of its dense D-PEFs.
+
+    The factor columns u_c = sqrt(w_c) grad log p_c come one parameter tensor at a time; norms, the Fisher sum
+    and top-k candidates are reduced per tensor, then the candidates are merged (no [b, k, size] copy).
+    """
     rule = target.classes
     with torch.no_grad():
         logits = batch_target_logits(adapter, examples, index)
@@ -75,20 +72,46 @@ def _batch_pefs(
             "check the weights (and the dtype: float16 overflows easily)"
         )
     selection = rule.select(logits, index.to(logits.device))
-    objective = ClassLogProbs(selection.class_ids, rule)
-    grads, _ = batch_grads(adapter, space, examples, index, objective, selection.class_ids)
-    factors = grads * selection.weights.sqrt()[..., None].to(grads.dtype)  # u_c = sqrt(w_c) g_c; 0 for padding
-    del grads
-    diagonal = factors.square().sum(1)  # f = sum_c u_c^2
-    fisher_sum = _column_sums_f64(diagonal)
+    objective = ClassLogProbs(selection.class_ids, rule, scale=selection.weights.sqrt())  # padding: weight 0
+    pieces, _ = batch_grads(adapter, space, examples, index, objective, objective.aux)
+    b, k = selection.class_ids.shape
+    device = logits.device
+    fisher_sum = torch.zeros(space.size, dtype=torch.float64, device=device)
+    sum_sq = torch.zeros(b, dtype=torch.float64, device=device)
+    gram = torch.zeros(b, k, k, dtype=torch.float64, device=device)
+    candidates = []
+    for name in space.names:
+        factors = pieces.pop(name)  # [b, k, numel]: u_c restricted to this tensor
+        start, stop = space.offsets[name]
+        numel = stop - start
+        diagonal = factors[:, 0].square()
+        for c in range(1, k):
+            diagonal.addcmul_(factors[:, c], factors[:, c])  # f = sum_c u_c^2
+        fisher_sum[start:stop] = diagonal.sum(0, dtype=torch.float64)  # float64 accumulation, no float64 copy
+        if kind == "diagonal":
+            sum_sq += torch.linalg.vector_norm(diagonal, dim=1, dtype=torch.float64).square()
+            top = diagonal.topk(min(nnz, numel), dim=1)
+            candidates.append((top.values, top.indices + start))
+        else:
+            gram += lowrank_gram(factors)
+            flat = factors.reshape(b, k * numel)
+            local = flat.abs().topk(min(nnz, k * numel), dim=1).indices
+            joint = (local // numel) * space.size + start + local % numel  # (class, parameter) in the joint space
+            candidates.append((flat.gather(1, local), joint))
+        del factors, diagonal
     if kind == "diagonal":
-        norms = _sum_of_squares_f64(diagonal).sqrt()
-        values, indices = diagonal.topk(nnz, dim=1)  # descending
-        rows = {"values": values, "indices": indices, "norms": norms}
+        values, indices = _merge_top(candidates, nnz)  # descending
+        rows = {"values": values, "indices": indices, "norms": sum_sq.sqrt()}
     else:
-        values, indices, col_offsets = sparsify_lowrank(factors, nnz)
-        ranks = (selection.class_ids >= 0).sum(1)
-        rows = {"values": values, "indices": indices, "norms": lowrank_norms(factors), "col_offsets": col_offsets, "ranks": ranks}
+        values, joint = _merge_top(candidates, nnz, key=torch.abs)
+        joint, order = joint.sort(dim=1)  # (class, parameter) order
+        classes = joint // space.size
+        col_offsets = torch.zeros(b, k + 1, dtype=torch.long, device=device)
+        col_offsets[:, 1:] = torch.nn.functional.one_hot(classes, k).sum(1).cumsum(1)
+        rows = {
+            "values": values.gather(1, order), "indices": joint % space.size, "norms": gram.flatten(1).norm(dim=1),
+            "col_offsets": col_offsets, "ranks": (selection.class_ids >= 0).sum(1),
+        }
     rows["values"] = rows["values"].to(dtype)
     rows["indices"] = rows["indices"].to(torch.int32 if space.size < 2**31 else torch.int64)
     top_values, top_ids = logits.topk(min(n_top_logits, logits.shape[-1]), dim=-1)

@@ -289,7 +289,7 @@ class LowRankPEFs(PEFs):
     @classmethod
     def from_dense(
         cls,
-        factors: Float[Tensor, "n k size"] | Sequence[Float[Tensor, "k_i size"]],
+        factors: Float[Tensor, "n k size"] | Sequence[Float[Tensor, "_ size"]],
         nnz: int | None = None,
         space: ParamSpace | None = None,
         **metadata: Any,
@@ -311,7 +311,7 @@ class LowRankPEFs(PEFs):
             padded[i, : f.shape[0]] = f
         values, indices, col_offsets = sparsify_lowrank(padded, nnz)
         return cls(
-            values=values, indices=indices, norms=lowrank_norms(padded), col_offsets=col_offsets, ranks=ranks,
+            values=values, indices=indices, norms=lowrank_gram(padded).flatten(1).norm(dim=1), col_offsets=col_offsets, ranks=ranks,
             space=space, metadata=_synthetic(metadata), provenance={"versions": versions()},
         )
 
@@ -329,14 +329,15 @@ def sparsify_lowrank(factors: Float[Tensor, "b k size"], nnz: int) -> tuple[Tens
     return values, chosen % size, col_offsets
 
 
-def lowrank_norms(factors: Float[Tensor, "b k size"], chunk: int = 1 << 20) -> Float64[Tensor, " b"]:
-    """||U U^T||_F per example, from the k x k Gram matrix U^T U accumulated in float64 over column chunks."""
+def lowrank_gram(factors: Float[Tensor, "b k size"], chunk: int = 1 << 20) -> Float64[Tensor, "b k k"]:
+    """The k x k Gram matrices U^T U (classes x classes), accumulated in float64 over column chunks.
+    ||U U^T||_F = ||U^T U||_F, so the PEF's norm never needs the size x size matrix."""
     b, k, size = factors.shape
     gram = torch.zeros(b, k, k, dtype=torch.float64, device=factors.device)
     for start in range(0, size, chunk):
         block = factors[..., start : start + chunk].double()
         gram += block @ block.mT
-    return gram.flatten(1).norm(dim=1)
+    return gram
 
 
 def _space_for(space: ParamSpace | None, size: int) -> ParamSpace:

@@ -43,11 +43,16 @@ def as_examples(examples: Examples | TokensLike, position: Position = "last") ->
     return examples if isinstance(examples, Examples) else Examples.from_tokens(examples, position)
 
 
-def _aux_rows(objective: Objective, n_examples: int) -> Tensor:
+def _map(aux: Tensor | dict[str, Tensor], fn) -> Tensor | dict[str, Tensor]:
+    return {key: fn(value) for key, value in aux.items()} if isinstance(aux, dict) else fn(aux)
+
+
+def _aux_rows(objective: Objective, n_examples: int) -> Tensor | dict[str, Tensor]:
     if objective.aux is None:
         return torch.zeros(n_examples, 1)
-    if objective.aux.shape[0] != n_examples:
-        raise ValueError(f"the objective has data for {objective.aux.shape[0]} examples but there are {n_examples}")
+    for column in objective.aux.values() if isinstance(objective.aux, dict) else [objective.aux]:
+        if column.shape[0] != n_examples:
+            raise ValueError(f"the objective has data for {column.shape[0]} examples but there are {n_examples}")
     return objective.aux
 
 
@@ -83,14 +88,16 @@ def batch_grads(
     examples: Examples,
     index: Int[Tensor, " b"],
     objective: Objective,
-    aux: Tensor,
-) -> tuple[Float[Tensor, "b k size"], Float[Tensor, "b k"]]:
-    """Per-example gradients of ``objective`` for examples ``index`` (aux rows given for those examples)."""
+    aux: Tensor | dict[str, Tensor],
+) -> tuple[dict[str, Tensor], Float[Tensor, "b k"]]:
+    """Per-example gradients of ``objective`` for examples ``index`` (``aux``: their rows of objective data),
+    one [b, k, numel] tensor per parameter of ``space``, kept apart so that callers can reduce them without
+    one large concatenation."""
     device = adapter.device
     params = {name: p.detach() for name, p in space.check_model(adapter).items()}
     sequences, row, slot, width = sequence_grid(examples.seq_index[index])
     positions = _to_grid(examples.position[index], row, slot, len(sequences), width).to(device)
-    aux_grid = _to_grid(aux.to(device), row, slot, len(sequences), width)
+    aux_grid = _map(aux, lambda column: _to_grid(column.to(device), row, slot, len(sequences), width))
 
     def objective_of_sequence(params, tokens, positions, aux):
         logits = adapter.target_logits(tokens[None], positions[None], params)[0]  # [width, vocab]
@@ -101,9 +108,10 @@ def batch_grads(
     with torch.no_grad():  # the module's own parameters are constants here; no autograd graph for them
         jac, outputs = jacobian(params, examples.tokens[sequences].to(device), positions, aux_grid)
     n_seq, k = outputs.shape[0], outputs.shape[-1]
-    flat = torch.cat([jac[name].reshape(n_seq, width, k, -1) for name in space.names], dim=-1)
+    if width == 1:  # one example per sequence, in order: views, no copies
+        return {name: jac[name].reshape(n_seq, k, -1) for name in space.names}, outputs[:, 0]
     row, slot = row.to(device), slot.to(device)
-    return flat[row, slot], outputs[row, slot]
+    return {name: jac[name].reshape(n_seq, width, k, -1)[row, slot] for name in space.names}, outputs[row, slot]
 
 
 def per_example_grads(
@@ -128,6 +136,7 @@ def per_example_grads(
     adapter = as_adapter(model)
     examples = as_examples(examples, position)
     aux = _aux_rows(objective, len(examples))
+    aux_tensors = list(aux.values()) if isinstance(aux, dict) else [aux]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sink = None
@@ -136,7 +145,7 @@ def per_example_grads(
             "space": space.to_dict(),
             "objective": type(objective).__name__,
             "examples_sha256": examples.fingerprint(),
-            "aux_sha256": tensor_fingerprint([aux]),
+            "aux_sha256": tensor_fingerprint(aux_tensors),
             "model_sha256": tensor_fingerprint(list(adapter.named_parameters().values())),
         }
         sink = ShardStore(store, GRADS_FORMAT, config, len(examples), shard_size)
@@ -152,8 +161,8 @@ def per_example_grads(
             for start in range(shard_start, shard_stop, batch_size):
                 stop = min(start + batch_size, shard_stop)
                 index = torch.arange(start, stop)
-                grads, outputs = batch_grads(adapter, space, examples, index, objective, aux[index])
-                block = GradBlock(start, stop, grads, outputs)
+                pieces, outputs = batch_grads(adapter, space, examples, index, objective, _map(aux, lambda c: c[index]))
+                block = GradBlock(start, stop, torch.cat([pieces[name] for name in space.names], dim=-1), outputs)
                 if sink:
                     blocks.append(block)
                 else:

@@ -18,13 +18,13 @@ from ..targets import ClassRule, TopK
 
 
 class Objective(ABC):
-    """Scalars per example; ``aux`` holds per-example data, row i for example i."""
+    """Scalars per example; ``aux`` holds per-example data (a tensor or a dict of tensors), row i for example i."""
 
     n_outputs: int = 1
-    aux: Tensor | None = None
+    aux: Tensor | dict[str, Tensor] | None = None
 
     @abstractmethod
-    def __call__(self, logits: Float[Tensor, "*batch vocab"], aux: Tensor) -> Float[Tensor, "*batch k"]:
+    def __call__(self, logits: Float[Tensor, "*batch vocab"], aux) -> Float[Tensor, "*batch k"]:
         """The objective values (last dimension ``n_outputs``) from logits and per-example aux rows."""
 
 
@@ -53,15 +53,23 @@ class CrossEntropy(Objective):
 
 
 class ClassLogProbs(Objective):
-    """log p_c for given class ids per example, under a class rule's distribution (ids of -1 give log p_0)."""
+    """scale_c * log p_c for given class ids per example, under a class rule's distribution.
 
-    def __init__(self, class_ids: Int[Tensor, "n_examples k"], rule: ClassRule = TopK()):
-        self.aux = torch.as_tensor(class_ids, dtype=torch.long)
-        self.n_outputs = int(self.aux.shape[1])
+    With ``scale = sqrt(w_c)`` the gradients are the PEF factor columns u_c = sqrt(w_c) grad log p_c directly.
+    Ids of -1 (padding) give log p_0; give them scale 0.
+    """
+
+    def __init__(self, class_ids: Int[Tensor, "n_examples k"], rule: ClassRule = TopK(), scale: Tensor | None = None):
+        ids = torch.as_tensor(class_ids, dtype=torch.long)
+        scale = torch.ones(ids.shape, dtype=torch.float64) if scale is None else torch.as_tensor(scale)
+        if scale.shape != ids.shape:
+            raise ValueError(f"scale has shape {tuple(scale.shape)} but class_ids has shape {tuple(ids.shape)}")
+        self.aux = {"ids": ids, "scale": scale}
+        self.n_outputs = int(ids.shape[1])
         self.rule = rule
 
     def __call__(self, logits, aux):
-        return _gather(self.rule.log_probs(logits), aux)
+        return _gather(self.rule.log_probs(logits), aux["ids"]) * aux["scale"].to(logits.dtype)
 
 
 class FunctionObjective(Objective):

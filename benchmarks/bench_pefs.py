@@ -1,0 +1,139 @@
+"""Throughput of compute_pefs against a naive loop and a no-per-example floor, in one process.
+
+Run:  .venv/bin/python benchmarks/bench_pefs.py [--threads N] [--quick]
+
+Setting: diagonal PEFs, top-4 classes, nnz 65536 (capped at the space size), sequence length 32, batch 16,
+MLP weights selected. Models built from configs with random weights: "tiny" (2 layers, d_model 64) and
+"gpt2-width" (2 layers, d_model 768, 12 heads, d_mlp 3072, d_vocab 50257).
+
+Baselines (same process, same thread count):
+- naive: per example, a batch-1 ``model(tokens)`` forward, then per class one ``torch.autograd.grad`` over the
+  selected parameters (retain_graph), squared, weighted by p_c, summed, then top-nnz.
+- floor: one batched forward (unembedding only the target position, as ours does) plus K batched backward
+  passes of the per-class summed log-probs, weight gradients aggregated over the batch: no per-example
+  separation, no top-k. Nothing that produces per-example Fishers can be faster than this.
+
+Last line: bench_pefs: tiny_speedup_vs_naive=<a> speedup_vs_naive=<x> fraction_of_floor=<y> peak_rss_mb=<z>
+(x, y, z for the gpt2-width model; z is the peak RSS of compute_pefs on 4x the examples, with the ratio to
+the peak on 1x printed above it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+import warnings
+
+import torch
+
+import npeff_tl as nt
+from npeff_tl.pefs.grads import as_examples, batch_target_logits
+
+K, NNZ, SEQ, BATCH = 4, 65536, 32, 16
+
+
+def build(width: str):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    shapes = {
+        "tiny": dict(d_model=64, d_head=16, n_heads=4, d_mlp=256, d_vocab=512),
+        "gpt2-width": dict(d_model=768, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257),
+    }[width]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cfg = HookedTransformerConfig(n_layers=2, n_ctx=SEQ, act_fn="gelu", normalization_type="LN", device="cpu",
+                                      seed=0, **shapes)
+        model = HookedTransformer(cfg).eval()
+    space = nt.ParamSpace(model, include="blocks.*.mlp.W_*")
+    return model, space
+
+
+def tokens_for(model, n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, model.cfg.d_vocab, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def ours(model, space, tokens) -> float:
+    start = time.perf_counter()
+    nt.compute_pefs(model, tokens, space, nt.Target("last", nt.TopK(K)), "diagonal", nnz=min(NNZ, space.size),
+                    batch_size=BATCH, progress=False)
+    return len(tokens) / (time.perf_counter() - start)
+
+
+def naive(model, space, tokens) -> float:
+    params = list(space.check_model(model).values())
+    nnz = min(NNZ, space.size)
+    start = time.perf_counter()
+    for row in tokens:
+        log_probs = model(row[None])[0, -1].log_softmax(-1)
+        top = log_probs.detach().exp().topk(K)
+        fisher = torch.zeros(space.size)
+        for p, c in zip(top.values, top.indices):
+            grads = torch.autograd.grad(log_probs[c], params, retain_graph=True)
+            fisher += p * torch.cat([g.reshape(-1) for g in grads]).square()
+        fisher.topk(nnz)
+    return len(tokens) / (time.perf_counter() - start)
+
+
+def floor(model, space, tokens) -> float:
+    adapter = nt.as_adapter(model)
+    params = list(space.check_model(model).values())
+    examples = as_examples(tokens)
+    start = time.perf_counter()
+    for first in range(0, len(tokens), BATCH):
+        index = torch.arange(first, min(first + BATCH, len(tokens)))
+        log_probs = batch_target_logits(adapter, examples, index).log_softmax(-1)
+        classes = log_probs.detach().topk(K).indices
+        for k in range(K):
+            torch.autograd.grad(log_probs.gather(1, classes[:, k : k + 1]).sum(), params, retain_graph=True)
+    return len(tokens) / (time.perf_counter() - start)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_rate(fn, model, space, tokens, repeats: int) -> float:
+    fn(model, space, tokens[:BATCH])  # warm-up (first-call allocations, lazy imports)
+    return statistics.median(fn(model, space, tokens) for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for all runs")
+    parser.add_argument("--quick", action="store_true", help="fewer examples and repeats (smoke test)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats = 1 if args.quick else 3
+    print(f"bench_pefs: torch {torch.__version__}, {args.threads} threads, K={K}, nnz={NNZ}, seq={SEQ}, batch={BATCH}")
+
+    model, space = build("tiny")
+    tokens = tokens_for(model, 64 if args.quick else 256)
+    tiny = {name: median_rate(fn, model, space, tokens, repeats) for name, fn in
+            [("ours", ours), ("naive", naive), ("floor", floor)]}
+    print("tiny:       " + "  ".join(f"{k} {v:8.1f} ex/s" for k, v in tiny.items()))
+
+    model, space = build("gpt2-width")
+    n = BATCH if args.quick else 2 * BATCH
+    ours(model, space, tokens_for(model, BATCH))  # warm-up
+    rss_before = peak_rss_mb()
+    rate = ours(model, space, tokens_for(model, n, seed=1))
+    rss_1x = peak_rss_mb()
+    ours(model, space, tokens_for(model, 4 * n, seed=2))
+    rss_4x = peak_rss_mb()
+    big = {
+        "ours": statistics.median([rate] + [ours(model, space, tokens_for(model, n, seed=1)) for _ in range(repeats - 1)]),
+        "naive": median_rate(naive, model, space, tokens_for(model, BATCH // 2 if args.quick else BATCH), repeats),
+        "floor": median_rate(floor, model, space, tokens_for(model, n), repeats),
+    }
+    print(f"gpt2-width: space {space.size:,} params; " + "  ".join(f"{k} {v:6.2f} ex/s" for k, v in big.items()))
+    print(f"gpt2-width: peak RSS {rss_before:.0f} MB after warm-up, {rss_1x:.0f} MB after {n} examples, "
+          f"{rss_4x:.0f} MB after {4 * n} examples (4x / 1x = {rss_4x / rss_1x:.2f})")
+    print(f"bench_pefs: tiny_speedup_vs_naive={tiny['ours'] / tiny['naive']:.2f} "
+          f"speedup_vs_naive={big['ours'] / big['naive']:.2f} fraction_of_floor={big['ours'] / big['floor']:.2f} "
+          f"peak_rss_mb={rss_4x:.0f}")
+
+
+if __name__ == "__main__":
+    main()
