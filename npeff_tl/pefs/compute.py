@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import torch
-from jaxtyping import Float, Float64, Int
+from jaxtyping import Float64, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
