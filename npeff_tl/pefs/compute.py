@@ -28,6 +28,7 @@ from .containers import (
     _check_nnz,
     load_pefs,
     lowrank_gram,
+    lowrank_rows,
 )
 from .grads import as_examples, batch_grads, batch_target_logits
 from .objectives import ClassLogProbs
@@ -103,13 +104,9 @@ def _batch_pefs(
         values, indices = _merge_top(candidates, nnz)  # descending
         rows = {"values": values, "indices": indices, "norms": sum_sq.sqrt()}
     else:
-        values, joint = _merge_top(candidates, nnz, key=torch.abs)
-        joint, order = joint.sort(dim=1)  # (class, parameter) order
-        classes = joint // space.size
-        col_offsets = torch.zeros(b, k + 1, dtype=torch.long, device=device)
-        col_offsets[:, 1:] = torch.nn.functional.one_hot(classes, k).sum(1).cumsum(1)
+        values, indices, col_offsets = lowrank_rows(*_merge_top(candidates, nnz, key=torch.abs), space.size, k)
         rows = {
-            "values": values.gather(1, order), "indices": joint % space.size, "norms": gram.flatten(1).norm(dim=1),
+            "values": values, "indices": indices, "norms": gram.flatten(1).norm(dim=1),
             "col_offsets": col_offsets, "ranks": (selection.class_ids >= 0).sum(1),
         }
     rows["values"] = rows["values"].to(dtype)

@@ -321,12 +321,17 @@ def sparsify_lowrank(factors: Float[Tensor, "b k size"], nnz: int) -> tuple[Tens
     order: (values [b, nnz], parameter indices [b, nnz], col_offsets [b, k + 1])."""
     b, k, size = factors.shape
     flat = factors.reshape(b, k * size)
-    chosen = flat.abs().topk(nnz, dim=1).indices.sort(dim=1).values
-    values = flat.gather(1, chosen)
-    classes = chosen // size
-    col_offsets = torch.zeros(b, k + 1, dtype=torch.long, device=factors.device)
-    col_offsets[:, 1:] = torch.nn.functional.one_hot(classes, k).sum(1).cumsum(1)
-    return values, chosen % size, col_offsets
+    chosen = flat.abs().topk(nnz, dim=1).indices  # flat index = class * size + parameter
+    return lowrank_rows(flat.gather(1, chosen), chosen, size, k)
+
+
+def lowrank_rows(values: Tensor, joint: Tensor, size: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Stored layout of chosen low-rank entries given by joint index class * size + parameter: sorted in
+    (class, parameter) order, as (values, parameter indices, col_offsets [b, k + 1])."""
+    joint, order = joint.sort(dim=1)
+    col_offsets = torch.zeros(joint.shape[0], k + 1, dtype=torch.long, device=joint.device)
+    col_offsets[:, 1:] = torch.nn.functional.one_hot(joint // size, k).sum(1).cumsum(1)
+    return values.gather(1, order), joint % size, col_offsets
 
 
 def lowrank_gram(factors: Float[Tensor, "b k size"], chunk: int = 1 << 20) -> Float64[Tensor, "b k k"]:

@@ -47,10 +47,14 @@ def _map(aux: Tensor | dict[str, Tensor], fn) -> Tensor | dict[str, Tensor]:
     return {key: fn(value) for key, value in aux.items()} if isinstance(aux, dict) else fn(aux)
 
 
+def _columns(aux: Tensor | dict[str, Tensor]) -> list[Tensor]:
+    return list(aux.values()) if isinstance(aux, dict) else [aux]
+
+
 def _aux_rows(objective: Objective, n_examples: int) -> Tensor | dict[str, Tensor]:
     if objective.aux is None:
         return torch.zeros(n_examples, 1)
-    for column in objective.aux.values() if isinstance(objective.aux, dict) else [objective.aux]:
+    for column in _columns(objective.aux):
         if column.shape[0] != n_examples:
             raise ValueError(f"the objective has data for {column.shape[0]} examples but there are {n_examples}")
     return objective.aux
@@ -136,7 +140,6 @@ def per_example_grads(
     adapter = as_adapter(model)
     examples = as_examples(examples, position)
     aux = _aux_rows(objective, len(examples))
-    aux_tensors = list(aux.values()) if isinstance(aux, dict) else [aux]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sink = None
@@ -145,7 +148,7 @@ def per_example_grads(
             "space": space.to_dict(),
             "objective": type(objective).__name__,
             "examples_sha256": examples.fingerprint(),
-            "aux_sha256": tensor_fingerprint(aux_tensors),
+            "aux_sha256": tensor_fingerprint(_columns(aux)),
             "model_sha256": tensor_fingerprint(list(adapter.named_parameters().values())),
         }
         sink = ShardStore(store, GRADS_FORMAT, config, len(examples), shard_size)
