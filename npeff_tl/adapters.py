@@ -8,12 +8,47 @@ another model class (e.g. TransformerBridge) means writing one more adapter, not
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A tensor of the forward pass: ``select(args, kwargs, output)`` of one call of ``module``."""
+
+    module: nn.Module
+    select: Callable[[tuple, dict, Any], Tensor]
+
+
+@dataclass(frozen=True)
+class LinearMap:
+    """How a parameter acts at every position: a weight as ``y = x @ W`` (``input`` captures x), a bias as
+    ``y = ... + b`` (``input`` is None). Shapes: x [batch, pos, (head), d_in], y [batch, pos, (head), d_out],
+    W [(head), d_in, d_out], b [(head), d_out]. Per-example gradients of such parameters follow from x and
+    the gradient at y alone (see ``pefs.linear_grads``)."""
+
+    output: Capture
+    input: Capture | None = None
+
+
+def _output(args, kwargs, output):
+    return output
+
+
+def _first_arg(args, kwargs, output):
+    return args[0]
+
+
+def _kwarg(name: str) -> Callable[[tuple, dict, Any], Tensor]:
+    def select(args, kwargs, output):
+        return kwargs[name]
+
+    return select
 
 
 class ModelAdapter(ABC):
@@ -37,6 +72,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def config_summary(self) -> dict[str, Any]:
         """A JSON-able description of the model, saved with results."""
+
+    def linear_maps(self) -> dict[str, LinearMap]:
+        """Parameters (by name) whose per-example gradients may come from captured activations; the rest
+        go through ``torch.func``. The default, no parameters, is always correct."""
+        return {}
 
     @property
     def device(self) -> torch.device:
@@ -76,6 +116,7 @@ class HookedTransformerAdapter(ModelAdapter):
     def __init__(self, model: nn.Module):
         self.model = model
         self._target_logits = _TargetLogits(model)
+        self._linear_maps: dict[str, LinearMap] | None = None
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.model.named_parameters())
@@ -90,6 +131,45 @@ class HookedTransformerAdapter(ModelAdapter):
             return self._target_logits(tokens, positions)
         renamed = {f"model.{name}": value for name, value in params.items()}
         return torch.func.functional_call(self._target_logits, renamed, (tokens, positions), strict=False)
+
+    def linear_maps(self) -> dict[str, LinearMap]:
+        """Attention Q/K/V/O, MLP in/out (plain ``Attention`` and ``MLP`` modules) and the unembedding.
+
+        Variants whose parameters act differently (grouped-query attention, gated or MoE MLPs, 4-bit weights)
+        are left out, so they fall back to ``torch.func``.
+        """
+        if self._linear_maps is None:
+            self._linear_maps = self._find_linear_maps()
+        return self._linear_maps
+
+    def _find_linear_maps(self) -> dict[str, LinearMap]:
+        from transformer_lens.components import MLP, Attention, Unembed
+
+        model, maps = self.model, {}
+        if getattr(model.cfg, "load_in_4bit", False):
+            return maps
+        for layer, block in enumerate(model.blocks):
+            prefix = f"blocks.{layer}"
+            attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+            if type(attn) is Attention:
+                for letter, source in (("Q", "query_input"), ("K", "key_input"), ("V", "value_input")):
+                    out = Capture(getattr(attn, f"hook_{letter.lower()}"), _output)
+                    maps[f"{prefix}.attn.W_{letter}"] = LinearMap(out, Capture(attn, _kwarg(source)))
+                    maps[f"{prefix}.attn.b_{letter}"] = LinearMap(out)
+                maps[f"{prefix}.attn.W_O"] = LinearMap(Capture(attn, _output), Capture(attn.hook_z, _output))
+                maps[f"{prefix}.attn.b_O"] = LinearMap(Capture(attn, _output))
+            if type(mlp) is MLP:
+                pre = Capture(mlp.hook_pre, _output)
+                maps[f"{prefix}.mlp.W_in"] = LinearMap(pre, Capture(mlp, _first_arg))
+                maps[f"{prefix}.mlp.b_in"] = LinearMap(pre)
+                maps[f"{prefix}.mlp.W_out"] = LinearMap(Capture(mlp, _output), Capture(mlp.hook_post, _output))
+                maps[f"{prefix}.mlp.b_out"] = LinearMap(Capture(mlp, _output))
+        if type(model.unembed) is Unembed:
+            logits = Capture(model.unembed, _output)
+            maps["unembed.W_U"] = LinearMap(logits, Capture(model.unembed, _first_arg))
+            maps["unembed.b_U"] = LinearMap(logits)
+        params = self.named_parameters()
+        return {name: m for name, m in maps.items() if name in params}
 
     def config_summary(self) -> dict[str, Any]:
         cfg = self.model.cfg

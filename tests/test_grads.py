@@ -69,3 +69,63 @@ def test_objective_rows_must_match_examples(model64, tokens):
     space = ParamSpace(model64, include="blocks.1.mlp.W_in")
     with pytest.raises(ValueError, match="data for 3 examples but there are 10"):
         next(per_example_grads(model64, tokens, space, AnswerLogProb(torch.tensor([1, 2, 3])), progress=False))
+
+
+def _grads(model, examples, space, objective, method):
+    return torch.cat([b.grads for b in per_example_grads(model, examples, space, objective, batch_size=4,
+                                                         method=method, progress=False)])
+
+
+def test_hook_path_equals_torch_func_on_every_linear_map(model64):
+    """The hook trick (captured activations) against its oracle, torch.func, with several positions per sequence."""
+    examples = Examples.from_tokens([[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17]],
+                                    [[1, 5], [2], [0, 3, 7]])
+    maps = as_adapter(model64).linear_maps()
+    expected = {f"blocks.{l}.{p}" for l in range(2) for p in
+                ["attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "attn.b_Q", "attn.b_K", "attn.b_V", "attn.b_O",
+                 "mlp.W_in", "mlp.b_in", "mlp.W_out", "mlp.b_out"]} | {"unembed.W_U", "unembed.b_U"}
+    assert set(maps) == expected
+    space = ParamSpace(model64, include=sorted(expected))
+    objective = AnswerLogProb(torch.tensor([3, 1, 4, 1, 5, 9]))
+    hooks = _grads(model64, examples, space, objective, "hooks")
+    func = _grads(model64, examples, space, objective, "func")
+    assert hooks.abs().max() > 0
+    assert torch.allclose(hooks, func, rtol=1e-10, atol=1e-14)
+
+
+def test_hook_path_works_on_frozen_models_and_restores_them(tokens):
+    from conftest import make_model
+
+    model = make_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    space = ParamSpace(model, include="blocks.*.mlp.W_*")
+    objective = AnswerLogProb(torch.arange(len(tokens)) % 23)
+    hooks = _grads(model, tokens, space, objective, "hooks")
+    assert torch.allclose(hooks, _grads(model, tokens, space, objective, "func"), rtol=1e-10, atol=1e-14)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())  # no hooks left behind
+
+
+def test_models_without_linear_maps_fall_back_to_torch_func(tokens):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, d_head=4, n_heads=4, n_key_value_heads=2, d_mlp=32,
+                                  d_vocab=23, n_ctx=12, act_fn="silu", gated_mlp=True, normalization_type="RMS",
+                                  device="cpu", seed=0, dtype=torch.float64)
+    model = HookedTransformer(cfg).eval()
+    maps = as_adapter(model).linear_maps()
+    assert set(maps) == {"unembed.W_U", "unembed.b_U"}  # grouped-query attention and gated MLPs are not plain maps
+    space = ParamSpace(model, include=["blocks.0.mlp.W_*", "blocks.0.attn.*", "unembed.W_U"])
+    objective = AnswerLogProb(torch.arange(len(tokens)) % 23)
+    slow = loop_grads(model, tokens, torch.arange(len(tokens)), torch.full((len(tokens),), 8), space,
+                      lambda lp, ex: lp[ex % 23][None])
+    assert torch.allclose(_grads(model, tokens, space, objective, "auto"), slow, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match=r"method='hooks' covers linear maps only, not \['blocks.0.attn"):
+        _grads(model, tokens, space, objective, "hooks")
+
+
+def test_unknown_method_is_a_clear_error(model64, tokens):
+    space = ParamSpace(model64, include="blocks.1.mlp.W_in")
+    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'hooks', 'func'\), got 'jacrev'"):
+        _grads(model64, tokens, space, AnswerLogProb(torch.zeros(10, dtype=torch.long)), "jacrev")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import torch
-from jaxtyping import Float64, Int
+from jaxtyping import Float, Float64, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -30,20 +30,20 @@ from .containers import (
     lowrank_gram,
     lowrank_rows,
 )
-from .grads import as_examples, batch_grads, batch_target_logits
+from .grads import hooked_names, as_examples, batch_grads, batch_target_logits
+from .linear_grads import Workspace
+from .topk import StreamingTopK
 from .objectives import ClassLogProbs
 
 logger = logging.getLogger(__name__)
 
-def _merge_top(
-    candidates: list[tuple[Tensor, Tensor]], nnz: int, key=lambda values: values
-) -> tuple[Tensor, Tensor]:
-    """The top-``nnz`` (by ``key(value)``, descending) of per-tensor top-k candidates: the global top-k, since
-    every entry of the global top-k is in the top-k of its own tensor."""
-    values = torch.cat([v for v, _ in candidates], dim=1)
-    indices = torch.cat([i for _, i in candidates], dim=1)
-    chosen = key(values).topk(nnz, dim=1).indices
-    return values.gather(1, chosen), indices.gather(1, chosen)
+def _sum_squares(x: Float[Tensor, "b n"], chunk: int = 1024) -> Float64[Tensor, " b"]:
+    """Row sums of squares: norms of chunks of ``chunk`` entries in the working dtype, summed in float64.
+    Float64 accuracy (relative error ~1e-8 in float32) without a float64 copy of the rows."""
+    b, n = x.shape
+    whole = n - n % chunk
+    parts = torch.linalg.vector_norm(x[:, :whole].view(b, -1, chunk), dim=-1).double().square().sum(-1)
+    return parts + torch.linalg.vector_norm(x[:, whole:], dim=-1).double().square()
 
 
 def _batch_pefs(
@@ -57,11 +57,14 @@ def _batch_pefs(
     dtype: torch.dtype,
     n_top_logits: int,
     store_logits: bool,
-) -> tuple[dict[str, Tensor], Float64[Tensor, " size"]]:
-    """The sparse PEF rows of a batch, and the float64 sum of its dense D-PEFs.
+    method: str,
+    workspace: Workspace,
+    fisher_sum: Float64[Tensor, " size"],
+) -> dict[str, Tensor]:
+    """The sparse PEF rows of a batch; its dense D-PEFs are added to ``fisher_sum``.
 
     The factor columns u_c = sqrt(w_c) grad log p_c come one parameter tensor at a time; norms, the Fisher sum
-    and top-k candidates are reduced per tensor, then the candidates are merged (no [b, k, size] copy).
+    and the running top-k are updated per tensor (no [b, k, size] copy).
     """
     rule = target.classes
     with torch.no_grad():
@@ -74,37 +77,35 @@ def _batch_pefs(
         )
     selection = rule.select(logits, index.to(logits.device))
     objective = ClassLogProbs(selection.class_ids, rule, scale=selection.weights.sqrt())  # padding: weight 0
-    pieces, _ = batch_grads(adapter, space, examples, index, objective, objective.aux)
+    pieces, _ = batch_grads(adapter, space, examples, index, objective, objective.aux, method, workspace)
     b, k = selection.class_ids.shape
     device = logits.device
-    fisher_sum = torch.zeros(space.size, dtype=torch.float64, device=device)
     sum_sq = torch.zeros(b, dtype=torch.float64, device=device)
     gram = torch.zeros(b, k, k, dtype=torch.float64, device=device)
-    candidates = []
-    for name in space.names:
-        factors = pieces.pop(name)  # [b, k, numel]: u_c restricted to this tensor
+    if kind == "diagonal":
+        top = StreamingTopK(b, nnz, space.size)
+    else:
+        top = StreamingTopK(b, nnz, space.size * target.classes.max_classes, key=torch.abs)
+    for name, factors in pieces:  # [b, k, numel]: u_c restricted to one parameter tensor
         start, stop = space.offsets[name]
         numel = stop - start
-        diagonal = factors[:, 0].square()
+        diagonal = torch.mul(factors[:, 0], factors[:, 0], out=workspace.get("diagonal", (b, numel), factors.dtype, device))
         for c in range(1, k):
             diagonal.addcmul_(factors[:, c], factors[:, c])  # f = sum_c u_c^2
-        fisher_sum[start:stop] = diagonal.sum(0, dtype=torch.float64)  # float64 accumulation, no float64 copy
+        fisher_sum[start:stop] += diagonal.sum(0)  # b terms in the working dtype; across batches in float64
         if kind == "diagonal":
-            sum_sq += torch.linalg.vector_norm(diagonal, dim=1, dtype=torch.float64).square()
-            top = diagonal.topk(min(nnz, numel), dim=1)
-            candidates.append((top.values, top.indices + start))
+            sum_sq += _sum_squares(diagonal)
+            top.add(diagonal, start)
         else:
             gram += lowrank_gram(factors)
-            flat = factors.reshape(b, k * numel)
-            local = flat.abs().topk(min(nnz, k * numel), dim=1).indices
-            joint = (local // numel) * space.size + start + local % numel  # (class, parameter) in the joint space
-            candidates.append((flat.gather(1, local), joint))
+            for c in range(k):  # (class c, parameter j) has joint index c * size + j
+                top.add(factors[:, c], c * space.size + start)
         del factors, diagonal
     if kind == "diagonal":
-        values, indices = _merge_top(candidates, nnz)  # descending
+        values, indices = top.result()  # descending
         rows = {"values": values, "indices": indices, "norms": sum_sq.sqrt()}
     else:
-        values, indices, col_offsets = lowrank_rows(*_merge_top(candidates, nnz, key=torch.abs), space.size, k)
+        values, indices, col_offsets = lowrank_rows(*top.result(), space.size, k)
         rows = {
             "values": values, "indices": indices, "norms": gram.flatten(1).norm(dim=1),
             "col_offsets": col_offsets, "ranks": (selection.class_ids >= 0).sum(1),
@@ -125,7 +126,7 @@ def _batch_pefs(
     if store_logits:
         per_example["logits"] = logits.float()
     rows.update({f"per_example.{k}": v for k, v in per_example.items()})
-    return {k: v.cpu() for k, v in rows.items()}, fisher_sum
+    return {k: v.cpu() for k, v in rows.items()}
 
 
 def compute_pefs(
@@ -143,6 +144,7 @@ def compute_pefs(
     n_top_logits: int = 16,
     store_logits: bool = False,
     dtype: torch.dtype | None = None,
+    method: str = "auto",
     progress: bool = True,
 ) -> PEFs:
     """Per-example Fishers of ``model`` over ``space`` for ``examples``, sparsified to ``nnz`` entries each.
@@ -159,6 +161,8 @@ def compute_pefs(
         answers: the answer token per example, stored with the PEFs.
         n_top_logits / store_logits: how much of the predicted distribution to keep per example.
         dtype: dtype of the stored values (default float32, float64 for a float64 model).
+        method: how per-example gradients are computed (see ``batch_grads``): "auto" (hooks for linear maps,
+            torch.func for the rest), "hooks" or "func". The result does not depend on it beyond rounding.
     """
     adapter = as_adapter(model)
     examples = as_examples(examples, target.position)
@@ -168,6 +172,7 @@ def compute_pefs(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     space.check_model(adapter)
+    hooked_names(adapter, space.names, method)  # a bad method fails here, not at the first batch
     if kind == "diagonal":
         nnz = _check_nnz(nnz if nnz is not None else min(65536, space.size), space.size)
     else:  # low-rank entries are chosen jointly over classes x parameters
@@ -198,21 +203,23 @@ def compute_pefs(
     shard_size = sink.shard_size if sink else shard_size
     ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
     shards, fisher_sums = [], []
+    workspace = Workspace()
     with tqdm(total=n, desc=f"{kind} PEFs", disable=not progress, unit="ex") as bar:
         for j, (shard_start, shard_stop) in enumerate(ranges):
             if sink and sink.is_done(j):
                 bar.update(shard_stop - shard_start)
                 continue
-            parts, fisher_sum = [], None
+            parts = []
+            fisher_sum = torch.zeros(space.size, dtype=torch.float64, device=adapter.device)
             for start in range(shard_start, shard_stop, batch_size):
                 index = torch.arange(start, min(start + batch_size, shard_stop))
-                rows, batch_fisher = _batch_pefs(
-                    adapter, space, examples, index, target, kind, nnz, dtype, n_top_logits, store_logits
+                rows = _batch_pefs(
+                    adapter, space, examples, index, target, kind, nnz, dtype, n_top_logits, store_logits, method,
+                    workspace, fisher_sum,
                 )
                 if answers is not None:
                     rows["per_example.answer"] = answers[index]
                 parts.append(rows)
-                fisher_sum = batch_fisher if fisher_sum is None else fisher_sum + batch_fisher
                 bar.update(len(index))
             shard = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
             if sink:  # the partial Fisher sum first: a shard file on disk means the shard is complete

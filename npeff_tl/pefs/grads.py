@@ -1,11 +1,12 @@
 """Per-example gradients: the primitive that PEFs, gradient clustering, sign patterns and dataset-level
 Fishers are built on.
 
-Method: ``torch.func`` — ``vmap`` over sequences of ``jacrev`` over the objective's outputs, with only the
-selected parameters as inputs (the rest are constants). It is module-agnostic (every TL parameter, embeddings
-and LayerNorms included), and several target positions of one sequence share its forward pass. Only the
-target positions are unembedded (see ``adapters``). The tests check it against a loop of single-example
-``torch.autograd.grad`` calls.
+Two methods, one result. Linear maps (attention, MLP and unembedding weights and biases) go through the hook
+trick of ``linear_grads``: captured activations and one batched backward pass. Every other parameter goes
+through ``torch.func``: ``vmap`` over sequences of ``jacrev`` over the objective's outputs, with only those
+parameters as inputs. Either way several target positions of one sequence share its forward pass, and only
+the target positions are unembedded (see ``adapters``). The tests check both methods against each other and
+against a loop of single-example ``torch.autograd.grad`` calls.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..examples import Examples, TokensLike
 from ..params import ParamSpace
 from ..store import ShardStore, tensor_fingerprint
 from ..targets import Position
+from .linear_grads import Workspace, linear_map_grads
 from .objectives import Objective
 
 GRADS_FORMAT = "npeff_tl.grads"
@@ -86,22 +88,30 @@ def batch_target_logits(
     return logits[row.to(device), slot.to(device)]
 
 
-def batch_grads(
-    adapter: ModelAdapter,
-    space: ParamSpace,
-    examples: Examples,
-    index: Int[Tensor, " b"],
-    objective: Objective,
-    aux: Tensor | dict[str, Tensor],
-) -> tuple[dict[str, Tensor], Float[Tensor, "b k"]]:
-    """Per-example gradients of ``objective`` for examples ``index`` (``aux``: their rows of objective data),
-    one [b, k, numel] tensor per parameter of ``space``, kept apart so that callers can reduce them without
-    one large concatenation."""
-    device = adapter.device
-    params = {name: p.detach() for name, p in space.check_model(adapter).items()}
-    sequences, row, slot, width = sequence_grid(examples.seq_index[index])
-    positions = _to_grid(examples.position[index], row, slot, len(sequences), width).to(device)
-    aux_grid = _map(aux, lambda column: _to_grid(column.to(device), row, slot, len(sequences), width))
+METHODS = ("auto", "hooks", "func")
+
+
+def hooked_names(adapter: ModelAdapter, names: list[str], method: str) -> list[str]:
+    """The parameters whose gradients come from the hook path under ``method``."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "func":
+        return []
+    maps = adapter.linear_maps()
+    unsupported = [name for name in names if name not in maps]
+    if method == "hooks" and unsupported:
+        raise ValueError(
+            f"method='hooks' covers linear maps only, not {unsupported[:5]}{'...' if len(unsupported) > 5 else ''}; "
+            "use method='auto' (hooks where possible, torch.func for the rest)"
+        )
+    return [name for name in names if name in maps]
+
+
+def _func_grads(
+    adapter: ModelAdapter, names: list[str], tokens: Tensor, positions: Tensor, aux_grid, objective: Objective
+) -> tuple[dict[str, Tensor], Tensor]:
+    """torch.func: vmap over sequences of jacrev over the outputs; [seqs, width, k, *shape] per name."""
+    params = {name: p.detach() for name, p in adapter.named_parameters().items() if name in names}
 
     def objective_of_sequence(params, tokens, positions, aux):
         logits = adapter.target_logits(tokens[None], positions[None], params)[0]  # [width, vocab]
@@ -110,12 +120,54 @@ def batch_grads(
 
     jacobian = torch.func.vmap(torch.func.jacrev(objective_of_sequence, has_aux=True), in_dims=(None, 0, 0, 0))
     with torch.no_grad():  # the module's own parameters are constants here; no autograd graph for them
-        jac, outputs = jacobian(params, examples.tokens[sequences].to(device), positions, aux_grid)
-    n_seq, k = outputs.shape[0], outputs.shape[-1]
-    if width == 1:  # one example per sequence, in order: views, no copies
-        return {name: jac[name].reshape(n_seq, k, -1) for name in space.names}, outputs[:, 0]
+        return jacobian(params, tokens, positions, aux_grid)
+
+
+def batch_grads(
+    adapter: ModelAdapter,
+    space: ParamSpace,
+    examples: Examples,
+    index: Int[Tensor, " b"],
+    objective: Objective,
+    aux: Tensor | dict[str, Tensor],
+    method: str = "auto",
+    workspace: Workspace | None = None,
+) -> tuple[Iterator[tuple[str, Float[Tensor, "b k numel"]]], Float[Tensor, "b k"]]:
+    """Per-example gradients of ``objective`` for examples ``index`` (``aux``: their rows of objective data).
+
+    Returns the outputs [b, k] and an iterator of (name, [b, k, numel]) over the parameters of ``space`` in
+    order, one tensor at a time so that callers reduce them without a [b, k, size] concatenation. A tensor
+    may live in a reused buffer: it is valid until the next one is produced. ``method``: "hooks" for linear
+    maps (``linear_grads``), "func" for ``torch.func``, "auto" for hooks where possible.
+    """
+    space.check_model(adapter)
+    hooked = hooked_names(adapter, space.names, method)
+    rest = [name for name in space.names if name not in set(hooked)]
+    device = adapter.device
+    sequences, row, slot, width = sequence_grid(examples.seq_index[index])
+    positions = _to_grid(examples.position[index], row, slot, len(sequences), width).to(device)
+    aux_grid = _map(aux, lambda column: _to_grid(column.to(device), row, slot, len(sequences), width))
+    tokens = examples.tokens[sequences].to(device)
     row, slot = row.to(device), slot.to(device)
-    return {name: jac[name].reshape(n_seq, width, k, -1)[row, slot] for name in space.names}, outputs[row, slot]
+    if hooked:
+        hooked_grads, outputs = linear_map_grads(
+            adapter, hooked, tokens, positions, aux_grid, objective, row, slot, workspace or Workspace()
+        )
+    if rest:
+        jac, outputs = _func_grads(adapter, rest, tokens, positions, aux_grid, objective)
+    k = outputs.shape[-1]
+    if width == 1:  # one example per sequence, in order: views, no copies
+        func_grads = {name: jac[name].reshape(len(sequences), k, -1) for name in rest}
+        outputs = outputs[:, 0]
+    else:
+        func_grads = {name: jac[name].reshape(len(sequences), width, k, -1)[row, slot] for name in rest}
+        outputs = outputs[row, slot]
+
+    def in_space_order() -> Iterator[tuple[str, Tensor]]:
+        for name in space.names:
+            yield next(hooked_grads) if name not in func_grads else (name, func_grads.pop(name))
+
+    return in_space_order(), outputs
 
 
 def per_example_grads(
@@ -128,6 +180,7 @@ def per_example_grads(
     batch_size: int = 16,
     store: str | os.PathLike | None = None,
     shard_size: int = 256,
+    method: str = "auto",
     progress: bool = True,
 ) -> Iterator[GradBlock]:
     """Gradients of a per-example objective over ``space``, as dense blocks of at most ``batch_size`` examples.
@@ -135,13 +188,15 @@ def per_example_grads(
     ``examples`` is an ``Examples`` or token sequences (then ``position`` picks the target). With ``store=DIR``
     every block is also written to DIR in shards of ``shard_size`` examples; a re-run reads finished shards
     back (one block per shard) instead of recomputing them. Blocks come in example order, never straddling a
-    shard.
+    shard. ``method``: see ``batch_grads`` (the result does not depend on it beyond rounding).
     """
     adapter = as_adapter(model)
     examples = as_examples(examples, position)
     aux = _aux_rows(objective, len(examples))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    hooked_names(adapter, space.names, method)  # a bad method fails here, not at the first batch
+    workspace = Workspace()
     sink = None
     if store is not None:
         config = {
@@ -164,8 +219,13 @@ def per_example_grads(
             for start in range(shard_start, shard_stop, batch_size):
                 stop = min(start + batch_size, shard_stop)
                 index = torch.arange(start, stop)
-                pieces, outputs = batch_grads(adapter, space, examples, index, objective, _map(aux, lambda c: c[index]))
-                block = GradBlock(start, stop, torch.cat([pieces[name] for name in space.names], dim=-1), outputs)
+                pieces, outputs = batch_grads(
+                    adapter, space, examples, index, objective, _map(aux, lambda c: c[index]), method, workspace
+                )
+                grads = torch.empty(stop - start, outputs.shape[1], space.size, dtype=outputs.dtype, device=outputs.device)
+                for name, piece in pieces:
+                    grads[..., slice(*space.offsets[name])] = piece
+                block = GradBlock(start, stop, grads, outputs)
                 if sink:
                     blocks.append(block)
                 else:

@@ -1,0 +1,139 @@
+"""Per-example gradients of linear maps from captured activations (the "hook trick").
+
+For a parameter used as y = x @ W at every position, the gradient of example e's output j is
+sum_t x_t^T dy_t, where dy is the gradient of that output at y. So one forward pass with hooks capturing x and
+y, one batched backward pass giving dy for every output, and one matmul per class and parameter give exact
+per-example gradients, without the copies of ``vmap(jacrev)``. The matmuls write into reused buffers (fresh
+large allocations are slow). Which parameters qualify is the adapter's call (``ModelAdapter.linear_maps``);
+``grads.py`` handles the others with ``torch.func``, which also serves as this path's oracle in the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from ..adapters import LinearMap, ModelAdapter
+from .objectives import Objective
+
+
+class Workspace:
+    """Buffers reused from batch to batch, one per role, grown when a larger one is asked for."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        key = (role, dtype, torch.device(device))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            self._buffers[key] = buffer = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
+@contextmanager
+def _recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[tuple]]]:
+    """Record (args, kwargs, output) of every call of ``modules`` while the context is open."""
+    calls: dict[nn.Module, list[tuple]] = {module: [] for module in modules}
+
+    def record(module, args, kwargs, output):
+        calls[module].append((args, kwargs, output))
+
+    handles = [module.register_forward_hook(record, with_kwargs=True) for module in modules]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _requiring_grad(params: list[nn.Parameter]) -> Iterator[None]:
+    """Make ``params`` require grad for a while (frozen models too), so their outputs enter the graph."""
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _with_head_axis(t: Tensor, axis: int) -> Tensor:
+    """[..., pos, d] -> [..., pos, 1, d]; tensors that already have a head axis are returned as they are."""
+    return t if t.ndim == axis + 2 else t.unsqueeze(axis)
+
+
+def linear_map_grads(
+    adapter: ModelAdapter,
+    names: list[str],
+    tokens: Int[Tensor, "seqs pos"],
+    positions: Int[Tensor, "seqs width"],
+    aux_grid,
+    objective: Objective,
+    row: Int[Tensor, " b"],
+    slot: Int[Tensor, " b"],
+    workspace: Workspace,
+) -> tuple[Iterator[tuple[str, Float[Tensor, "b k numel"]]], Float[Tensor, "seqs width k"]]:
+    """Per-example gradients of ``objective`` for the parameters ``names`` (all in ``adapter.linear_maps()``).
+
+    Example e is target slot ``slot[e]`` of sequence ``row[e]``. Returns the objective's outputs and an
+    iterator of (name, [b, k, numel]) in the order of ``names``; each tensor lives in a reused buffer and is
+    valid until the next one is produced.
+    """
+    maps: dict[str, LinearMap] = {name: adapter.linear_maps()[name] for name in names}
+    params = adapter.named_parameters()
+    modules = list({c.module: None for m in maps.values() for c in (m.output, m.input) if c is not None})
+    with torch.enable_grad(), _requiring_grad([params[name] for name in names]), _recording(modules) as calls:
+        outputs = objective(adapter.target_logits(tokens, positions), aux_grid)  # [seqs, width, k]
+    for module, seen in calls.items():
+        if len(seen) != 1:
+            raise RuntimeError(
+                f"{type(module).__name__} ran {len(seen)} times in one forward pass; the hook path needs exactly "
+                "one call per module. Use method='func' for this model."
+            )
+
+    def captured(capture) -> Tensor:
+        return capture.select(*calls[capture.module][0])
+
+    ys = list({id(y): y for y in (captured(m.output) for m in maps.values())}.values())
+    n_seqs, width, k = outputs.shape
+    n_out = width * k
+    flat = outputs.reshape(n_seqs, n_out)
+    basis = torch.eye(n_out, dtype=flat.dtype, device=flat.device)[:, None, :].expand(n_out, n_seqs, n_out)
+    dys = torch.autograd.grad(flat, ys, basis, is_grads_batched=True, materialize_grads=True)
+    dy_of = {id(y): dy for y, dy in zip(ys, dys)}  # [width * k, seqs, pos, (head), d_out]
+    one_per_sequence = width == 1
+    outputs = outputs.detach()
+
+    def per_example(dy: Tensor) -> Tensor:  # [k, b, pos, head, d_out]
+        dy = _with_head_axis(dy, 3).unflatten(0, (width, k))
+        return dy[0] if one_per_sequence else dy[slot, :, row].transpose(0, 1)
+
+    def grads() -> Iterator[tuple[str, Tensor]]:
+        for name in names:
+            m = maps[name]
+            dy = per_example(dy_of[id(captured(m.output))])
+            b = dy.shape[1]
+            if m.input is None:  # bias: sum over positions
+                yield name, dy.sum(2).reshape(k, b, -1).transpose(0, 1)
+                continue
+            x = _with_head_axis(captured(m.input).detach(), 2)  # [seqs, pos, head, d_in]
+            x = x if one_per_sequence else x[row]
+            heads = max(x.shape[2], dy.shape[3])
+            xt = x.permute(0, 2, 3, 1).expand(b, heads, -1, -1).reshape(b * heads, x.shape[3], x.shape[1])
+            out = workspace.get("linear_grads", (k, b * heads, x.shape[3], dy.shape[4]), dy.dtype, dy.device)
+            for c in range(k):
+                dy_c = dy[c].transpose(1, 2).expand(b, heads, -1, -1).reshape(b * heads, dy.shape[2], dy.shape[4])
+                torch.bmm(xt, dy_c, out=out[c])
+            yield name, out.view(k, b, -1).transpose(0, 1)
+
+    return grads(), outputs

@@ -1,0 +1,77 @@
+"""StreamingTopK (thresholds estimated from samples, exact regardless) against a plain torch.topk."""
+
+import pytest
+import torch
+
+from npeff_tl.pefs.topk import StreamingTopK, _descending
+
+
+def _oracle(pieces, k, key):
+    row = torch.cat(pieces, dim=1)
+    top = key(row).topk(k, dim=1)
+    return row.gather(1, top.indices), top.indices
+
+
+def _streamed(pieces, k, key):
+    top = StreamingTopK(pieces[0].shape[0], k, sum(p.shape[1] for p in pieces), key=key)
+    offset = 0
+    for piece in pieces:
+        top.add(piece.clone(), offset)
+        piece.fill_(float("nan"))  # the caller may reuse the memory: the selection must not depend on it
+        offset += piece.shape[1]
+    return top.result()
+
+
+def _rows(seed, widths, kind):
+    g = torch.Generator().manual_seed(seed)
+    pieces = []
+    for i, n in enumerate(widths):
+        x = torch.randn(5, n, generator=g)
+        if kind == "heavy-tailed":
+            x = x * torch.rand(5, n, generator=g).pow(-3)
+        elif kind == "later-pieces-larger":  # every later piece displaces the whole earlier selection
+            x = x * 10.0**i
+        elif kind == "sparse":  # mostly exact zeros: fewer non-zeros than k in some rows
+            x = x * (torch.rand(5, n, generator=g) < 0.001)
+        elif kind == "skewed":  # a cluster of large values a random sample misses
+            x[:, :50] += 100.0
+        pieces.append(x)
+    return pieces
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy-tailed", "later-pieces-larger", "sparse", "skewed"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_streaming_top_k_is_exact(kind, seed):
+    k = 300
+    pieces = _rows(seed, [40_000, 100, 7, 25_000], kind)
+    for key in (torch.square, torch.abs):
+        want_values, want_indices = _oracle(pieces, k, key)
+        values, indices = _streamed([p.clone() for p in pieces], k, key)
+        assert torch.equal(key(values), key(want_values))  # same keys in the same (descending) order
+        if kind != "sparse":  # no ties: the same entries too
+            assert torch.equal(indices, want_indices)
+        row = torch.cat(pieces, dim=1)
+        assert torch.equal(values, row.gather(1, indices))  # every value sits at its index
+
+
+def test_keeping_everything_sorts_the_whole_row():
+    pieces = _rows(3, [700, 300], "normal")
+    values, indices = _streamed([p.clone() for p in pieces], 1000, torch.square)
+    row = torch.cat(pieces, dim=1)
+    assert torch.equal(torch.sort(indices, dim=1).values, torch.arange(1000).expand(5, -1))
+    assert torch.equal(values.square(), row.square().sort(dim=1, descending=True).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_descending_order_matches_a_comparison_sort(dtype):
+    keys = torch.rand(4, 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    keys[:, ::7] = 0.0
+    keys[0, 3] = float("inf")
+    order = _descending(keys)
+    assert torch.equal(keys.gather(1, order), keys.sort(dim=1, descending=True).values)
+    assert torch.equal(order.sort(dim=1).values, torch.arange(1000).expand(4, -1))
+
+
+def test_more_than_total_is_an_error():
+    with pytest.raises(ValueError, match="cannot keep 11 of 10 entries"):
+        StreamingTopK(2, 11, 10)
