@@ -6,6 +6,7 @@ when an SAE baseline is used.
 
 import logging
 
+from . import zoo
 from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
 from .examples import Examples
 from .params import ParamSpace
@@ -34,5 +35,5 @@ __all__ = [
     "HookedTransformerAdapter", "ModelAdapter", "as_adapter", "Examples", "ParamSpace",
     "AnswerLogProb", "ClassLogProbs", "CrossEntropy", "FunctionObjective", "Objective", "GradBlock",
     "DiagonalPEFs", "LowRankPEFs", "PEFs", "compute_pefs", "load_pefs", "per_example_grads",
-    "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK",
+    "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "zoo",
 ]

@@ -1,8 +1,7 @@
 """The ``npeff-tl`` command.
 
-``npeff-tl demo`` runs the main job on the embedded default. Until the model zoo and the decompositions land,
-it computes diagonal and low-rank PEFs of a small HookedTransformer built from a config (random weights, no
-downloads) and prints a summary.
+``npeff-tl demo`` runs the main job on the embedded default, a zoo model (shipped weights, no downloads). Until
+the decompositions land, it computes diagonal and low-rank PEFs of zoo examples and prints a summary.
 """
 
 from __future__ import annotations
@@ -18,17 +17,6 @@ from .pefs import PEFs, compute_pefs
 from .store import FormatError
 
 
-def demo_model(seed: int = 0):
-    """A 2-layer HookedTransformer with random weights, built offline from a config."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=256, d_vocab=128, n_ctx=32,
-        act_fn="gelu", normalization_type="LN", device="cpu", seed=seed, model_name="npeff-tl-demo",
-    )
-    return HookedTransformer(cfg).eval()
-
-
 def _fisher_shares(pefs: PEFs) -> list[tuple[str, float]]:
     """Share of the dataset-level Fisher's mass in each TL parameter tensor, largest first."""
     named = pefs.space.to_named(pefs.dataset_fisher)
@@ -37,24 +25,33 @@ def _fisher_shares(pefs: PEFs) -> list[tuple[str, float]]:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from . import ParamSpace, Target, TopK
+    from . import Examples, ParamSpace, Target, TopK, zoo
 
-    torch.manual_seed(args.seed)
-    model = demo_model(args.seed)
-    tokens = torch.randint(0, model.cfg.d_vocab, (args.n_examples, 24), generator=torch.Generator().manual_seed(args.seed))
+    model, data = zoo.load(args.model)
+    train = data["train"]
+    if not 1 <= args.n_examples <= len(train):
+        raise ValueError(f"--n-examples must lie in [1, {len(train)}] for {args.model}, got {args.n_examples}")
+    rows = train.select(range(args.n_examples))
+    examples = Examples.from_tokens(rows["tokens"], rows["target_pos"])
     space = ParamSpace(model, include=["blocks.*.attn.W_[QKV]", "blocks.*.mlp.W_*"])
     target = Target(position="last", classes=TopK(4))
-    print(f"model: {model.cfg.model_name} (2 layers, d_model 64, random weights); {args.n_examples} examples")
-    print(f"parameter space: {space.size:,} parameters in {len(space.names)} tensors; target: last token, top-4 classes")
+    strategies = sorted(set(rows["strategy"]))
+    print(f"model: zoo {args.model} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}); "
+          f"{args.n_examples} examples of {len(strategies)} strategies")
+    print(f"parameter space: {space.size:,} parameters in {len(space.names)} tensors; target: the answer "
+          "position, top-4 classes")
     for kind in ("diagonal", "lowrank"):
         store = f"{args.out}/pefs_{kind}" if args.out else None
         start = time.perf_counter()
-        pefs = compute_pefs(model, tokens, space, target, kind, nnz=args.nnz, batch_size=args.batch_size,
-                            store=store, progress=not args.quiet)
+        pefs = compute_pefs(model, examples, space, target, kind, nnz=args.nnz, batch_size=args.batch_size,
+                            store=store, answers=torch.tensor(rows["answer"]), progress=not args.quiet)
         seconds = time.perf_counter() - start
         print(f"\n{kind} PEFs: {len(pefs)} examples x {pefs.nnz} entries in {seconds:.1f} s "
               f"({len(pefs) / seconds:.0f} examples/s){f', saved to {store}' if store else ''}")
-        print(f"  PEF norm: median {pefs.norms.median():.3e}, max {pefs.norms.max():.3e}")
+        norms = ", ".join(
+            f"{s} {pefs.norms[[i for i, t in enumerate(rows['strategy']) if t == s]].median():.2e}" for s in strategies
+        )
+        print(f"  median PEF norm by strategy: {norms}")
         kept = pefs.values.double().square().sum(1) / pefs.norms.square().clamp(min=1e-300)
         if kind == "diagonal":
             print(f"  share of each PEF's squared norm kept by the top {pefs.nnz}: median {kept.median():.3f}")
@@ -71,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--n-examples", type=int, default=256, help="number of examples (default 256)")
     demo.add_argument("--nnz", type=int, default=4096, help="entries kept per PEF (default 4096)")
     demo.add_argument("--batch-size", type=int, default=16, help="examples per batch (default 16)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default 0)")
+    demo.add_argument("--model", default="tasks-2l", help="zoo model (default tasks-2l; see npeff_tl.zoo.list())")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:

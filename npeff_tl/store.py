@@ -27,8 +27,12 @@ class FormatError(ValueError):
 
 
 def _atomic_target(path: Path):
+    """A temporary file beside ``path``, with the permissions a plain ``open(path, "w")`` would give."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes files private (0600)
     os.close(fd)
     return Path(tmp)
 

@@ -1,0 +1,126 @@
+"""The zoo: small HookedTransformers trained on synthetic tasks whose per-example strategy is known.
+
+``model, data = npeff_tl.zoo.load("tasks-2l")`` gives a model (weights shipped in the package; no downloads)
+and a ``datasets.DatasetDict`` with splits "train" and "test" and columns ``tokens``, ``target_pos``,
+``answer``, ``strategy``, ``strategies`` and ``text``: the model's prediction at ``target_pos`` should be
+``answer``. ``npeff_tl.zoo.list()`` names the entries; each has a JSON card (config, tasks, seeds, per-strategy
+test accuracy, training command). ``python -m npeff_tl.zoo.train NAME`` regenerates an entry.
+"""
+
+from __future__ import annotations
+
+import builtins
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .tasks import TASKS, VOCAB, generate
+from .tokenizer import load_tokenizer
+
+MODELS_DIR = Path(__file__).parent / "models"
+ALL_TASKS = ["first", "max", "min", "succ", "induction", "bigram", "succ_max"]
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """How a zoo model is built and trained (its card adds what training measured)."""
+
+    name: str
+    n_layers: int
+    d_model: int = 64
+    n_heads: int = 4
+    d_mlp: int = 256
+    tasks: tuple[str, ...] = tuple(ALL_TASKS)
+    seed: int = 0
+    data_seed: int = 0
+    table_seed: int = 0
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    n_ctx: int = 16
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, device: str | torch.device = "cpu"):
+        from transformer_lens import HookedTransformerConfig
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return HookedTransformerConfig(
+                n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, d_head=self.d_model // self.n_heads,
+                d_mlp=self.d_mlp, d_vocab=len(VOCAB), n_ctx=self.n_ctx, act_fn="gelu", normalization_type="LN",
+                device=str(device), seed=self.seed, model_name=self.name,
+            )
+
+
+ENTRIES = {
+    e.name: e
+    for e in [
+        ZooEntry("tasks-2l", n_layers=2),
+        ZooEntry("tasks-3l", n_layers=3, seed=1, data_seed=1),
+    ]
+}
+
+
+def list() -> builtins.list[str]:  # noqa: A001 - the issue's public name
+    """Names of the zoo entries (those with shipped weights)."""
+    return [name for name in ENTRIES if (MODELS_DIR / name / "model.safetensors").exists()]
+
+
+def entry(name: str) -> ZooEntry:
+    if name not in ENTRIES:
+        raise ValueError(f"unknown zoo model {name!r}; available: {builtins.list(ENTRIES)}")
+    return ENTRIES[name]
+
+
+def build_model(name: str, device: str | torch.device = "cpu"):
+    """An untrained model of entry ``name`` with the zoo tokenizer attached."""
+    from transformer_lens import HookedTransformer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return HookedTransformer(entry(name).config(device), tokenizer=load_tokenizer())
+
+
+def dataset(name: str, n_train: int = 256, n_test: int = 128):
+    """The examples of entry ``name``'s tasks: ``n_train`` / ``n_test`` per task, deterministic in its seed.
+    Test prompts never repeat a train prompt."""
+    from datasets import Dataset, DatasetDict
+
+    e = entry(name)
+    ids = {word: i for i, word in enumerate(VOCAB)}
+    train = generate(builtins.list(e.tasks), n_train, seed=2 * e.data_seed, table_seed=e.table_seed)
+    seen = {tuple(row["words"]) for row in train}
+    candidates = generate(builtins.list(e.tasks), 2 * n_test + 8, seed=2 * e.data_seed + 1, table_seed=e.table_seed)
+    test, per_task = [], dict.fromkeys(e.tasks, 0)
+    for row in candidates:
+        if tuple(row["words"]) not in seen and per_task[row["strategy"]] < n_test:
+            test.append(row)
+            per_task[row["strategy"]] += 1
+
+    def columns(rows):
+        return {
+            "tokens": [[ids[w] for w in row["words"]] for row in rows],
+            "target_pos": [len(row["words"]) - 1 for row in rows],
+            "answer": [ids[row["answer"]] for row in rows],
+            "strategy": [row["strategy"] for row in rows],
+            "strategies": [row["strategies"] for row in rows],
+            "text": [" ".join(row["words"][1:]) for row in rows],
+        }
+
+    return DatasetDict({"train": Dataset.from_dict(columns(train)), "test": Dataset.from_dict(columns(test))})
+
+
+def load(name: str, device: str | torch.device = "cpu", n_train: int = 256, n_test: int = 128):
+    """(model, data) for zoo entry ``name``: the shipped weights and its tasks' examples."""
+    from safetensors.torch import load_file
+
+    path = MODELS_DIR / entry(name).name / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no weights for zoo model {name!r} at {path}; run `python -m npeff_tl.zoo.train {name}`")
+    model = build_model(name, device)
+    model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+    return model.eval(), dataset(name, n_train, n_test)

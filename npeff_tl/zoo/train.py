@@ -1,0 +1,128 @@
+"""Train a zoo entry from scratch, deterministically: ``python -m npeff_tl.zoo.train NAME [--out DIR]``.
+
+One thread, seeded initialisation and a seeded stream of fresh training examples (never the test split).
+The loss is the cross-entropy of the answer at each prompt's last position. Writes ``model.safetensors`` and
+``card.json`` (config, tasks, seeds, settings, per-strategy test accuracy, the command) into the entry's
+package directory or ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..store import save_json, save_tensors, versions
+from . import MODELS_DIR, build_model, dataset, entry
+from .tasks import VOCAB, generate
+from .tokenizer import TOKENIZER_DIR, build_tokenizer
+
+
+def batch_tensors(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded tokens and the last position of each prompt."""
+    lengths = torch.tensor([len(t) for t in token_lists])
+    tokens = torch.zeros(len(token_lists), int(lengths.max()), dtype=torch.long)
+    for i, t in enumerate(token_lists):
+        tokens[i, : len(t)] = torch.tensor(t)
+    return tokens, lengths - 1
+
+
+@torch.no_grad()
+def accuracy(model, split, batch_size: int = 512) -> dict[str, float]:
+    """Share of examples of each strategy whose top prediction at ``target_pos`` is the answer."""
+    hits: dict[str, list[bool]] = {}
+    for start in range(0, len(split), batch_size):
+        rows = split[start : start + batch_size]
+        tokens, _ = batch_tensors(rows["tokens"])
+        logits = model(tokens.to(model.cfg.device))
+        pos = torch.tensor(rows["target_pos"], device=logits.device)
+        predicted = logits[torch.arange(len(pos), device=logits.device), pos].argmax(-1).cpu()
+        for strategy, p, a in zip(rows["strategy"], predicted.tolist(), rows["answer"]):
+            hits.setdefault(strategy, []).append(p == a)
+    return {s: sum(h) / len(h) for s, h in sorted(hits.items())}
+
+
+def train(name: str, out: Path | None = None, progress: bool = True, steps: int | None = None) -> dict:
+    """Train entry ``name`` (``steps`` overrides its step count, for quick checks) and write it out."""
+    e = entry(name)
+    if steps is not None:
+        e = dataclasses.replace(e, steps=steps)
+    torch.set_num_threads(1)  # bitwise-repeatable CPU training
+    if not (TOKENIZER_DIR / "tokenizer.json").exists():
+        build_tokenizer()
+    model = build_model(name)  # seeded by the config's seed
+    model.train()
+    ids = {word: i for i, word in enumerate(VOCAB)}
+    opt = torch.optim.AdamW(model.parameters(), lr=e.lr, weight_decay=e.weight_decay, betas=(0.9, 0.98))
+    warmup = max(1, e.steps // 20)
+
+    def lr_at(step):
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / e.steps))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    per_step = math.ceil(e.batch_size / len(e.tasks))
+    start = time.perf_counter()
+    for step in tqdm(range(e.steps), desc=f"train {name}", disable=not progress):
+        rows = generate(list(e.tasks), per_step, seed=f"train-{e.seed}-{step}", table_seed=e.table_seed)
+        tokens, pos = batch_tensors([[ids[w] for w in r["words"]] for r in rows])
+        answers = torch.tensor([ids[r["answer"]] for r in rows])
+        logits = model(tokens)[torch.arange(len(pos)), pos]
+        loss = torch.nn.functional.cross_entropy(logits, answers)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+    seconds = time.perf_counter() - start
+    model.eval()
+    acc = accuracy(model, dataset(name)["test"])
+    directory = Path(out) if out is not None else MODELS_DIR / name
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    card = {
+        "name": name,
+        "config": {k: getattr(model.cfg, k) for k in (
+            "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn", "normalization_type")},
+        "tasks": list(e.tasks),
+        "mixture": {t: 1 / len(e.tasks) for t in e.tasks},
+        "seeds": {"init": e.seed, "data": e.data_seed, "bigram_table": e.table_seed},
+        "training": {"steps": e.steps, "batch_size": per_step * len(e.tasks), "lr": e.lr,
+                     "weight_decay": e.weight_decay, "final_loss": loss.item(), "seconds": round(seconds, 1),
+                     "threads": 1},
+        "test_accuracy": acc,
+        "command": f"python -m npeff_tl.zoo.train {name}",
+        "versions": versions(),
+    }
+    save_json(card, directory / "card.json")
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m npeff_tl.zoo.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", nargs="?", help="zoo entry to train")
+    parser.add_argument("--out", type=Path, help="write here instead of the package directory")
+    parser.add_argument("--tokenizer", action="store_true", help="only rebuild the shipped tokenizer")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.tokenizer:
+        build_tokenizer()
+        return 0
+    if args.name is None:
+        parser.error("give a zoo entry name")
+    try:
+        card = train(args.name, args.out, progress=not args.quiet)
+    except ValueError as error:
+        print(f"npeff_tl.zoo.train: error: {error}", file=sys.stderr)
+        return 2
+    print({k: card[k] for k in ("name", "test_accuracy", "training")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
