@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,27 @@ def save_json(data: Any, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Fill a temporary directory beside ``path``; on success it replaces ``path`` (nothing half-written is
+    ever left at ``path``), on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -79,7 +102,7 @@ def load_json(path: str | os.PathLike) -> Any:
         raise FormatError(f"{path} is not valid JSON ({error}); it may be corrupt") from None
 
 
-def _json_normal(data: Any) -> Any:
+def json_normal(data: Any) -> Any:
     return json.loads(json.dumps(data, sort_keys=True))
 
 
@@ -109,7 +132,7 @@ class ShardStore:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.path = Path(path)
         self.n_examples, self.shard_size = n_examples, shard_size
-        config = _json_normal(dict(config))
+        config = json_normal(dict(config))
         layout = {"n_examples": n_examples, "shard_size": shard_size}
         if (self.path / "metadata.json").exists():
             meta = read_metadata(self.path, fmt)
@@ -144,7 +167,7 @@ class ShardStore:
         return load_tensors(self.shard_path(j, prefix))
 
     def mark_complete(self, **extra: Any) -> None:
-        self.meta = {**self.meta, **_json_normal(extra), "complete": True}
+        self.meta = {**self.meta, **json_normal(extra), "complete": True}
         save_json(self.meta, self.path / "metadata.json")
 
 

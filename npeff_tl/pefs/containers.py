@@ -15,11 +15,9 @@ writes the same format incrementally, so one loader reads both.
 from __future__ import annotations
 
 import dataclasses
-from abc import ABC, abstractmethod
 import os
-import shutil
-import tempfile
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from jaxtyping import Float, Float64, Int
 from torch import Tensor
 
 from ..params import ParamSpace
-from ..store import FormatError, ShardStore, load_tensors, read_metadata, save_tensors, versions
+from ..store import FormatError, ShardStore, atomic_directory, load_tensors, read_metadata, save_tensors, versions
 
 PEFS_FORMAT = "npeff_tl.pefs"
 D_NORM_EPS = 1e-9  # added to the norm when normalising D-PEFs (reference value)
@@ -108,26 +106,13 @@ class PEFs(ABC):
     # ------------------------------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike) -> Path:
         """Save as a directory (metadata.json + safetensors), replacing ``path`` atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-        try:
+        with atomic_directory(path) as tmp:
             store = ShardStore(tmp, PEFS_FORMAT, self._store_config(), len(self), max(len(self), 1))
             store.write(0, self._shard_tensors())
             if self.dataset_fisher is not None:
                 save_tensors({"dataset_fisher": self.dataset_fisher}, tmp / "dataset_fisher.safetensors")
             store.mark_complete(provenance=self.provenance)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return Path(path)
 
     def _store_config(self) -> dict[str, Any]:
         return {"kind": self.kind, "nnz": self.nnz, "space": self.space.to_dict(), "metadata": self.metadata}
@@ -180,7 +165,7 @@ def _check_compatible(a: PEFs, b: PEFs) -> None:
             raise ValueError(f"the PEF sets differ in {key}: {a.metadata.get(key)} vs {b.metadata.get(key)}")
 
 
-def _sorted_csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+def sorted_csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     """A CSR matrix from per-entry (row, col, value), columns sorted within each row."""
     order = torch.argsort(rows * shape[1] + cols)
     rows, cols, values = rows[order], cols[order], values[order]
@@ -202,7 +187,7 @@ class DiagonalPEFs(PEFs):
         """A torch sparse CSR matrix [n, space.size] (column indices sorted within each row)."""
         n = len(self)
         rows = torch.arange(n).repeat_interleave(self.nnz)
-        return _sorted_csr(rows, self.indices.reshape(-1).long(), self.values.reshape(-1), (n, self.space.size))
+        return sorted_csr(rows, self.indices.reshape(-1).long(), self.values.reshape(-1), (n, self.space.size))
 
     def to_dense(self) -> Float[Tensor, "n size"]:
         dense = torch.zeros(len(self), self.space.size, dtype=self.values.dtype)
@@ -278,7 +263,7 @@ class LowRankPEFs(PEFs):
         real = classes < self.ranks[:, None]  # entries of padding classes are zeros; they get no row
         rows = (row_offsets[:-1, None] + classes)[real]
         shape = (int(row_offsets[-1]), self.space.size)
-        return _sorted_csr(rows, self.indices.long()[real], self.values[real], shape), row_offsets
+        return sorted_csr(rows, self.indices.long()[real], self.values[real], shape), row_offsets
 
     def to_dense(self) -> Float[Tensor, "n k size"]:
         """The sparsified factors U_i as a dense [n, max_rank, size] tensor."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .tasks import TASKS, VOCAB, generate
+from .tasks import VOCAB, generate
 from .tokenizer import load_tokenizer
 
 MODELS_DIR = Path(__file__).parent / "models"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import random
 import sys
 import time
 from pathlib import Path

@@ -1,0 +1,8 @@
+"""NPEFF decompositions of PEFs: D-NPEFF (non-negative diagonals) and LRM-NPEFF (rank-1 directions)."""
+
+from .decomposition import Decomposition, load_decomposition
+from .dnpeff import DNPEFF
+from .matching import matched_cosines
+from .matrix import PEFMatrix, prepare
+
+__all__ = ["DNPEFF", "Decomposition", "PEFMatrix", "load_decomposition", "matched_cosines", "prepare"]

@@ -1,0 +1,155 @@
+"""The sparse matrix NPEFF factors: normalised PEFs restricted to the parameters (columns) worth keeping.
+
+Preprocessing follows the reference (NPEFF_SPEC section 3): every example is divided by its dense PEF's norm
+(unit weight in the Frobenius objective), and columns that appear in fewer than ``min_nnz_per_column`` rows are
+dropped; the kept-column map goes with every decomposition. For low-rank PEFs, each (example, class) is a row
+and the constant term of the loss, sum_i ||U_i^T U_i||_F^2, is computed exactly in float64 (the reference
+overcounts it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int64
+from torch import Tensor
+
+from ..params import ParamSpace
+from ..pefs import DiagonalPEFs, LowRankPEFs, PEFs
+from ..pefs.containers import sorted_csr
+
+COMPATIBILITY_KEYS = ("target", "model")
+
+
+@dataclass(frozen=True)
+class PEFMatrix:
+    """Normalised PEFs as a CSR matrix [rows, kept columns] plus what the decompositions need to know."""
+
+    A: Float[Tensor, "rows m"]
+    At: Float[Tensor, "m rows"]
+    row_example: Int64[Tensor, " rows"]  # the example of each row (rows = examples for diagonal PEFs)
+    n_examples: int
+    kept_columns: Int64[Tensor, " m"]  # indices into the ParamSpace
+    constant: float  # ||A||_F^2 (diagonal) or sum_i ||U_i^T U_i||_F^2 (low-rank), float64
+    kind: str  # "diagonal" or "lowrank"
+    space: ParamSpace
+    metadata: dict[str, Any]
+    empty_examples: tuple[int, ...]  # zero-norm examples: all-zero rows, coefficients 0
+
+    @property
+    def n_columns(self) -> int:
+        return int(self.kept_columns.shape[0])
+
+
+def check_compatible(pefs: PEFs, space: ParamSpace, metadata: dict[str, Any], kind: str) -> None:
+    """PEFs must match a decomposition's space, kind, target rule and model (clear errors otherwise)."""
+    if pefs.kind != kind:
+        raise ValueError(f"these are {pefs.kind} PEFs but the decomposition was fit on {kind} PEFs")
+    if pefs.space != space:
+        raise ValueError("the PEFs and the decomposition are over different parameter spaces")
+    for key in COMPATIBILITY_KEYS:
+        if pefs.metadata.get(key) != metadata.get(key):
+            raise ValueError(
+                f"the PEFs and the decomposition differ in {key}: {pefs.metadata.get(key)} vs {metadata.get(key)}"
+            )
+
+
+def prepare(
+    pefs: PEFs,
+    *,
+    min_nnz_per_column: int = 1,
+    columns: Int64[Tensor, " m"] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> PEFMatrix:
+    """Normalise ``pefs`` and assemble the matrix; ``columns`` keeps exactly those columns (a decomposition's),
+    otherwise columns with fewer than ``min_nnz_per_column`` entries are dropped."""
+    if not isinstance(pefs, (DiagonalPEFs, LowRankPEFs)):
+        raise TypeError(f"expected DiagonalPEFs or LowRankPEFs, got {type(pefs).__name__}")
+    bad = (~torch.isfinite(pefs.values).all(1)) | (~torch.isfinite(pefs.norms))
+    if bad.any():
+        raise ValueError(f"PEFs of examples {bad.nonzero().flatten().tolist()[:10]} contain NaN or inf values")
+    empty = tuple((pefs.norms <= 0).nonzero().flatten().tolist())
+    if empty:
+        warnings.warn(f"examples {list(empty[:20])} have zero-norm PEFs; they are left out (coefficients 0)", stacklevel=2)
+    normed = pefs if pefs.is_normalized else pefs.normalized()
+    if isinstance(normed, DiagonalPEFs):
+        A = normed.to_csr()
+        row_offsets = torch.arange(len(normed) + 1)
+    else:
+        A, row_offsets = normed.to_csr()
+    n_rows, size = A.shape
+    crow, cols, values = A.crow_indices(), A.col_indices(), A.values()
+    rows = torch.arange(n_rows).repeat_interleave(crow.diff())
+    if empty:
+        values = values.masked_fill(torch.isin(rows, _rows_of(torch.tensor(empty), row_offsets)), 0.0)
+    if columns is None:
+        counts = torch.bincount(cols[values != 0], minlength=size)
+        if min_nnz_per_column < 1:
+            raise ValueError(f"min_nnz_per_column must be >= 1, got {min_nnz_per_column}")
+        kept = (counts >= min_nnz_per_column).nonzero().flatten()
+    else:
+        kept = torch.as_tensor(columns, dtype=torch.long)
+        if kept.numel() and (kept.min() < 0 or kept.max() >= size or (kept.diff() <= 0).any()):
+            raise ValueError(f"columns must be increasing indices in [0, {size})")
+    if kept.numel() == 0:
+        raise ValueError(f"no parameter appears in {min_nnz_per_column} or more examples; lower min_nnz_per_column")
+    new_index = torch.full((size,), -1, dtype=torch.long)
+    new_index[kept] = torch.arange(kept.numel())
+    keep = new_index[cols] >= 0
+    rows, cols, values = rows[keep], new_index[cols[keep]], values[keep]
+    shape = (n_rows, int(kept.numel()))
+    row_example = torch.arange(len(normed)).repeat_interleave(row_offsets.diff())
+    if isinstance(normed, DiagonalPEFs):
+        constant = float(values.double().square().sum())
+    else:
+        constant = _sum_gram_squares(rows, cols, values.double(), row_example, row_offsets, shape[1])
+    to = {"device": device, "dtype": dtype}
+    return PEFMatrix(
+        A=sorted_csr(rows, cols, values, shape).to(**to),
+        At=sorted_csr(cols, rows, values, (shape[1], shape[0])).to(**to),
+        row_example=row_example.to(device),
+        n_examples=len(normed),
+        kept_columns=kept,
+        constant=constant,
+        kind=normed.kind,
+        space=normed.space,
+        metadata=normed.metadata,
+        empty_examples=empty,
+    )
+
+
+def _rows_of(examples: Tensor, row_offsets: Tensor) -> Tensor:
+    return torch.cat([torch.arange(row_offsets[e], row_offsets[e + 1]) for e in examples.tolist()])
+
+
+def _sum_gram_squares(
+    rows: Tensor, cols: Tensor, values: Tensor, row_example: Tensor, row_offsets: Tensor, n_cols: int,
+    chunk_entries: int = 1 << 20,
+) -> float:
+    """sum_i ||U_i^T U_i||_F^2 over examples i, where U_i has the rows of example i: the per-example class x
+    class Gram matrices, built from the entries that share (example, column), in chunks of entries."""
+    example = row_example[rows]
+    cls = rows - row_offsets[example]
+    rank = int(row_offsets.diff().max()) if len(row_offsets) > 1 else 0
+    key = example * n_cols + cols
+    order = torch.argsort(key)  # entries of one example are contiguous, so chunks split between examples
+    example, cls, key, values = example[order], cls[order], key[order], values[order]
+    total, start = 0.0, 0
+    while start < len(key):
+        stop = min(start + chunk_entries, len(key))
+        while stop < len(key) and example[stop] == example[stop - 1]:
+            stop += 1
+        keys, slot = torch.unique_consecutive(key[start:stop], return_inverse=True)
+        z = torch.zeros(len(keys), rank, dtype=torch.float64)
+        z.index_put_((slot, cls[start:stop]), values[start:stop], accumulate=True)
+        owner = keys // n_cols
+        owner = owner - owner[0]  # examples of this chunk, from 0
+        grams = torch.zeros(int(owner[-1]) + 1, rank, rank, dtype=torch.float64)
+        grams.index_add_(0, owner, z[:, :, None] * z[:, None, :])
+        total += float(grams.square().sum())
+        start = stop
+    return total

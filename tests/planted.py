@@ -1,0 +1,44 @@
+"""Planted truth: synthetic PEFs built from known components, so a decomposition's answer can be checked."""
+
+import torch
+
+
+def planted_supports(g, r, m, size, shared):
+    """r supports of ``size`` columns out of m; every support contains the same ``shared`` columns, so any
+    two overlap by at least shared / size."""
+    perm = torch.randperm(m, generator=g)
+    common, rest = perm[:shared], perm[shared:]
+    unique = size - shared
+    assert shared + r * unique <= m
+    return [torch.cat([common, rest[j * unique : (j + 1) * unique]]) for j in range(r)]
+
+
+def planted_coefficients(g, n, r, max_active=3):
+    """[n, r] non-negative, 1 to ``max_active`` active components per example, every component used."""
+    W = torch.zeros(n, r, dtype=torch.float64)
+    for i in range(n):
+        k = int(torch.randint(1, max_active + 1, (1,), generator=g))
+        active = torch.randperm(r, generator=g)[:k]
+        active[0] = i % r
+        W[i, active] = 0.5 + 1.5 * torch.rand(len(active), generator=g, dtype=torch.float64)
+    return W
+
+
+def planted_diagonal(seed, r=10, n=500, m=600, size=60, shared=14, noise=0.0):
+    """(dense non-negative rows A = W H + noise, W, H): H rows are sparse non-negative diagonals whose supports
+    overlap pairwise by >= 20%; noise has Frobenius norm ``noise`` x the signal's, half on the signal's
+    support and half on random entries off it."""
+    g = torch.Generator().manual_seed(seed)
+    H = torch.zeros(r, m, dtype=torch.float64)
+    for j, support in enumerate(planted_supports(g, r, m, size, shared)):
+        H[j, support] = 0.5 + torch.rand(size, generator=g, dtype=torch.float64)
+    W = planted_coefficients(g, n, r)
+    A = W @ H
+    if noise:
+        on = A > 0
+        off_mask = (~on) & (torch.rand(A.shape, generator=g) < on.double().mean())
+        E_on = torch.rand(A.shape, generator=g, dtype=torch.float64) * on
+        E_off = torch.rand(A.shape, generator=g, dtype=torch.float64) * off_mask
+        target = noise * torch.linalg.norm(A) / 2 ** 0.5  # half of the noise energy on each part
+        A = A + E_on * (target / torch.linalg.norm(E_on)) + E_off * (target / torch.linalg.norm(E_off))
+    return A, W, H
