@@ -8,7 +8,7 @@ import logging
 
 from . import zoo
 from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
-from .decomp import DNPEFF, Decomposition, load_decomposition, matched_cosines
+from .decomp import DNPEFF, LRMNPEFF, Decomposition, load_decomposition, matched_cosines
 from .examples import Examples
 from .params import ParamSpace
 from .pefs import (
@@ -37,5 +37,5 @@ __all__ = [
     "AnswerLogProb", "ClassLogProbs", "CrossEntropy", "FunctionObjective", "Objective", "GradBlock",
     "DiagonalPEFs", "LowRankPEFs", "PEFs", "compute_pefs", "load_pefs", "per_example_grads",
     "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "zoo",
-    "DNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
+    "DNPEFF", "LRMNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
 ]

@@ -42,3 +42,28 @@ def planted_diagonal(seed, r=10, n=500, m=600, size=60, shared=14, noise=0.0):
         target = noise * torch.linalg.norm(A) / 2 ** 0.5  # half of the noise energy on each part
         A = A + E_on * (target / torch.linalg.norm(E_on)) + E_off * (target / torch.linalg.norm(E_off))
     return A, W, H
+
+
+def planted_lowrank(seed, r=10, n=400, m=600, size=60, shared=14, noise=0.0):
+    """(list of factors U_i [k_i, m], W, G): F_i = U_i U_i^T = sum_j W_ij g_j g_j^T with 1 to 3 active
+    components per example (so ranks differ), G rows Gaussian on supports overlapping pairwise by >= 20%;
+    noise is added to the factors with Frobenius norm ``noise`` x theirs, half on the signal's support and
+    half on random entries off it."""
+    g = torch.Generator().manual_seed(seed)
+    G = torch.zeros(r, m, dtype=torch.float64)
+    for j, support in enumerate(planted_supports(g, r, m, size, shared)):
+        G[j, support] = torch.randn(size, generator=g, dtype=torch.float64)
+    W = planted_coefficients(g, n, r)
+    factors = []
+    for i in range(n):
+        active = W[i].nonzero().flatten()
+        U = W[i, active, None].sqrt() * G[active]
+        if noise:
+            on = U != 0
+            off = (~on) & (torch.rand(U.shape, generator=g) < on.double().mean())
+            E_on = torch.randn(U.shape, generator=g, dtype=torch.float64) * on
+            E_off = torch.randn(U.shape, generator=g, dtype=torch.float64) * off
+            target = noise * torch.linalg.norm(U) / 2 ** 0.5
+            U = U + E_on * (target / torch.linalg.norm(E_on)) + E_off * (target / torch.linalg.norm(E_off))
+        factors.append(U)
+    return factors, W, G

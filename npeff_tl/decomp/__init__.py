@@ -2,7 +2,8 @@
 
 from .decomposition import Decomposition, load_decomposition
 from .dnpeff import DNPEFF
+from .lrm import LRMNPEFF
 from .matching import matched_cosines
 from .matrix import PEFMatrix, prepare
 
-__all__ = ["DNPEFF", "Decomposition", "PEFMatrix", "load_decomposition", "matched_cosines", "prepare"]
+__all__ = ["DNPEFF", "LRMNPEFF", "Decomposition", "PEFMatrix", "load_decomposition", "matched_cosines", "prepare"]

@@ -1,0 +1,218 @@
+"""LRM-NPEFF: F_i ~ sum_j W_ij g_j g_j^T for low-rank PEFs F_i = U_i U_i^T (NPEFF_SPEC section 5).
+
+Everything comes from the thin products AG = A G^T and GG = G G^T and the sparse A (rows: one per example
+and class, any number of classes per example):
+    loss  = sum_i ||F_i||_F^2 - 2 <W, N> + <W^T W, (GG)^2>,   N_ij = sum over example i's rows of AG^2
+    W    <- W * N / (W (GG)^2 + eps)                              (multiplicative, keeps W >= 0)
+    dL/dG = 4 [(W^T W * GG) G - (W[row] * AG)^T A]
+The reference's schedule is kept (a G-only warm-up against the initial W, then W and G steps in turn,
+G steps reusing that iteration's AG and GG). Differences, all deliberate: the constant term is exact
+(float64), so the loss is the true reconstruction error; G steps are taken on the mean loss over examples
+with a step that halves whenever it would raise the loss (and grows 5% after each accepted step), so no
+setting depends on the number of examples and the loss never increases; optional orthogonal
+regularisation lambda ||GG^T - sI||_F^2 (s = 2/r, the initial scale); expansion learns new components
+while given ones stay frozen bit for bit; fits checkpoint and resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..pefs import PEFs
+from .checkpoint import Checkpoint
+from .decomposition import Decomposition
+from .dnpeff import _fingerprint
+from .matrix import PEFMatrix, check_compatible, prepare
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LRMNPEFF:
+    """Settings of an LRM-NPEFF fit; ``LRMNPEFF(n_components=32).fit(pefs)`` returns a ``Decomposition``."""
+
+    n_components: int
+    n_iters_g_only: int = 100
+    n_iters_joint: int = 1000
+    lr: float = 1.0
+    orthogonal_strength: float = 0.0
+    eps: float = 1e-9
+    tol: float = 1e-7
+    seed: int = 0
+    min_nnz_per_column: int = 1
+    log_every: int = 10
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def fit(
+        self,
+        pefs: PEFs,
+        *,
+        frozen: Decomposition | None = None,
+        init: tuple[Tensor, Tensor] | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 100,
+        progress: bool = True,
+    ) -> Decomposition:
+        """Factor ``pefs`` (low-rank). ``frozen``: an LRM-NPEFF decomposition whose components are kept fixed
+        while ``n_components`` new ones are learned (the result lists the new ones first). ``init``: (W0, G0)
+        instead of the seeded draw; ``checkpoint``: a directory to save the state to and resume from."""
+        if pefs.kind != "lowrank":
+            raise ValueError(f"LRM-NPEFF factors low-rank PEFs; these are {pefs.kind} (use DNPEFF)")
+        dtype = getattr(torch, self.dtype)
+        if frozen is not None:
+            check_compatible(pefs, frozen.space, frozen.metadata, "lowrank")
+            matrix = prepare(pefs, columns=frozen.kept_columns, device=self.device, dtype=dtype)
+            fixed = frozen.G.to(device=self.device, dtype=dtype)
+        else:
+            matrix = prepare(pefs, min_nnz_per_column=self.min_nnz_per_column, device=self.device, dtype=dtype)
+            fixed = torch.zeros(0, matrix.n_columns, device=self.device, dtype=dtype)
+        n_real = matrix.n_examples - len(matrix.empty_examples)
+        if not 1 <= self.n_components <= n_real:
+            raise ValueError(f"n_components must lie in [1, {n_real}] (the examples with non-zero PEFs), "
+                             f"got {self.n_components}")
+        W, G = self._initial_factors(matrix, fixed) if init is None else (t.clone().to(matrix.A.values()) for t in init)
+        fit = _Fit(self, matrix, W, G, n_free=self.n_components)
+        total = self.n_iters_g_only + self.n_iters_joint
+        saver = None
+        if checkpoint is not None:
+            trajectory = {k: v for k, v in asdict(self).items() if k not in ("tol", "device", "log_every")}
+            key = {"settings": trajectory, "data": _fingerprint(matrix), "init": "seeded" if init is None else "custom",
+                   "frozen": None if frozen is None else _fingerprint_tensor(frozen.G)}
+            saver = Checkpoint(checkpoint, key)
+            resumed = saver.load()
+            if resumed is not None:
+                tensors, state = resumed
+                fit.restore(tensors, state)
+                logger.info("resuming LRM-NPEFF from iteration %d of %s", fit.iteration, checkpoint)
+        bar = tqdm(total=total, initial=fit.iteration, desc="LRM-NPEFF", disable=not progress)
+        while fit.iteration < total and not fit.converged:
+            joint = fit.iteration >= self.n_iters_g_only
+            fit.step(update_w=joint)
+            if fit.iteration % self.log_every == 0 or fit.iteration == total:
+                fit.log("joint" if joint else "G_only")
+                bar.set_postfix(loss=f"{fit.loss:.4e}", lr=f"{fit.lr:.2g}")
+            bar.update(1)
+            if saver and (fit.iteration % checkpoint_every == 0 or fit.iteration == total or fit.converged):
+                saver.save(fit.tensors(), **fit.state())
+        bar.close()
+        return fit.decomposition()
+
+    def _initial_factors(self, matrix: PEFMatrix, fixed: Tensor) -> tuple[Tensor, Tensor]:
+        """W ~ U(0, 1) then G ~ N(0, 2 / (r m)) from one generator over the full matrices (r counts frozen
+        components too); frozen rows of G come last."""
+        n, m = matrix.n_examples, matrix.n_columns
+        r = self.n_components + fixed.shape[0]
+        generator = torch.Generator().manual_seed(self.seed)
+        W = torch.rand(n, r, generator=generator, dtype=torch.float64)
+        G = torch.randn(self.n_components, m, generator=generator, dtype=torch.float64) * math.sqrt(2 / (r * m))
+        to = {"device": matrix.A.device, "dtype": matrix.A.dtype}
+        return W.to(**to), torch.cat([G.to(**to), fixed])
+
+
+def _fingerprint_tensor(t: Tensor) -> str:
+    from ..store import tensor_fingerprint
+
+    return tensor_fingerprint([t])
+
+
+class _Fit:
+    """The state of one LRM-NPEFF fit and its steps (rows of G past ``n_free`` are frozen)."""
+
+    def __init__(self, settings: LRMNPEFF, matrix: PEFMatrix, W: Tensor, G: Tensor, n_free: int):
+        self.s, self.matrix, self.W, self.G, self.n_free = settings, matrix, W, G, n_free
+        self.n = matrix.n_examples
+        self.target_scale = 2 / G.shape[0]
+        self.lr, self.iteration, self.converged, self.losses = settings.lr, 0, False, []
+        self._products()
+
+    # ------------------------------------------------------------------------------ pieces
+    def _products(self) -> None:
+        self.AG = self.matrix.A @ self.G.T  # [rows, r]
+        self.GG = self.G @ self.G.T
+        self.N = torch.zeros_like(self.W).index_add_(0, self.matrix.row_example, self.AG.square())
+        self.HH = self.GG.square()
+
+    def _objective(self) -> float:
+        """The mean loss over examples (+ the orthogonal penalty), float64 accumulation."""
+        W = self.W.double()
+        loss = self.matrix.constant - 2 * float((W * self.N.double()).sum()) + float((W.T @ W * self.HH.double()).sum())
+        return loss / self.n + self._penalty()
+
+    def _penalty(self) -> float:
+        if not self.s.orthogonal_strength:
+            return 0.0
+        eye = torch.eye(self.GG.shape[0], dtype=torch.float64, device=self.GG.device)
+        return self.s.orthogonal_strength * float((self.GG.double() - self.target_scale * eye).square().sum())
+
+    @property
+    def loss(self) -> float:
+        """The true reconstruction error sum_i ||F_i - F_hat_i||_F^2 (no penalty)."""
+        return (self._objective() - self._penalty()) * self.n
+
+    def gradient(self) -> Tensor:
+        """d(mean loss + penalty)/dG with the current W, AG and GG."""
+        WAG = self.W[self.matrix.row_example] * self.AG
+        grad = (self.W.T @ self.W * self.GG) @ self.G - (self.matrix.At @ WAG).T
+        grad = grad * (4 / self.n)
+        if self.s.orthogonal_strength:
+            eye = torch.eye(self.GG.shape[0], dtype=self.GG.dtype, device=self.GG.device)
+            grad = grad + 4 * self.s.orthogonal_strength * (self.GG - self.target_scale * eye) @ self.G
+        return grad
+
+    # ------------------------------------------------------------------------------ steps
+    def step(self, update_w: bool) -> None:
+        if update_w:
+            self.W = self.W * self.N / (self.W @ self.HH + self.s.eps)
+        before = self._objective()
+        saved = (self.G, self.AG, self.GG, self.N, self.HH)
+        grad = self.gradient()
+        G = self.G.clone()
+        G[: self.n_free] -= self.lr * grad[: self.n_free]
+        self.G = G
+        self._products()
+        after = self._objective()
+        if after > before:  # reject: keep G, halve the step
+            self.G, self.AG, self.GG, self.N, self.HH = saved
+            self.lr /= 2
+        else:
+            self.lr *= 1.05
+        self.iteration += 1
+
+    def log(self, phase: str) -> None:
+        self.losses.append({"phase": phase, "iteration": self.iteration, "loss": self.loss})
+        in_joint = phase == "joint"
+        if in_joint and len(self.losses) >= 2 and self.losses[-2]["phase"] == "joint":
+            previous, current = self.losses[-2]["loss"], self.losses[-1]["loss"]
+            self.converged = abs(previous - current) <= self.s.tol * max(abs(previous), 1e-30)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def tensors(self) -> dict[str, Tensor]:
+        return {"W": self.W, "G": self.G}
+
+    def state(self) -> dict:
+        return {"iteration": self.iteration, "lr": self.lr, "converged": self.converged, "losses": self.losses}
+
+    def restore(self, tensors: dict[str, Tensor], state: dict) -> None:
+        self.W = torch.empty_like(self.W).copy_(tensors["W"])  # fresh aligned memory: bitwise-equal BLAS results
+        self.G = torch.empty_like(self.G).copy_(tensors["G"])
+        self.iteration, self.lr = state["iteration"], state["lr"]
+        self.converged, self.losses = state["converged"], state["losses"]
+        self._products()
+
+    def decomposition(self) -> Decomposition:
+        m = self.matrix
+        return Decomposition(
+            kind="lowrank", W=self.W, components=self.G, kept_columns=m.kept_columns, space=m.space,
+            metadata={k: m.metadata.get(k) for k in ("target", "model")},
+            settings={**asdict(self.s), "algorithm": "LRM-NPEFF", "n_frozen": self.G.shape[0] - self.n_free,
+                      "final_lr": self.lr, "empty_examples": list(m.empty_examples)},
+            losses=self.losses,
+        )
