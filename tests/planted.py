@@ -1,5 +1,8 @@
 """Planted truth: synthetic PEFs built from known components, so a decomposition's answer can be checked."""
 
+from contextlib import contextmanager
+
+import pytest
 import torch
 
 
@@ -67,3 +70,24 @@ def planted_lowrank(seed, r=10, n=400, m=600, size=60, shared=14, noise=0.0):
             U = U + E_on * (target / torch.linalg.norm(E_on)) + E_off * (target / torch.linalg.norm(E_off))
         factors.append(U)
     return factors, W, G
+
+
+@contextmanager
+def killed_after_checkpoint(iteration):
+    """Inside the block, a fit dies (RuntimeError "killed") right after saving its checkpoint of ``iteration``,
+    as a process killed at that point would."""
+    from npeff_tl.decomp.checkpoint import Checkpoint
+
+    save = Checkpoint.save
+
+    def save_then_die(self, tensors, **state):
+        save(self, tensors, **state)
+        if state["iteration"] == iteration:
+            raise RuntimeError("killed")
+
+    Checkpoint.save = save_then_die
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            yield
+    finally:
+        Checkpoint.save = save

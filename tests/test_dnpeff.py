@@ -7,7 +7,7 @@ import torch
 
 from npeff_tl import DNPEFF, DiagonalPEFs, load_decomposition, matched_cosines
 from npeff_tl.decomp import prepare
-from planted import planted_diagonal
+from planted import killed_after_checkpoint, planted_diagonal
 
 
 def _pefs(A, **metadata):
@@ -50,24 +50,13 @@ def test_coefficient_fitting_reproduces_the_training_coefficients():
     assert torch.allclose(W, dec.W, rtol=0.02, atol=1e-3 * float(dec.W.max()))
 
 
-def test_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch):
-    from npeff_tl.decomp.checkpoint import Checkpoint
-
+def test_interrupted_fit_resumes_to_the_same_result(tmp_path):
     A, _, _ = planted_diagonal(2)
     pefs = _pefs(A)
     run = DNPEFF(n_components=5, max_iter=40, tol=0.0)
     whole = run.fit(pefs, progress=False)
-    save = Checkpoint.save
-
-    def crash_after_iteration_20(self, tensors, **state):
-        save(self, tensors, **state)
-        if state["iteration"] == 20:
-            raise RuntimeError("killed")
-
-    monkeypatch.setattr(Checkpoint, "save", crash_after_iteration_20)
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_after_checkpoint(20):
         run.fit(pefs, checkpoint=tmp_path / "ck", checkpoint_every=10, progress=False)
-    monkeypatch.setattr(Checkpoint, "save", save)
     resumed = run.fit(pefs, checkpoint=tmp_path / "ck", checkpoint_every=10, progress=False)
     assert torch.equal(resumed.W, whole.W) and torch.equal(resumed.H, whole.H)
     assert resumed.losses == whole.losses

@@ -6,7 +6,7 @@ import torch
 from npeff_tl import LRMNPEFF, DNPEFF, LowRankPEFs, matched_cosines
 from npeff_tl.decomp import prepare
 from npeff_tl.decomp.lrm import _Fit
-from planted import planted_lowrank
+from planted import killed_after_checkpoint, planted_lowrank
 
 
 def _pefs(factors):
@@ -108,24 +108,13 @@ def test_expansion_keeps_frozen_components_and_finds_the_held_back_ones():
     assert cos.min() >= 0.99
 
 
-def test_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch):
-    from npeff_tl.decomp.checkpoint import Checkpoint
-
+def test_interrupted_fit_resumes_to_the_same_result(tmp_path):
     factors, _, _ = planted_lowrank(2, n=150)
     pefs = _pefs(factors)
     run = LRMNPEFF(n_components=5, n_iters_g_only=10, n_iters_joint=40, tol=0.0)
     whole = run.fit(pefs, progress=False)
-    save = Checkpoint.save
-
-    def crash_after_iteration_30(self, tensors, **state):
-        save(self, tensors, **state)
-        if state["iteration"] == 30:
-            raise RuntimeError("killed")
-
-    monkeypatch.setattr(Checkpoint, "save", crash_after_iteration_30)
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_after_checkpoint(30):
         run.fit(pefs, checkpoint=tmp_path / "ck", checkpoint_every=10, progress=False)
-    monkeypatch.setattr(Checkpoint, "save", save)
     resumed = run.fit(pefs, checkpoint=tmp_path / "ck", checkpoint_every=10, progress=False)
     assert torch.equal(resumed.W, whole.W) and torch.equal(resumed.G, whole.G)
     assert resumed.losses == whole.losses

@@ -18,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..pefs import PEFs
-from ..store import tensor_fingerprint
 from .checkpoint import Checkpoint
 from .decomposition import Decomposition
 from .matrix import PEFMatrix, prepare
@@ -65,7 +64,7 @@ class DNPEFF:
         saver = None
         if checkpoint is not None:
             trajectory = {k: v for k, v in asdict(self).items() if k not in ("max_iter", "tol", "h_threshold", "device")}
-            key = {"settings": trajectory, "data": _fingerprint(matrix), "init": "seeded" if init is None else "custom"}
+            key = {"settings": trajectory, "data": matrix.fingerprint(), "init": "seeded" if init is None else "custom"}
             saver = Checkpoint(checkpoint, key)
             resumed = saver.load()
             if resumed is not None:
@@ -124,7 +123,3 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """<a, b> accumulated in float64."""
     return float((a.double() * b.double()).sum())
 
-
-def _fingerprint(matrix: PEFMatrix) -> str:
-    A = matrix.A
-    return tensor_fingerprint([A.crow_indices(), A.col_indices(), A.values(), matrix.kept_columns])

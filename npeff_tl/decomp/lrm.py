@@ -26,9 +26,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..pefs import PEFs
+from ..store import tensor_fingerprint
 from .checkpoint import Checkpoint
 from .decomposition import Decomposition
-from .dnpeff import _fingerprint
 from .matrix import PEFMatrix, check_compatible, prepare
 
 logger = logging.getLogger(__name__)
@@ -84,8 +84,8 @@ class LRMNPEFF:
         saver = None
         if checkpoint is not None:
             trajectory = {k: v for k, v in asdict(self).items() if k not in ("tol", "device", "log_every")}
-            key = {"settings": trajectory, "data": _fingerprint(matrix), "init": "seeded" if init is None else "custom",
-                   "frozen": None if frozen is None else _fingerprint_tensor(frozen.G)}
+            key = {"settings": trajectory, "data": matrix.fingerprint(), "init": "seeded" if init is None else "custom",
+                   "frozen": None if frozen is None else tensor_fingerprint([frozen.G])}
             saver = Checkpoint(checkpoint, key)
             resumed = saver.load()
             if resumed is not None:
@@ -115,12 +115,6 @@ class LRMNPEFF:
         G = torch.randn(self.n_components, m, generator=generator, dtype=torch.float64) * math.sqrt(2 / (r * m))
         to = {"device": matrix.A.device, "dtype": matrix.A.dtype}
         return W.to(**to), torch.cat([G.to(**to), fixed])
-
-
-def _fingerprint_tensor(t: Tensor) -> str:
-    from ..store import tensor_fingerprint
-
-    return tensor_fingerprint([t])
 
 
 class _Fit:

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..params import ParamSpace
 from ..pefs import DiagonalPEFs, LowRankPEFs, PEFs
 from ..pefs.containers import sorted_csr
+from ..store import tensor_fingerprint
 
 COMPATIBILITY_KEYS = ("target", "model")
 
@@ -42,6 +43,10 @@ class PEFMatrix:
     @property
     def n_columns(self) -> int:
         return int(self.kept_columns.shape[0])
+
+    def fingerprint(self) -> str:
+        """A sha256 of the matrix and its kept columns (checkpoints refuse to resume on other data)."""
+        return tensor_fingerprint([self.A.crow_indices(), self.A.col_indices(), self.A.values(), self.kept_columns])
 
 
 def check_compatible(pefs: PEFs, space: ParamSpace, metadata: dict[str, Any], kind: str) -> None:
