@@ -95,6 +95,8 @@ def test_bad_input_gets_clear_errors():
     other = _pefs(A, target={"rule": "something else"})
     with pytest.raises(ValueError, match="differ in target"):
         dec.fit_coefficients(other, progress=False)
+    with pytest.raises(ValueError, match="over different parameter spaces"):
+        dec.fit_coefficients(_pefs(A[:, :500]), progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dec.fit_coefficients(pefs, n_iter=3, progress=False)
