@@ -37,7 +37,7 @@ def test_loss_is_the_true_reconstruction_error_and_never_increases():
     losses = [entry["loss"] for entry in dec.losses]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:]))
     matrix = prepare(pefs)
-    dense = matrix.A.to_dense().double()
+    dense = matrix.to_dense().double()
     WH = dec.W.double() @ dec.H.double()  # unit-norm H with rescaled W: the same product
     assert losses[-1] == pytest.approx(float((dense - WH).square().sum()), rel=1e-4)
 

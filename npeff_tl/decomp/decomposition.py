@@ -29,7 +29,7 @@ DECOMPOSITION_FORMAT = "npeff_tl.decomposition"
 def numerators(matrix: PEFMatrix, components: Tensor) -> tuple[Tensor, Tensor]:
     """(N, K) for the coefficient update W <- W * N / (W K + eps): D: N = A H^T, K = H H^T;
     LRM: N_ij = g_j^T F_i g_j = sum over the rows of example i of (A G^T)^2, K = (G G^T)^2."""
-    product = matrix.A @ components.T  # [rows, r]
+    product = matrix.times(components.T.contiguous())  # [rows, r]
     gram = components @ components.T
     if matrix.kind == "diagonal":
         return product, gram

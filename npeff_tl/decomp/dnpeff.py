@@ -59,7 +59,8 @@ class DNPEFF:
         if not 1 <= self.n_components <= n_real:
             raise ValueError(f"n_components must lie in [1, {n_real}] (the examples with non-zero PEFs), "
                              f"got {self.n_components}")
-        W, H = self._initial_factors(matrix) if init is None else (t.clone().to(matrix.A.values()) for t in init)
+        W, H = self._initial_factors(matrix) if init is None else (t.clone().to(matrix.values) for t in init)
+        Ht = H.T.contiguous()  # [m, r]: the layout the sparse products want
         losses, start = [], 0
         saver = None
         if checkpoint is not None:
@@ -69,18 +70,18 @@ class DNPEFF:
             resumed = saver.load()
             if resumed is not None:
                 tensors, state = resumed
-                W, H = W.copy_(tensors["W"]), H.copy_(tensors["H"])  # aligned memory: bitwise-equal BLAS results
+                W, Ht = W.copy_(tensors["W"]), Ht.copy_(tensors["H"].T)  # fresh aligned memory: bitwise-equal BLAS
                 losses, start = state["losses"], self.max_iter if state["converged"] else state["iteration"]
                 logger.info("resuming D-NPEFF from iteration %d of %s", state["iteration"], checkpoint)
         bar = tqdm(total=self.max_iter, initial=start, desc="D-NPEFF", disable=not progress)
         for iteration in range(start, self.max_iter):
-            W = W * (matrix.A @ H.T) / (W @ (H @ H.T) + self.eps)
-            WtA = (matrix.At @ W).T
+            W = W * matrix.times(Ht) / (W @ (Ht.T @ Ht) + self.eps)
+            AtW = matrix.t_times(W)  # (W^T A)^T
             WtW = W.T @ W
-            H = H * WtA / (WtW @ H + self.eps)
+            Ht = Ht * AtW / (Ht @ WtW + self.eps)
             done = iteration + 1
             if done % self.log_every == 0 or done == self.max_iter:
-                loss = matrix.constant - 2 * _dot(WtA, H) + _dot(WtW, H @ H.T)
+                loss = matrix.constant - 2 * _dot(AtW, Ht) + _dot(WtW, Ht.T @ Ht)
                 losses.append({"phase": "joint", "iteration": done, "loss": loss})
                 bar.set_postfix(loss=f"{loss:.4e}")
             bar.update(1)
@@ -88,20 +89,20 @@ class DNPEFF:
                 abs(losses[-2]["loss"] - losses[-1]["loss"]) <= self.tol * max(abs(losses[-2]["loss"]), 1e-30)
             )
             if saver and (done % checkpoint_every == 0 or done == self.max_iter or converged):
-                saver.save({"W": W, "H": H}, iteration=done, losses=losses, converged=converged)
+                saver.save({"W": W, "H": Ht.T}, iteration=done, losses=losses, converged=converged)
             if converged:
                 break
         bar.close()
-        return self._decomposition(matrix, W, H, losses)
+        return self._decomposition(matrix, W, Ht.T.contiguous(), losses)
 
     def _initial_factors(self, matrix: PEFMatrix) -> tuple[torch.Tensor, torch.Tensor]:
         """Uniform(0, 1) draws, W then H from one generator over the full matrices, scaled so that W H has the
         mean of A (scikit-learn's choice), whatever the device or a later sharding."""
         n, m, r = matrix.n_examples, matrix.n_columns, self.n_components
-        mean = float(matrix.A.values().double().sum()) / (n * m)
+        mean = float(matrix.values.double().sum()) / (n * m)
         scale = math.sqrt(max(mean, 1e-30) / r)
         generator = torch.Generator().manual_seed(self.seed)
-        to = {"device": matrix.A.device, "dtype": matrix.A.dtype}
+        to = {"device": matrix.values.device, "dtype": matrix.values.dtype}
         W = (torch.rand(n, r, generator=generator, dtype=torch.float64) * scale).to(**to)
         H = (torch.rand(r, m, generator=generator, dtype=torch.float64) * scale).to(**to)
         return W, H

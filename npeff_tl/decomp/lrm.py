@@ -78,7 +78,7 @@ class LRMNPEFF:
         if not 1 <= self.n_components <= n_real:
             raise ValueError(f"n_components must lie in [1, {n_real}] (the examples with non-zero PEFs), "
                              f"got {self.n_components}")
-        W, G = self._initial_factors(matrix, fixed) if init is None else (t.clone().to(matrix.A.values()) for t in init)
+        W, G = self._initial_factors(matrix, fixed) if init is None else (t.clone().to(matrix.values) for t in init)
         fit = _Fit(self, matrix, W, G, n_free=self.n_components)
         total = self.n_iters_g_only + self.n_iters_joint
         saver = None
@@ -113,15 +113,16 @@ class LRMNPEFF:
         generator = torch.Generator().manual_seed(self.seed)
         W = torch.rand(n, r, generator=generator, dtype=torch.float64)
         G = torch.randn(self.n_components, m, generator=generator, dtype=torch.float64) * math.sqrt(2 / (r * m))
-        to = {"device": matrix.A.device, "dtype": matrix.A.dtype}
+        to = {"device": matrix.values.device, "dtype": matrix.values.dtype}
         return W.to(**to), torch.cat([G.to(**to), fixed])
 
 
 class _Fit:
-    """The state of one LRM-NPEFF fit and its steps (rows of G past ``n_free`` are frozen)."""
+    """The state of one LRM-NPEFF fit and its steps (components past ``n_free`` are frozen). G is held
+    transposed, Gt [m, r], the layout the sparse products want."""
 
     def __init__(self, settings: LRMNPEFF, matrix: PEFMatrix, W: Tensor, G: Tensor, n_free: int):
-        self.s, self.matrix, self.W, self.G, self.n_free = settings, matrix, W, G, n_free
+        self.s, self.matrix, self.W, self.Gt, self.n_free = settings, matrix, W, G.T.contiguous(), n_free
         self.n = matrix.n_examples
         self.target_scale = 2 / G.shape[0]
         self.lr, self.iteration, self.converged, self.losses = settings.lr, 0, False, []
@@ -129,8 +130,8 @@ class _Fit:
 
     # ------------------------------------------------------------------------------ pieces
     def _products(self) -> None:
-        self.AG = self.matrix.A @ self.G.T  # [rows, r]
-        self.GG = self.G @ self.G.T
+        self.AG = self.matrix.times(self.Gt)  # [rows, r]
+        self.GG = self.Gt.T @ self.Gt
         self.N = torch.zeros_like(self.W).index_add_(0, self.matrix.row_example, self.AG.square())
         self.HH = self.GG.square()
 
@@ -152,13 +153,13 @@ class _Fit:
         return (self._objective() - self._penalty()) * self.n
 
     def gradient(self) -> Tensor:
-        """d(mean loss + penalty)/dG with the current W, AG and GG."""
+        """d(mean loss + penalty)/dG^T [m, r] with the current W, AG and GG."""
         WAG = self.W[self.matrix.row_example] * self.AG
-        grad = (self.W.T @ self.W * self.GG) @ self.G - (self.matrix.At @ WAG).T
+        grad = self.Gt @ (self.W.T @ self.W * self.GG) - self.matrix.t_times(WAG)
         grad = grad * (4 / self.n)
         if self.s.orthogonal_strength:
             eye = torch.eye(self.GG.shape[0], dtype=self.GG.dtype, device=self.GG.device)
-            grad = grad + 4 * self.s.orthogonal_strength * (self.GG - self.target_scale * eye) @ self.G
+            grad = grad + 4 * self.s.orthogonal_strength * self.Gt @ (self.GG - self.target_scale * eye)
         return grad
 
     # ------------------------------------------------------------------------------ steps
@@ -166,15 +167,15 @@ class _Fit:
         if update_w:
             self.W = self.W * self.N / (self.W @ self.HH + self.s.eps)
         before = self._objective()
-        saved = (self.G, self.AG, self.GG, self.N, self.HH)
+        saved = (self.Gt, self.AG, self.GG, self.N, self.HH)
         grad = self.gradient()
-        G = self.G.clone()
-        G[: self.n_free] -= self.lr * grad[: self.n_free]
-        self.G = G
+        Gt = self.Gt.clone()
+        Gt[:, : self.n_free] -= self.lr * grad[:, : self.n_free]
+        self.Gt = Gt
         self._products()
         after = self._objective()
         if after > before:  # reject: keep G, halve the step
-            self.G, self.AG, self.GG, self.N, self.HH = saved
+            self.Gt, self.AG, self.GG, self.N, self.HH = saved
             self.lr /= 2
         else:
             self.lr *= 1.05
@@ -189,14 +190,14 @@ class _Fit:
 
     # ------------------------------------------------------------------------------ checkpoints
     def tensors(self) -> dict[str, Tensor]:
-        return {"W": self.W, "G": self.G}
+        return {"W": self.W, "G": self.Gt.T}
 
     def state(self) -> dict:
         return {"iteration": self.iteration, "lr": self.lr, "converged": self.converged, "losses": self.losses}
 
     def restore(self, tensors: dict[str, Tensor], state: dict) -> None:
         self.W = torch.empty_like(self.W).copy_(tensors["W"])  # fresh aligned memory: bitwise-equal BLAS results
-        self.G = torch.empty_like(self.G).copy_(tensors["G"])
+        self.Gt = torch.empty_like(self.Gt).copy_(tensors["G"].T)
         self.iteration, self.lr = state["iteration"], state["lr"]
         self.converged, self.losses = state["converged"], state["losses"]
         self._products()
@@ -204,9 +205,9 @@ class _Fit:
     def decomposition(self) -> Decomposition:
         m = self.matrix
         return Decomposition(
-            kind="lowrank", W=self.W, components=self.G, kept_columns=m.kept_columns, space=m.space,
+            kind="lowrank", W=self.W, components=self.Gt.T.contiguous(), kept_columns=m.kept_columns, space=m.space,
             metadata={k: m.metadata.get(k) for k in ("target", "model")},
-            settings={**asdict(self.s), "algorithm": "LRM-NPEFF", "n_frozen": self.G.shape[0] - self.n_free,
+            settings={**asdict(self.s), "algorithm": "LRM-NPEFF", "n_frozen": self.Gt.shape[1] - self.n_free,
                       "final_lr": self.lr, "empty_examples": list(m.empty_examples)},
             losses=self.losses,
         )

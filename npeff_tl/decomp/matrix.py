@@ -25,11 +25,17 @@ from ..store import tensor_fingerprint
 COMPATIBILITY_KEYS = ("target", "model")
 
 
+BLOCK_COLUMNS = 8192  # columns per block of A on CPU: a block's rows of the dense factor stay in cache
+
+
 @dataclass(frozen=True)
 class PEFMatrix:
-    """Normalised PEFs as a CSR matrix [rows, kept columns] plus what the decompositions need to know."""
+    """Normalised PEFs as a sparse matrix A [rows, kept columns] plus what the decompositions need to know.
 
-    A: Float[Tensor, "rows m"]
+    A is held twice: as CSR blocks of consecutive columns (for A @ X: each block touches a cache-sized slice
+    of X, ~4x faster on CPU than one CSR) and as one CSR of its transpose (for A^T @ Y)."""
+
+    blocks: tuple[tuple[int, Tensor], ...]  # (first column, CSR [rows, block width])
     At: Float[Tensor, "m rows"]
     row_example: Int64[Tensor, " rows"]  # the example of each row (rows = examples for diagonal PEFs)
     n_examples: int
@@ -44,9 +50,31 @@ class PEFMatrix:
     def n_columns(self) -> int:
         return int(self.kept_columns.shape[0])
 
+    @property
+    def n_rows(self) -> int:
+        return int(self.row_example.shape[0])
+
+    @property
+    def values(self) -> Tensor:
+        return self.At.values()
+
+    def times(self, X: Float[Tensor, "m r"]) -> Float[Tensor, "rows r"]:
+        """A @ X."""
+        out = torch.zeros(self.n_rows, X.shape[1], dtype=X.dtype, device=X.device)
+        for start, block in self.blocks:
+            out.addmm_(block, X[start : start + block.shape[1]])
+        return out
+
+    def t_times(self, Y: Float[Tensor, "rows r"]) -> Float[Tensor, "m r"]:
+        """A^T @ Y."""
+        return self.At @ Y
+
+    def to_dense(self) -> Float[Tensor, "rows m"]:
+        return self.At.to_dense().T
+
     def fingerprint(self) -> str:
         """A sha256 of the matrix and its kept columns (checkpoints refuse to resume on other data)."""
-        return tensor_fingerprint([self.A.crow_indices(), self.A.col_indices(), self.A.values(), self.kept_columns])
+        return tensor_fingerprint([self.At.crow_indices(), self.At.col_indices(), self.At.values(), self.kept_columns])
 
 
 def check_compatible(pefs: PEFs, space: ParamSpace, metadata: dict[str, Any], kind: str) -> None:
@@ -113,8 +141,14 @@ def prepare(
     else:
         constant = _sum_gram_squares(rows, cols, values.double(), row_example, row_offsets, shape[1])
     to = {"device": device, "dtype": dtype}
+    width = BLOCK_COLUMNS if torch.device(device).type == "cpu" else shape[1]
+    blocks = []
+    for start in range(0, shape[1], width):
+        inside = (cols >= start) & (cols < start + width)
+        block_shape = (n_rows, min(width, shape[1] - start))
+        blocks.append((start, sorted_csr(rows[inside], cols[inside] - start, values[inside], block_shape).to(**to)))
     return PEFMatrix(
-        A=sorted_csr(rows, cols, values, shape).to(**to),
+        blocks=tuple(blocks),
         At=sorted_csr(cols, rows, values, (shape[1], shape[0])).to(**to),
         row_example=row_example.to(device),
         n_examples=len(normed),
