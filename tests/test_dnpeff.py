@@ -95,6 +95,8 @@ def test_bad_input_gets_clear_errors():
     other = _pefs(A, target={"rule": "something else"})
     with pytest.raises(ValueError, match="differ in target"):
         dec.fit_coefficients(other, progress=False)
+    with pytest.raises(ValueError, match=r"init must be \(W \[40, 2\], H \[2, \d+\] over the kept columns\), got"):
+        DNPEFF(n_components=2).fit(pefs, init=(torch.rand(40, 3), torch.rand(3, 10)), progress=False)
     with pytest.raises(ValueError, match="over different parameter spaces"):
         dec.fit_coefficients(_pefs(A[:, :500]), progress=False)
     with warnings.catch_warnings():

@@ -59,7 +59,7 @@ class DNPEFF:
         if not 1 <= self.n_components <= n_real:
             raise ValueError(f"n_components must lie in [1, {n_real}] (the examples with non-zero PEFs), "
                              f"got {self.n_components}")
-        W, H = self._initial_factors(matrix) if init is None else (t.clone().to(matrix.values) for t in init)
+        W, H = self._initial_factors(matrix) if init is None else matrix.check_init(init, self.n_components, "H")
         Ht = H.T.contiguous()  # [m, r]: the layout the sparse products want
         losses, start = [], 0
         saver = None

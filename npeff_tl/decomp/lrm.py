@@ -68,6 +68,8 @@ class LRMNPEFF:
             raise ValueError(f"LRM-NPEFF factors low-rank PEFs; these are {pefs.kind} (use DNPEFF)")
         dtype = getattr(torch, self.dtype)
         if frozen is not None:
+            if init is not None:
+                raise ValueError("give either init= or frozen=, not both (expansion draws the new components itself)")
             check_compatible(pefs, frozen.space, frozen.metadata, "lowrank")
             matrix = prepare(pefs, columns=frozen.kept_columns, device=self.device, dtype=dtype)
             fixed = frozen.G.to(device=self.device, dtype=dtype)
@@ -78,7 +80,8 @@ class LRMNPEFF:
         if not 1 <= self.n_components <= n_real:
             raise ValueError(f"n_components must lie in [1, {n_real}] (the examples with non-zero PEFs), "
                              f"got {self.n_components}")
-        W, G = self._initial_factors(matrix, fixed) if init is None else (t.clone().to(matrix.values) for t in init)
+        r = self.n_components + fixed.shape[0]
+        W, G = self._initial_factors(matrix, fixed) if init is None else matrix.check_init(init, r, "G")
         fit = _Fit(self, matrix, W, G, n_free=self.n_components)
         total = self.n_iters_g_only + self.n_iters_joint
         saver = None

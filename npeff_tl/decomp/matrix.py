@@ -72,6 +72,15 @@ class PEFMatrix:
     def to_dense(self) -> Float[Tensor, "rows m"]:
         return self.At.to_dense().T
 
+    def check_init(self, init: tuple[Tensor, Tensor], rank: int, name: str) -> tuple[Tensor, Tensor]:
+        """A user's starting (W, components), checked against this matrix and copied to its device and dtype."""
+        W, C = init
+        want = ((self.n_examples, rank), (rank, self.n_columns))
+        if (tuple(W.shape), tuple(C.shape)) != want:
+            raise ValueError(f"init must be (W {list(want[0])}, {name} {list(want[1])} over the kept columns), "
+                             f"got {list(W.shape)} and {list(C.shape)}")
+        return W.clone().to(self.values), C.clone().to(self.values)
+
     def fingerprint(self) -> str:
         """A sha256 of the matrix and its kept columns (checkpoints refuse to resume on other data)."""
         return tensor_fingerprint([self.At.crow_indices(), self.At.col_indices(), self.At.values(), self.kept_columns])
