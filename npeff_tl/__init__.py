@@ -10,6 +10,7 @@ from . import zoo
 from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
 from .decomp import DNPEFF, LRMNPEFF, Decomposition, load_decomposition, matched_cosines
 from .examples import Examples
+from .interventions import ParameterPerturbation, kl_divergence, lrm_direction, perturb, random_direction
 from .params import ParamSpace
 from .pefs import (
     AnswerLogProb,
@@ -38,4 +39,5 @@ __all__ = [
     "DiagonalPEFs", "LowRankPEFs", "PEFs", "compute_pefs", "load_pefs", "per_example_grads",
     "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "zoo",
     "DNPEFF", "LRMNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
+    "ParameterPerturbation", "kl_divergence", "lrm_direction", "perturb", "random_direction",
 ]
