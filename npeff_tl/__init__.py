@@ -8,6 +8,7 @@ import logging
 
 from . import zoo
 from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
+from .components import Component, Readout
 from .decomp import DNPEFF, LRMNPEFF, Decomposition, load_decomposition, matched_cosines
 from .examples import Examples
 from .interventions import ParameterPerturbation, kl_divergence, lrm_direction, perturb, random_direction
@@ -39,5 +40,5 @@ __all__ = [
     "DiagonalPEFs", "LowRankPEFs", "PEFs", "compute_pefs", "load_pefs", "per_example_grads",
     "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "zoo",
     "DNPEFF", "LRMNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
-    "ParameterPerturbation", "kl_divergence", "lrm_direction", "perturb", "random_direction",
+    "Component", "Readout", "ParameterPerturbation", "kl_divergence", "lrm_direction", "perturb", "random_direction",
 ]

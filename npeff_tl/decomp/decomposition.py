@@ -89,6 +89,14 @@ class Decomposition:
                 f"columns={self.kept_columns.shape[0]} of {self.space.size})")
 
     # ---------------------------------------------------------------------------------- views
+    def component(self, j: int):
+        """Component ``j`` as a ``Component`` (top examples, pseudo-Fisher, TL-layout readout)."""
+        from ..components import Component
+
+        if not 0 <= j < self.n_components:
+            raise IndexError(f"component {j} does not exist; there are {self.n_components}")
+        return Component(self, j)
+
     def full(self, j: int) -> Float[Tensor, " size"]:
         """Component ``j`` over the whole ParamSpace (zeros at pruned columns)."""
         out = torch.zeros(self.space.size, dtype=self.components.dtype, device=self.components.device)
