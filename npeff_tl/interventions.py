@@ -8,7 +8,7 @@ with TransformerLens hooks (``model.hooks(...)``), which act on activations, not
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from jaxtyping import Float, Int
@@ -112,6 +112,22 @@ def random_direction(space: ParamSpace, seed: int = 0, support: Tensor | None = 
     return direction
 
 
+def _log_probs_in_batches(
+    model: nn.Module | ModelAdapter, examples: Examples | TokensLike, batch_size: int
+) -> Iterator[Callable[[], Tensor]]:
+    """Per batch of examples, a function that computes the float64 log-probabilities at their target positions
+    (without gradients) under whatever interventions are active when it is called."""
+    adapter, examples = as_adapter(model), as_examples(examples)
+    for start in range(0, len(examples), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(examples)))
+
+        def log_probs(index=index) -> Tensor:
+            with torch.no_grad():
+                return batch_target_logits(adapter, examples, index).double().log_softmax(-1).cpu()
+
+        yield log_probs
+
+
 def kl_divergence(
     model: nn.Module | ModelAdapter,
     examples: Examples | TokensLike,
@@ -121,22 +137,18 @@ def kl_divergence(
     batch_size: int = 64,
 ) -> Float[Tensor, " n"]:
     """KL between the predictive distributions at the target positions with and without ``intervention`` (a
-    reusable context manager such as ``ParameterPerturbation``, entered once per batch; None for none): KL(perturbed || original) by default, KL(original || perturbed) with
-    ``reverse``. Computed from log-softmax in float64; per example."""
-    adapter = as_adapter(model)
-    examples = as_examples(examples)
+    reusable context manager such as ``ParameterPerturbation``, entered once per batch; None for none):
+    KL(perturbed || original) by default, KL(original || perturbed) with ``reverse``. Float64, per example."""
     out = []
-    for start in range(0, len(examples), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(examples)))
-        with torch.no_grad():
-            original = batch_target_logits(adapter, examples, index).double().log_softmax(-1)
-            if intervention is None:
-                changed = original
-            else:
-                with intervention:
-                    changed = batch_target_logits(adapter, examples, index).double().log_softmax(-1)
+    for log_probs in _log_probs_in_batches(model, examples, batch_size):
+        original = log_probs()
+        if intervention is None:
+            changed = original
+        else:
+            with intervention:
+                changed = log_probs()
         p, q = (original, changed) if reverse else (changed, original)
-        out.append((p.exp() * (p - q)).sum(-1).clamp(min=0).cpu())
+        out.append((p.exp() * (p - q)).sum(-1).clamp(min=0))
     return torch.cat(out)
 
 
@@ -144,12 +156,5 @@ def accuracy(model: nn.Module | ModelAdapter, examples: Examples | TokensLike, a
              batch_size: int = 64) -> Float[Tensor, " n"]:
     """1.0 where the top prediction at the target position is the answer, else 0.0 (under any interventions
     active around the call)."""
-    adapter = as_adapter(model)
-    examples = as_examples(examples)
-    hits = []
-    for start in range(0, len(examples), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(examples)))
-        with torch.no_grad():
-            predicted = batch_target_logits(adapter, examples, index).argmax(-1).cpu()
-        hits.append((predicted == torch.as_tensor(answers)[index]).double())
-    return torch.cat(hits)
+    predicted = torch.cat([log_probs().argmax(-1) for log_probs in _log_probs_in_batches(model, examples, batch_size)])
+    return (predicted == torch.as_tensor(answers).cpu()).double()
