@@ -33,12 +33,12 @@ def numerators(matrix: PEFMatrix, components: Tensor) -> tuple[Tensor, Tensor]:
     gram = components @ components.T
     if matrix.kind == "diagonal":
         return product, gram
-    n = torch.zeros(matrix.n_examples, components.shape[0], dtype=product.dtype, device=product.device)
-    return n.index_add_(0, matrix.row_example, product.square()), gram.square()
+    return matrix.example_sums(product.square()), gram.square()
 
 
 def multiplicative_w(W: Tensor, numerator: Tensor, gram: Tensor, n_iter: int, eps: float) -> Tensor:
-    """``n_iter`` Lee-Seung steps W <- W * N / (W K + eps) with the components fixed."""
+    """``n_iter`` Lee-Seung steps W <- W * N / (W K + eps) with N and K fixed (also the H step of D-NPEFF,
+    in its transposed layout)."""
     for _ in range(n_iter):
         W = W * numerator / (W @ gram + eps)
     return W

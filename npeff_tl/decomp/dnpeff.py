@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..pefs import PEFs
 from .checkpoint import Checkpoint
-from .decomposition import Decomposition
+from .decomposition import Decomposition, multiplicative_w
 from .matrix import PEFMatrix, prepare
 
 logger = logging.getLogger(__name__)
@@ -75,10 +75,10 @@ class DNPEFF:
                 logger.info("resuming D-NPEFF from iteration %d of %s", state["iteration"], checkpoint)
         bar = tqdm(total=self.max_iter, initial=start, desc="D-NPEFF", disable=not progress)
         for iteration in range(start, self.max_iter):
-            W = W * matrix.times(Ht) / (W @ (Ht.T @ Ht) + self.eps)
+            W = multiplicative_w(W, matrix.times(Ht), Ht.T @ Ht, 1, self.eps)
             AtW = matrix.t_times(W)  # (W^T A)^T
             WtW = W.T @ W
-            Ht = Ht * AtW / (Ht @ WtW + self.eps)
+            Ht = multiplicative_w(Ht, AtW, WtW, 1, self.eps)  # H <- H * W^T A / (W^T W H + eps), transposed
             done = iteration + 1
             if done % self.log_every == 0 or done == self.max_iter:
                 loss = matrix.constant - 2 * _dot(AtW, Ht) + _dot(WtW, Ht.T @ Ht)
@@ -114,7 +114,7 @@ class DNPEFF:
             H = torch.where(H >= self.h_threshold, H, torch.zeros_like(H))
         return Decomposition(
             kind="diagonal", W=W, components=H, kept_columns=matrix.kept_columns, space=matrix.space,
-            metadata={k: matrix.metadata.get(k) for k in ("target", "model")},
+            metadata=matrix.fit_metadata,
             settings={**asdict(self), "algorithm": "D-NPEFF", "empty_examples": list(matrix.empty_examples)},
             losses=losses,
         )

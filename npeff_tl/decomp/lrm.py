@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..pefs import PEFs
 from ..store import tensor_fingerprint
 from .checkpoint import Checkpoint
-from .decomposition import Decomposition
+from .decomposition import Decomposition, multiplicative_w
 from .matrix import PEFMatrix, check_compatible, prepare
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class LRMNPEFF:
             fit.step(update_w=joint)
             if fit.iteration % self.log_every == 0 or fit.iteration == total:
                 fit.log("joint" if joint else "G_only")
-                bar.set_postfix(loss=f"{fit.loss:.4e}", lr=f"{fit.lr:.2g}")
+                bar.set_postfix(loss=f"{fit.losses[-1]['loss']:.4e}", lr=f"{fit.lr:.2g}")
             bar.update(1)
             if saver and (fit.iteration % checkpoint_every == 0 or fit.iteration == total or fit.converged):
                 saver.save(fit.tensors(), **fit.state())
@@ -135,25 +135,24 @@ class _Fit:
     def _products(self) -> None:
         self.AG = self.matrix.times(self.Gt)  # [rows, r]
         self.GG = self.Gt.T @ self.Gt
-        self.N = torch.zeros_like(self.W).index_add_(0, self.matrix.row_example, self.AG.square())
+        self.N = self.matrix.example_sums(self.AG.square())
         self.HH = self.GG.square()
 
-    def _objective(self) -> float:
-        """The mean loss over examples (+ the orthogonal penalty), float64 accumulation."""
+    @property
+    def loss(self) -> float:
+        """The true reconstruction error sum_i ||F_i - F_hat_i||_F^2 (no penalty), float64 accumulation."""
         W = self.W.double()
-        loss = self.matrix.constant - 2 * float((W * self.N.double()).sum()) + float((W.T @ W * self.HH.double()).sum())
-        return loss / self.n + self._penalty()
+        return self.matrix.constant - 2 * float((W * self.N.double()).sum()) + float((W.T @ W * self.HH.double()).sum())
+
+    def _objective(self) -> float:
+        """What the G steps minimise: the mean loss over examples plus the orthogonal penalty."""
+        return self.loss / self.n + self._penalty()
 
     def _penalty(self) -> float:
         if not self.s.orthogonal_strength:
             return 0.0
         eye = torch.eye(self.GG.shape[0], dtype=torch.float64, device=self.GG.device)
         return self.s.orthogonal_strength * float((self.GG.double() - self.target_scale * eye).square().sum())
-
-    @property
-    def loss(self) -> float:
-        """The true reconstruction error sum_i ||F_i - F_hat_i||_F^2 (no penalty)."""
-        return (self._objective() - self._penalty()) * self.n
 
     def gradient(self) -> Tensor:
         """d(mean loss + penalty)/dG^T [m, r] with the current W, AG and GG."""
@@ -168,7 +167,7 @@ class _Fit:
     # ------------------------------------------------------------------------------ steps
     def step(self, update_w: bool) -> None:
         if update_w:
-            self.W = self.W * self.N / (self.W @ self.HH + self.s.eps)
+            self.W = multiplicative_w(self.W, self.N, self.HH, 1, self.s.eps)
         before = self._objective()
         saved = (self.Gt, self.AG, self.GG, self.N, self.HH)
         grad = self.gradient()
@@ -209,7 +208,7 @@ class _Fit:
         m = self.matrix
         return Decomposition(
             kind="lowrank", W=self.W, components=self.Gt.T.contiguous(), kept_columns=m.kept_columns, space=m.space,
-            metadata={k: m.metadata.get(k) for k in ("target", "model")},
+            metadata=m.fit_metadata,
             settings={**asdict(self.s), "algorithm": "LRM-NPEFF", "n_frozen": self.Gt.shape[1] - self.n_free,
                       "final_lr": self.lr, "empty_examples": list(m.empty_examples)},
             losses=self.losses,

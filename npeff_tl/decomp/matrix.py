@@ -22,7 +22,7 @@ from ..pefs import DiagonalPEFs, LowRankPEFs, PEFs
 from ..pefs.containers import sorted_csr
 from ..store import tensor_fingerprint
 
-COMPATIBILITY_KEYS = ("target", "model")
+COMPATIBILITY_KEYS = ("target", "model")  # what PEFs must share with a decomposition fit on other PEFs
 
 
 BLOCK_COLUMNS = 8192  # columns per block of A on CPU: a block's rows of the dense factor stay in cache
@@ -57,6 +57,16 @@ class PEFMatrix:
     @property
     def values(self) -> Tensor:
         return self.At.values()
+
+    @property
+    def fit_metadata(self) -> dict[str, Any]:
+        """The PEF metadata a decomposition keeps, to check later PEFs against."""
+        return {key: self.metadata.get(key) for key in COMPATIBILITY_KEYS}
+
+    def example_sums(self, per_row: Float[Tensor, "rows r"]) -> Float[Tensor, "n r"]:
+        """Sum the rows of each example (the identity for diagonal PEFs: one row per example)."""
+        out = torch.zeros(self.n_examples, per_row.shape[1], dtype=per_row.dtype, device=per_row.device)
+        return out.index_add_(0, self.row_example, per_row)
 
     def times(self, X: Float[Tensor, "m r"]) -> Float[Tensor, "rows r"]:
         """A @ X."""
@@ -151,11 +161,14 @@ def prepare(
         constant = _sum_gram_squares(rows, cols, values.double(), row_example, row_offsets, shape[1])
     to = {"device": device, "dtype": dtype}
     width = BLOCK_COLUMNS if torch.device(device).type == "cpu" else shape[1]
+    block_of = cols // width
+    order = torch.argsort(block_of, stable=True)  # entries grouped by block in one pass
+    counts = torch.bincount(block_of, minlength=-(-shape[1] // width)).tolist()
     blocks = []
-    for start in range(0, shape[1], width):
-        inside = (cols >= start) & (cols < start + width)
+    for j, (r, c, v) in enumerate(zip(*(t[order].split(counts) for t in (rows, cols, values)))):
+        start = j * width
         block_shape = (n_rows, min(width, shape[1] - start))
-        blocks.append((start, sorted_csr(rows[inside], cols[inside] - start, values[inside], block_shape).to(**to)))
+        blocks.append((start, sorted_csr(r, c - start, v, block_shape).to(**to)))
     return PEFMatrix(
         blocks=tuple(blocks),
         At=sorted_csr(cols, rows, values, (shape[1], shape[0])).to(**to),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+
 import torch
 from jaxtyping import Float, Float64, Int
 from torch import Tensor, nn
@@ -30,10 +31,10 @@ from .containers import (
     lowrank_gram,
     lowrank_rows,
 )
-from .grads import hooked_names, as_examples, batch_grads, batch_target_logits
+from .grads import as_examples, batch_grads, batch_target_logits, hooked_names
 from .linear_grads import Workspace
-from .topk import StreamingTopK
 from .objectives import ClassLogProbs
+from .topk import StreamingTopK
 
 logger = logging.getLogger(__name__)
 

@@ -142,7 +142,8 @@ def batch_grads(
     """
     space.check_model(adapter)
     hooked = hooked_names(adapter, space.names, method)
-    rest = [name for name in space.names if name not in set(hooked)]
+    on_hooks = set(hooked)
+    rest = [name for name in space.names if name not in on_hooks]
     device = adapter.device
     sequences, row, slot, width = sequence_grid(examples.seq_index[index])
     positions = _to_grid(examples.position[index], row, slot, len(sequences), width).to(device)

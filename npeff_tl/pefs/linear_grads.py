@@ -10,6 +10,7 @@ large allocations are slow). Which parameters qualify is the adapter's call (``M
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,9 +29,7 @@ class Workspace:
         self._buffers: dict[tuple, Tensor] = {}
 
     def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         key = (role, dtype, torch.device(device))
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:

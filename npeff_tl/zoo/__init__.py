@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import builtins
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .tasks import VOCAB, generate
+from .tasks import TASKS, VOCAB, generate
 from .tokenizer import load_tokenizer
 
 MODELS_DIR = Path(__file__).parent / "models"
-ALL_TASKS = ["first", "max", "min", "succ", "induction", "bigram", "succ_max"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +31,7 @@ class ZooEntry:
     d_model: int = 64
     n_heads: int = 4
     d_mlp: int = 256
-    tasks: tuple[str, ...] = tuple(ALL_TASKS)
+    tasks: tuple[str, ...] = tuple(TASKS)
     seed: int = 0
     data_seed: int = 0
     table_seed: int = 0
@@ -42,7 +40,6 @@ class ZooEntry:
     lr: float = 3e-3
     weight_decay: float = 0.01
     n_ctx: int = 16
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def config(self, device: str | torch.device = "cpu"):
         from transformer_lens import HookedTransformerConfig

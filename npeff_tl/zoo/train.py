@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..examples import Examples
+from ..interventions import accuracy as example_accuracy
 from ..store import save_json, save_tensors, versions
 from . import MODELS_DIR, build_model, dataset, entry
 from .tasks import VOCAB, generate
@@ -33,19 +35,12 @@ def batch_tensors(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Ten
     return tokens, lengths - 1
 
 
-@torch.no_grad()
 def accuracy(model, split, batch_size: int = 512) -> dict[str, float]:
     """Share of examples of each strategy whose top prediction at ``target_pos`` is the answer."""
-    hits: dict[str, list[bool]] = {}
-    for start in range(0, len(split), batch_size):
-        rows = split[start : start + batch_size]
-        tokens, _ = batch_tensors(rows["tokens"])
-        logits = model(tokens.to(model.cfg.device))
-        pos = torch.tensor(rows["target_pos"], device=logits.device)
-        predicted = logits[torch.arange(len(pos), device=logits.device), pos].argmax(-1).cpu()
-        for strategy, p, a in zip(rows["strategy"], predicted.tolist(), rows["answer"]):
-            hits.setdefault(strategy, []).append(p == a)
-    return {s: sum(h) / len(h) for s, h in sorted(hits.items())}
+    examples = Examples.from_tokens(split["tokens"], split["target_pos"])
+    hits = example_accuracy(model, examples, torch.tensor(split["answer"]), batch_size=batch_size)
+    strategies = split["strategy"]
+    return {s: float(hits[[i for i, t in enumerate(strategies) if t == s]].mean()) for s in sorted(set(strategies))}
 
 
 def train(name: str, out: Path | None = None, progress: bool = True, steps: int | None = None) -> dict:
