@@ -10,8 +10,16 @@ from . import zoo
 from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
 from .components import Component, Readout
 from .decomp import DNPEFF, LRMNPEFF, Decomposition, load_decomposition, matched_cosines
-from .examples import Examples
-from .interventions import ParameterPerturbation, kl_divergence, lrm_direction, perturb, random_direction
+from .examples import Examples, LabeledExamples
+from .interventions import (
+    ParameterPerturbation,
+    dnpeff_direction,
+    kl_divergence,
+    lrm_direction,
+    perturb,
+    random_direction,
+    sign_pattern,
+)
 from .params import ParamSpace
 from .pefs import (
     AnswerLogProb,
@@ -27,6 +35,7 @@ from .pefs import (
     load_pefs,
     per_example_grads,
 )
+from .selectivity import SelectivityConfig, SelectivityResult, load_selectivity, measure_selectivity
 from .store import FormatError
 from .targets import Candidates, ClassRule, Sampled, Target, Threshold, TopK
 
@@ -41,4 +50,6 @@ __all__ = [
     "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "zoo",
     "DNPEFF", "LRMNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
     "Component", "Readout", "ParameterPerturbation", "kl_divergence", "lrm_direction", "perturb", "random_direction",
+    "dnpeff_direction", "sign_pattern", "LabeledExamples",
+    "SelectivityConfig", "SelectivityResult", "load_selectivity", "measure_selectivity",
 ]

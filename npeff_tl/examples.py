@@ -59,12 +59,63 @@ class Examples:
         seq_index, positions = _resolve_positions(position, lengths)
         return cls(tokens, lengths, seq_index, positions)
 
+    def subset(self, index: Int[Tensor, " k"] | Sequence[int]) -> Examples:
+        """Examples ``index`` (in that order), sharing the token tensor."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Examples(self.tokens, self.lengths, self.seq_index[index], self.position[index])
+
     def fingerprint(self) -> str:
         """A hash of the tokens and target positions, to tell runs on different data apart."""
         digest = hashlib.sha256()
         for tensor in (self.tokens, self.lengths, self.seq_index, self.position):
             digest.update(tensor.to(torch.int64).cpu().numpy().tobytes())
         return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LabeledExamples:
+    """Examples with what is known about them: the answer token per example (for accuracy and loss gradients)
+    and a ground-truth strategy label per example (for strategy-level measurements). Either may be None."""
+
+    examples: Examples
+    answers: Int[Tensor, " n_examples"] | None = None
+    strategies: Sequence[str] | None = None  # stored as a tuple
+
+    def __post_init__(self):
+        n = len(self.examples)
+        if self.answers is not None:
+            object.__setattr__(self, "answers", torch.as_tensor(self.answers, dtype=torch.long).reshape(-1))
+            if len(self.answers) != n:
+                raise ValueError(f"got {len(self.answers)} answers for {n} examples; give one per example")
+        if self.strategies is not None:
+            object.__setattr__(self, "strategies", tuple(str(s) for s in self.strategies))
+            if len(self.strategies) != n:
+                raise ValueError(f"got {len(self.strategies)} strategy labels for {n} examples; give one per example")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @classmethod
+    def from_dataset(cls, rows, tokens: str = "tokens", position: str = "target_pos", answer: str | None = "answer",
+                     strategy: str | None = "strategy") -> LabeledExamples:
+        """From a ``datasets`` split (or a dict of columns) with one target position per row, such as a zoo split.
+        Columns named None, or absent, are left out."""
+        columns = rows.column_names if hasattr(rows, "column_names") else list(rows)
+        for name in (tokens, position):
+            if name not in columns:
+                raise ValueError(f"no column {name!r}; the columns are {columns}")
+        examples = Examples.from_tokens(rows[tokens], list(rows[position]))
+        answers = rows[answer] if answer in columns else None
+        strategies = rows[strategy] if strategy in columns else None
+        return cls(examples, None if answers is None else torch.as_tensor(answers), strategies)
+
+    def subset(self, index: Int[Tensor, " k"] | Sequence[int]) -> LabeledExamples:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return LabeledExamples(
+            self.examples.subset(index),
+            None if self.answers is None else self.answers[index],
+            None if self.strategies is None else tuple(self.strategies[i] for i in index.tolist()),
+        )
 
 
 def _pad(tokens: TokensLike) -> tuple[Tensor, Tensor]:

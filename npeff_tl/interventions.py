@@ -1,6 +1,7 @@
 """Interventions: context managers that change a model's computation and restore it bit for bit on exit.
 
-NPEFF perturbations move parameters along a direction in a ParamSpace (theta + sign * magnitude * d).
+NPEFF perturbations move parameters along a direction in a ParamSpace (theta + sign * magnitude * d): g_j for
+LRM-NPEFF, the Fisher-weighted step of the spec for D-NPEFF, random directions for controls.
 Entering saves the affected parameters and adds the step; leaving copies the saved values back (not a
 subtraction, so nothing is lost to rounding), also when the block raises. Interventions nest, and they compose
 with TransformerLens hooks (``model.hooks(...)``), which act on activations, not parameters.
@@ -11,14 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Float64, Int
 from torch import Tensor, nn
 
 from .adapters import ModelAdapter, as_adapter
 from .decomp import Decomposition
 from .examples import Examples, TokensLike
 from .params import ParamSpace
-from .pefs.grads import as_examples, batch_target_logits
+from .pefs.grads import as_examples, batch_target_logits, per_example_grads
+from .pefs.objectives import CrossEntropy
 
 
 class ParameterPerturbation:
@@ -128,6 +130,17 @@ def _log_probs_in_batches(
         yield log_probs
 
 
+def target_log_probs(model: nn.Module | ModelAdapter, examples: Examples | TokensLike,
+                     batch_size: int = 64) -> Float64[Tensor, "n vocab"]:
+    """Log-probabilities at the target positions (float64, CPU) under any interventions active around the call."""
+    return torch.cat([log_probs() for log_probs in _log_probs_in_batches(model, examples, batch_size)])
+
+
+def kl_rows(p: Float[Tensor, "n vocab"], q: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
+    """KL(p || q) per row, from log-probabilities."""
+    return (p.exp() * (p - q)).sum(-1).clamp(min=0)
+
+
 def kl_divergence(
     model: nn.Module | ModelAdapter,
     examples: Examples | TokensLike,
@@ -147,8 +160,7 @@ def kl_divergence(
         else:
             with intervention:
                 changed = log_probs()
-        p, q = (original, changed) if reverse else (changed, original)
-        out.append((p.exp() * (p - q)).sum(-1).clamp(min=0))
+        out.append(kl_rows(original, changed) if reverse else kl_rows(changed, original))
     return torch.cat(out)
 
 
@@ -156,5 +168,54 @@ def accuracy(model: nn.Module | ModelAdapter, examples: Examples | TokensLike, a
              batch_size: int = 64) -> Float[Tensor, " n"]:
     """1.0 where the top prediction at the target position is the answer, else 0.0 (under any interventions
     active around the call)."""
-    predicted = torch.cat([log_probs().argmax(-1) for log_probs in _log_probs_in_batches(model, examples, batch_size)])
+    predicted = target_log_probs(model, examples, batch_size).argmax(-1)
     return (predicted == torch.as_tensor(answers).cpu()).double()
+
+
+# ---------------------------------------------------------------------------------- D-NPEFF perturbations
+def sign_pattern(
+    model: nn.Module | ModelAdapter,
+    examples: Examples | TokensLike,
+    space: ParamSpace,
+    answers: Int[Tensor, " n"] | None = None,
+    *,
+    batch_size: int = 8,
+) -> Float[Tensor, " size"]:
+    """sign(sum over ``examples`` of grad_theta -log p(answer)), over ``space`` (answers default to the model's
+    own top predictions). Stepping along minus this pattern is a sign-gradient descent step on their loss."""
+    examples = as_examples(examples)
+    if answers is None:
+        answers = target_log_probs(model, examples).argmax(-1)
+    total = torch.zeros(space.size, dtype=torch.float64)
+    for block in per_example_grads(model, examples, space, CrossEntropy(answers), batch_size=batch_size,
+                                   progress=False):
+        total += block.grads[:, 0].double().sum(0).cpu()
+    return torch.sign(total)
+
+
+def dnpeff_direction(
+    decomposition: Decomposition,
+    j: int,
+    dataset_fisher: Float[Tensor, " size"],
+    signs: Float[Tensor, " size"],
+    mix: float = 0.5,
+    floor: float = 1e-6,
+) -> Float64[Tensor, " size"]:
+    """The Fisher-weighted D-NPEFF perturbation of component ``j`` as a direction d, so that theta + delta * d is
+    theta - delta * s o (mix h) / ((1 - mix) F + mix h), with h the component and F the dataset-level Fisher
+    (each scaled to unit L2 norm, F floored at ``floor``) and s the sign pattern of the component's top examples.
+    Parameters where the component dominates the dataset Fisher move by about delta, the others barely move;
+    ``mix`` in (0, 1) trades one against the other (mix -> 1: a sign step on the whole support)."""
+    if decomposition.kind != "diagonal":
+        raise ValueError("dnpeff_direction needs a D-NPEFF decomposition; use lrm_direction for LRM-NPEFF")
+    if not 0 < mix < 1:
+        raise ValueError(f"mix must be in (0, 1), got {mix}")
+    size = decomposition.space.size
+    if dataset_fisher.shape != (size,) or signs.shape != (size,):
+        raise ValueError(f"dataset_fisher and signs need one entry per parameter of the space ({size}); got "
+                         f"{tuple(dataset_fisher.shape)} and {tuple(signs.shape)}")
+    h = decomposition.full(j).double().cpu()
+    fisher = dataset_fisher.double().cpu()
+    h = h / torch.linalg.vector_norm(h).clamp(min=1e-300)
+    fisher = (fisher / torch.linalg.vector_norm(fisher).clamp(min=1e-300)).clamp(min=floor)
+    return -signs.double().cpu() * (mix * h) / ((1 - mix) * fisher + mix * h)

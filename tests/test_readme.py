@@ -1,0 +1,17 @@
+"""The README's API tour runs as written (so it cannot rot), and produces what its comments say."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_api_tour_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README.md has no python block"
+    monkeypatch.chdir(tmp_path)  # it writes runs/...
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["dec"].W.shape == (64, 16) and len(namespace["kl"]) == 64
+    assert set(namespace["result"].medians()) == {"dnpeff", "random", "random_support"}
+    assert (tmp_path / "runs" / "selectivity" / "selectivity.json").exists()

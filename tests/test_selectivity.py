@@ -1,0 +1,169 @@
+"""Selectivity: the D-NPEFF perturbation against the spec's formula, the magnitude search, and the whole
+measurement on a zoo model, re-derived record by record from plain KL computations."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import npeff_tl as nt
+from npeff_tl.selectivity import calibrate_magnitude
+
+
+def test_calibration_hits_the_target_from_far_below_and_far_above():
+    for start in (1e-6, 1e4):
+        m, kl, reached = calibrate_magnitude(lambda m: 3.0 * m * m, 0.5, start, rtol=0.01)
+        assert reached and kl == pytest.approx(0.5, rel=0.01) and 3.0 * m * m == kl
+
+
+def test_calibration_reports_a_target_it_cannot_reach():
+    m, kl, reached = calibrate_magnitude(lambda m: min(m, 0.2), 0.5, 1e-3, max_steps=30)
+    assert not reached and kl == 0.2 and m >= 0.2
+
+
+def test_the_dnpeff_direction_is_the_fisher_weighted_merge_of_the_spec():
+    space = nt.ParamSpace.from_shapes({"w": (6,)})
+    h = torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0, 0.0], dtype=torch.float64)
+    dec = nt.Decomposition(kind="diagonal", W=torch.ones(3, 1, dtype=torch.float64), components=h[None, 1:5],
+                           kept_columns=torch.arange(1, 5), space=space)
+    fisher = torch.tensor([1.0, 0.0, 4.0, 1.0, 0.5, 2.0], dtype=torch.float64)
+    signs = torch.tensor([1.0, -1.0, 1.0, 0.0, 1.0, -1.0], dtype=torch.float64)
+    theta = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mix, delta, floor = 0.3, 0.7, 1e-6
+    h_unit = h / h.norm()
+    f_unit = (fisher / fisher.norm()).clamp(min=floor)
+    merged = ((1 - mix) * f_unit * theta + mix * h_unit * (theta - delta * signs)) / ((1 - mix) * f_unit + mix * h_unit)
+    d = nt.dnpeff_direction(dec, 0, fisher, signs, mix, floor)
+    assert torch.allclose(theta + delta * d, merged, atol=1e-12)
+    assert d[1] == pytest.approx(1.0, rel=1e-4)  # the component alone (F = 0, floored): the full step, minus the sign
+    assert d[0] == 0 and d[5] == 0 and d[3] == 0  # off the component, or no sign
+    with pytest.raises(ValueError, match=r"mix must be in \(0, 1\)"):
+        nt.dnpeff_direction(dec, 0, fisher, signs, 1.0)
+
+
+def test_the_sign_pattern_is_the_sign_of_the_summed_loss_gradient(model64, tokens):
+    space = nt.ParamSpace(model64, include=["blocks.*.mlp.W_in", "blocks.0.attn.W_Q"])
+    answers = torch.arange(len(tokens)) % 23
+    pattern = nt.sign_pattern(model64, tokens, space, answers, batch_size=3)
+    model64.zero_grad()
+    logits = model64(tokens)[:, -1]
+    torch.nn.functional.cross_entropy(logits, answers, reduction="sum").backward()
+    expected = torch.cat([model64.get_parameter(n).grad.flatten() for n in space.names]).sign()
+    model64.zero_grad()
+    assert torch.equal(pattern, expected.double())
+
+
+@pytest.fixture(scope="module", params=["diagonal", "lowrank"])
+def measured(request):
+    torch.manual_seed(0)
+    model, data = nt.zoo.load("tasks-2l", n_train=24, n_test=36)
+    train = nt.LabeledExamples.from_dataset(data["train"])
+    heldout = nt.LabeledExamples.from_dataset(data["test"])
+    space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"])
+    target = nt.Target("last", nt.TopK(4))
+    pefs = nt.compute_pefs(model, train.examples, space, target, request.param, nnz=4096, progress=False)
+    heldout_pefs = nt.compute_pefs(model, heldout.examples, space, target, request.param, nnz=4096, progress=False)
+    solver = nt.DNPEFF(4, max_iter=200) if request.param == "diagonal" else nt.LRMNPEFF(4, n_iters_joint=200)
+    dec = solver.fit(pefs, progress=False)
+    coefficients = dec.fit_coefficients(heldout_pefs, progress=False)
+    config = nt.SelectivityConfig(kl_targets=(0.5,), mix_grid=(0.3, 0.7), n_baseline=200)
+    result = nt.measure_selectivity(model, dec, train, heldout, coefficients, dataset_fisher=pefs.dataset_fisher,
+                                    config=config, progress=False)
+    return SimpleNamespace(model=model, dec=dec, train=train, heldout=heldout, coefficients=coefficients,
+                           fisher=pefs.dataset_fisher, config=config, result=result)
+
+
+def test_npeff_components_are_more_selective_than_both_controls(measured):
+    result = measured.result
+    medians = result.medians()
+    method = result.settings["method"]
+    assert set(medians) == {method, "random", "random_support"}
+    for control in ("random", "random_support"):
+        assert medians[method]["selectivity"] > 10 * medians[control]["selectivity"]
+        assert medians[method]["strategy_selectivity"] > 10 * medians[control]["strategy_selectivity"]
+    for record in result.records:  # both signs calibrated to the target on the top set
+        if record["method"] == method:
+            assert record["calibrated_plus"] and record["calibrated_minus"]
+            for suffix in ("_plus", "_minus"):
+                assert record["top_kl" + suffix] == pytest.approx(0.5, rel=0.05)
+
+
+def test_a_record_is_what_plain_kl_computations_give(measured):
+    model, dec, heldout, coefficients, config, result = (
+        measured.model, measured.dec, measured.heldout, measured.coefficients, measured.config, measured.result)
+    record = next(r for r in result.records if r["method"] == "random_support")
+    j = record["component"]
+    top = coefficients[:, j].topk(config.n_top).indices
+    rest = torch.tensor([i for i in range(len(heldout)) if i not in set(top.tolist())])
+    baseline = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(j))[: config.n_baseline]]
+    support = dec.full(j) != 0
+    direction = nt.random_direction(dec.space, seed=j, support=support)
+    ratios = []
+    for sign in (1, -1):
+        step = nt.perturb(model, direction, dec.space, record["magnitude_plus" if sign == 1 else "magnitude_minus"], sign)
+        kl = nt.kl_divergence(model, heldout.examples, step)
+        ratios.append(float(kl[top].mean() / kl[baseline].mean()))
+        in_strategy = torch.tensor([s == record["strategy"] for s in heldout.strategies])
+        strategy_ratio = float(kl[in_strategy].mean() / kl[~in_strategy].mean())
+        suffix = "_plus" if sign == 1 else "_minus"
+        assert record["selectivity" + suffix] == pytest.approx(ratios[-1], rel=1e-6)
+        assert record["strategy_selectivity" + suffix] == pytest.approx(strategy_ratio, rel=1e-6)
+    assert record["selectivity"] == pytest.approx(max(ratios), rel=1e-6)
+
+
+def test_the_strategy_matrices_are_per_strategy_means(measured):
+    model, dec, heldout, train, result = measured.model, measured.dec, measured.heldout, measured.train, measured.result
+    method = result.settings["method"]
+    row = 0
+    j = result.components[row]
+    record = next(r for r in result.records if r["method"] == method and r["component"] == j)
+    sign = record["sign"]
+    if dec.kind == "diagonal":  # the sign pattern of the top training examples, the mix the measurement chose
+        top = dec.W[:, j].topk(20).indices
+        signs = nt.sign_pattern(model, train.examples.subset(top), dec.space, train.answers[top])
+        direction = nt.dnpeff_direction(dec, j, measured.fisher, signs, record["mix"])
+    else:
+        direction = nt.lrm_direction(dec, j)
+    step = nt.perturb(model, direction, dec.space, record["magnitude_plus" if sign == 1 else "magnitude_minus"], sign)
+    kl = nt.kl_divergence(model, heldout.examples, step)
+    top = measured.coefficients[:, j].topk(measured.config.n_top).indices
+    assert float(kl[top].mean()) == pytest.approx(record["top_kl_plus" if sign == 1 else "top_kl_minus"], rel=1e-6)
+    answers = heldout.answers
+    before = nt.interventions.accuracy(model, heldout.examples, answers)
+    with step:
+        after = nt.interventions.accuracy(model, heldout.examples, answers)
+    for col, strategy in enumerate(result.strategies):
+        mask = torch.tensor([s == strategy for s in heldout.strategies])
+        assert float(result.kl_matrix[method][row, col]) == pytest.approx(float(kl[mask].mean()), rel=1e-6, abs=1e-12)
+        drop = float(before[mask].mean() - after[mask].mean())
+        assert float(result.accuracy_drop[method][row, col]) == pytest.approx(drop, abs=1e-12)
+
+
+def test_results_save_and_load(measured, tmp_path):
+    result = measured.result
+    back = nt.load_selectivity(result.save(tmp_path / "sel"))
+    assert back.records == result.records and back.strategies == result.strategies
+    assert all(back.kl_matrix[m].equal(result.kl_matrix[m]) for m in result.kl_matrix)
+    assert back.medians() == result.medians()
+    frame = result.to_frame()
+    assert len(frame) == len(result.records) and {"method", "selectivity", "strategy_selectivity"} <= set(frame)
+
+
+def test_bad_inputs_are_clear_errors(measured):
+    model, dec, train, heldout, coefficients = (
+        measured.model, measured.dec, measured.train, measured.heldout, measured.coefficients)
+    fisher = measured.fisher
+    with pytest.raises(ValueError, match="coefficients for .* training examples"):
+        nt.measure_selectivity(model, dec, heldout, heldout, coefficients, dataset_fisher=fisher)
+    with pytest.raises(ValueError, match="too few for a top set"):
+        nt.measure_selectivity(model, dec, train, heldout, coefficients, dataset_fisher=fisher,
+                               config=nt.SelectivityConfig(n_baseline=10_000))
+    with pytest.raises(ValueError, match=r"heldout_coefficients must be"):
+        nt.measure_selectivity(model, dec, train, heldout, coefficients[:, :2], dataset_fisher=fisher)
+    if dec.kind == "diagonal":
+        with pytest.raises(ValueError, match="need the dataset-level Fisher"):
+            nt.measure_selectivity(model, dec, train, heldout, coefficients)
+    with pytest.raises(ValueError, match="unknown controls"):
+        nt.SelectivityConfig(controls=("gaussian",))
+    with pytest.raises(ValueError, match="kl_targets must be positive"):
+        nt.SelectivityConfig(kl_targets=(0.0,))
