@@ -79,6 +79,8 @@ def main() -> None:
             for name, m in result.medians(kl_target).items():
                 print(f"  KL target {kl_target}: {name:>14}  median selectivity {m['selectivity']:.4g}  "
                       f"median strategy selectivity {m['strategy_selectivity']:.4g}")
+        left_out = sum(r[key] is False for r in result.records for key in ("calibrated_plus", "calibrated_minus"))
+        print(f"  (component, sign, KL target) triples whose target was out of reach and left out: {left_out}")
         print(f"  Fisher-trace ratio of the top sets (random directions should score about this): "
               f"median {trace_ratio(test_pefs, coefficients, result.settings['n_top']):.3g}")
         for name in result.methods:

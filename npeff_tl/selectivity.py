@@ -72,6 +72,8 @@ class SelectivityConfig:
         controls: which controls to run, from ("random", "random_support").
         rtol: relative tolerance on the KL target.
         max_search_steps: KL evaluations allowed per magnitude search.
+        max_relative_magnitude: the largest step searched, relative to the norm of the space's parameters; a sign
+            whose KL target needs more is left out (its figures are None).
         batch_size: examples per forward pass.
         seed: seeds the baselines and the control directions.
     """
@@ -87,6 +89,7 @@ class SelectivityConfig:
     controls: tuple[str, ...] = CONTROLS
     rtol: float = 0.05
     max_search_steps: int = 40
+    max_relative_magnitude: float = 1.0
     batch_size: int = 64
     seed: int = 0
 
@@ -101,17 +104,20 @@ class SelectivityConfig:
         unknown = set(self.controls) - set(CONTROLS)
         if unknown:
             raise ValueError(f"unknown controls {sorted(unknown)}; choose from {CONTROLS}")
+        if self.max_relative_magnitude <= 0:
+            raise ValueError(f"max_relative_magnitude must be > 0, got {self.max_relative_magnitude}")
         if not 0 < self.rtol < 1:
             raise ValueError(f"rtol must be in (0, 1), got {self.rtol}")
 
 
 def calibrate_magnitude(
-    mean_kl: Callable[[float], float], target: float, start: float, rtol: float = 0.05, max_steps: int = 40
+    mean_kl: Callable[[float], float], target: float, start: float, rtol: float = 0.05, max_steps: int = 40,
+    limit: float = math.inf,
 ) -> tuple[float, float, bool]:
-    """A magnitude m with mean_kl(m) within ``rtol`` of ``target``: steps of x4 from ``start`` until the target is
-    bracketed, then geometric bisection. Returns (m, mean_kl(m), reached); when the target is not reached in
-    ``max_steps`` evaluations, the closest magnitude seen. Assumes KL grows with m, as it does near 0."""
-    low, high, m = 0.0, math.inf, start
+    """A magnitude m <= ``limit`` with mean_kl(m) within ``rtol`` of ``target``: steps of x4 from ``start`` until
+    the target is bracketed, then geometric bisection (KL is continuous in m, so a bracket holds a solution).
+    Returns (m, mean_kl(m), reached); when the target is not reached, the closest magnitude seen."""
+    low, high, m = 0.0, math.inf, min(start, limit)
     best = (math.inf, start, math.nan)
     for _ in range(max_steps):
         kl = mean_kl(m)
@@ -121,18 +127,20 @@ def calibrate_magnitude(
         if miss <= rtol:
             return m, kl, True
         if kl < target:
+            if m >= limit:
+                break
             low = m
         else:
             high = m
-        m = m * 4 if high == math.inf else (high / 4 if low == 0 else math.sqrt(low * high))
+        m = min(m * 4, limit) if high == math.inf else (high / 4 if low == 0 else math.sqrt(low * high))
     return best[1], best[2], False
 
 
 class _Probe:
     """A set of examples with their original predictive distributions; KL and correctness under interventions."""
 
-    def __init__(self, model: ModelAdapter, labeled: LabeledExamples, config: SelectivityConfig):
-        self.model, self.labeled, self.config = model, labeled, config
+    def __init__(self, model: ModelAdapter, space, labeled: LabeledExamples, config: SelectivityConfig):
+        self.model, self.space, self.labeled, self.config = model, space, labeled, config
         self.original = target_log_probs(model, labeled.examples, config.batch_size)
         self.answers = labeled.answers if labeled.answers is not None else self.original.argmax(-1)
         self.correct = (self.original.argmax(-1) == self.answers).double()
@@ -279,15 +287,16 @@ def measure_selectivity(
 
     method = "dnpeff" if decomposition.kind == "diagonal" else "lrm_npeff"
     strategies = tuple(dict.fromkeys(heldout.strategies)) if heldout.strategies is not None else ()
-    heldout_probe = _Probe(adapter, heldout, config)
-    train_probe = _Probe(adapter, train, config) if decomposition.kind == "diagonal" else None
-    start = 0.05 * float(torch.linalg.vector_norm(space.gather(adapter).double()))
+    heldout_probe = _Probe(adapter, space, heldout, config)
+    train_probe = _Probe(adapter, space, train, config) if decomposition.kind == "diagonal" else None
+    theta_norm = float(torch.linalg.vector_norm(space.gather(adapter).double()))
+    start, limit = 0.05 * theta_norm, config.max_relative_magnitude * theta_norm
 
     def search(probe: _Probe, direction: Tensor, sign: int, index: Tensor, target: float) -> tuple[float, float, bool]:
         def mean_kl(m: float) -> float:
             return float(probe.run(perturb(adapter, direction, space, m, sign), index)[0].mean())
 
-        return calibrate_magnitude(mean_kl, target, start, config.rtol, config.max_search_steps)
+        return calibrate_magnitude(mean_kl, target, start, config.rtol, config.max_search_steps, limit)
 
     records: list[dict] = []
     methods = [method, *config.controls]
@@ -318,60 +327,72 @@ def measure_selectivity(
         }
         for target in config.kl_targets:
             found = {sign: search(heldout_probe, direction, sign, top, target) for sign in (1, -1)}
-            magnitudes = {sign: found[sign][0] for sign in (1, -1)}
-            runs = [(method, direction, found)] + [(c, controls[c], None) for c in config.controls]
-            for name, d, calibration in runs:
+            magnitudes = {sign: m if reached else None for sign, (m, _, reached) in found.items()}
+            if None in magnitudes.values():
+                logger.warning("component %d: mean KL %.3g on the top set is out of reach for sign(s) %s within "
+                               "a step of %.3g x the parameters' norm; those signs are left out", j, target,
+                               [s for s, m in magnitudes.items() if m is None], config.max_relative_magnitude)
+            for name, d in [(method, direction)] + [(c, controls[c]) for c in config.controls]:
                 record = {"method": name, "component": j, "kl_target": target, "strategy": strategy,
                           "mix": mix if name == method else None}
-                per_sign = {}
-                for sign in (1, -1):
-                    kl, correct = heldout_probe.run(perturb(adapter, d, space, magnitudes[sign], sign))
-                    per_sign[sign] = (kl, correct)
-                    suffix = "_plus" if sign == 1 else "_minus"
-                    record["magnitude" + suffix] = magnitudes[sign]
-                    record["top_kl" + suffix] = float(kl[top].mean())
-                    record["baseline_kl" + suffix] = float(kl[baseline].mean())
-                    record["selectivity" + suffix] = _ratio(kl[top], kl[baseline])
-                    record["strategy_selectivity" + suffix] = _strategy_ratio(kl, heldout.strategies, strategy)
-                    record["calibrated" + suffix] = calibration[sign][2] if calibration else None
-                best = max((1, -1), key=lambda s: _order(record["selectivity" + ("_plus" if s == 1 else "_minus")]))
-                record["sign"] = best
-                record["selectivity"] = _best(record["selectivity_plus"], record["selectivity_minus"])
-                record["strategy_selectivity"] = _best(record["strategy_selectivity_plus"],
-                                                       record["strategy_selectivity_minus"])
+                figures, best = _at_magnitudes(heldout_probe, d, magnitudes, top, baseline, heldout.strategies, strategy)
+                record.update(figures)
+                record["calibrated_plus"], record["calibrated_minus"] = (
+                    (found[1][2], found[-1][2]) if name == method else (None, None))
                 records.append(record)
-                if target == config.kl_targets[0] and strategies:
-                    kl, correct = per_sign[best]
+                if target == config.kl_targets[0] and strategies and best is not None:
+                    kl, correct = best
                     for col, s in enumerate(strategies):
                         mask = torch.tensor([x == s for x in heldout.strategies])
                         kl_matrix[name][row, col] = kl[mask].mean()
                         accuracy_drop[name][row, col] = heldout_probe.correct[mask].mean() - correct[mask].mean()
-            if not all(found[s][2] for s in (1, -1)):
-                logger.warning("component %d: the KL target %.3g was not reached within %d steps (closest: %s)",
-                               j, target, config.max_search_steps, {s: found[s][1] for s in (1, -1)})
     settings = {**asdict(config), "method": method, "n_heldout": len(heldout), "n_train": len(train)}
     return SelectivityResult(records, strategies, components, kl_matrix, accuracy_drop, settings)
 
 
+def _at_magnitudes(probe: _Probe, direction: Tensor, magnitudes: dict[int, float | None], top: Tensor,
+                   baseline: Tensor, labels: tuple[str, ...] | None, strategy: str | None):
+    """Figures of one direction at the given magnitude per sign (None: that sign is left out), and the
+    (KL, correctness) of the sign with the larger coefficient selectivity (None if no sign was measured)."""
+    figures, runs = {}, {}
+    for sign, suffix in ((1, "_plus"), (-1, "_minus")):
+        m = magnitudes[sign]
+        figures["magnitude" + suffix] = m
+        if m is None:
+            figures.update({key + suffix: None for key in ("top_kl", "baseline_kl", "selectivity", "strategy_selectivity")})
+            continue
+        kl, correct = runs[sign] = probe.run(perturb(probe.model, direction, probe.space, m, sign))
+        figures["top_kl" + suffix] = float(kl[top].mean())
+        figures["baseline_kl" + suffix] = float(kl[baseline].mean())
+        figures["selectivity" + suffix] = _ratio(kl[top], kl[baseline])
+        figures["strategy_selectivity" + suffix] = _strategy_ratio(kl, labels, strategy)
+    best = max((1, -1), key=lambda s: _order(figures["selectivity" + ("_plus" if s == 1 else "_minus")]))
+    figures["sign"] = best if best in runs else None
+    figures["selectivity"] = _best(figures["selectivity_plus"], figures["selectivity_minus"])
+    figures["strategy_selectivity"] = _best(figures["strategy_selectivity_plus"], figures["strategy_selectivity_minus"])
+    return figures, runs.get(best)
+
+
 def _choose_mix(decomposition, j, dataset_fisher, signs, train_probe, top_train, config, search):
     """The mixing weight whose perturbation, calibrated to the first KL target on the top training examples, is
-    most selective against a training baseline (the larger over the signs); with its direction."""
+    most selective against a training baseline (the larger over the signs that reach the target); with its
+    direction. The first mix when none reaches it."""
     baseline = _draw_baseline(len(train_probe.labeled), top_train, config.n_baseline, config.seed * 100_003 + j)
-    best = (-math.inf, None, None)
+    best = None
     for mix in config.mix_grid:
         direction = dnpeff_direction(decomposition, j, dataset_fisher, signs, mix, config.fisher_floor)
         if not direction.any():
             continue
-        ratios = []
+        score = -math.inf
         for sign in (1, -1):
-            m, _, _ = search(train_probe, direction, sign, top_train, config.kl_targets[0])
-            kl, _ = train_probe.run(perturb(train_probe.model, direction, decomposition.space, m, sign),
-                                    torch.cat([top_train, baseline]))
-            ratios.append(_ratio(kl[: len(top_train)], kl[len(top_train):]))
-        score = max(_order(x) for x in ratios)
-        if score > best[0]:
+            m, _, reached = search(train_probe, direction, sign, top_train, config.kl_targets[0])
+            if reached:
+                kl, _ = train_probe.run(perturb(train_probe.model, direction, decomposition.space, m, sign),
+                                        torch.cat([top_train, baseline]))
+                score = max(score, _order(_ratio(kl[: len(top_train)], kl[len(top_train):])))
+        if best is None or score > best[0]:
             best = (score, mix, direction)
-    if best[1] is None:
+    if best is None:
         raise ValueError(f"component {j} has no parameter with both a non-zero value and a non-zero sign pattern; "
                          "it cannot be perturbed")
     return best[1], best[2]

@@ -167,3 +167,26 @@ def test_bad_inputs_are_clear_errors(measured):
         nt.SelectivityConfig(controls=("gaussian",))
     with pytest.raises(ValueError, match="kl_targets must be positive"):
         nt.SelectivityConfig(kl_targets=(0.0,))
+
+
+def test_calibration_stops_at_the_limit():
+    calls = []
+
+    def mean_kl(m):
+        calls.append(m)
+        return 1e-3 * m
+
+    m, kl, reached = calibrate_magnitude(mean_kl, 0.5, 1.0, limit=100.0)
+    assert not reached and max(calls) == 100.0 and m == 100.0 and len(calls) == 5  # 1, 4, 16, 64, 100
+
+
+def test_a_target_out_of_reach_leaves_the_sign_out(measured):
+    m = measured
+    config = nt.SelectivityConfig(kl_targets=(0.5,), mix_grid=(0.5,), max_relative_magnitude=1e-6)
+    result = nt.measure_selectivity(m.model, m.dec, m.train, m.heldout, m.coefficients, dataset_fisher=m.fisher,
+                                    components=[0], config=config, progress=False)
+    for record in result.records:
+        assert record["selectivity"] is None and record["magnitude_plus"] is None and record["sign"] is None
+    assert [r["calibrated_plus"] for r in result.records] == [False, None, None]
+    assert all(v["selectivity"] is None for v in result.medians().values())
+    assert all(torch.isnan(matrix).all() for matrix in result.kl_matrix.values())
