@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=128, help="train and test examples per task")
     parser.add_argument("--components", type=int, default=16)
     parser.add_argument("--nnz", type=int, default=8192)
+    parser.add_argument("--kl-targets", type=float, nargs="+", default=[0.5, 0.1],
+                        help="mean KL on the top sets, nats; the first one drives the matrices")
     parser.add_argument("--out", default=None, help="save the selectivity results here")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -71,8 +73,9 @@ def main() -> None:
         dec = solver.fit(pefs, progress=False)
         coefficients = dec.fit_coefficients(test_pefs, progress=False)
         fitted = time.perf_counter() - start
+        config = nt.SelectivityConfig(kl_targets=tuple(args.kl_targets))
         result = nt.measure_selectivity(model, dec, train, test, coefficients, dataset_fisher=pefs.dataset_fisher,
-                                        progress=False)
+                                        config=config, progress=False)
         method = result.settings["method"]
         print(f"\n== {method}: PEFs + fit {fitted:.1f} s, selectivity {time.perf_counter() - start - fitted:.1f} s")
         for kl_target in result.settings["kl_targets"]:
