@@ -67,15 +67,14 @@ def main() -> None:
     for kind in ("diagonal", "lowrank"):
         start = time.perf_counter()
         pefs = nt.compute_pefs(model, train.examples, space, target, kind, nnz=args.nnz, progress=False)
-        test_pefs = nt.compute_pefs(model, test.examples, space, target, kind, nnz=args.nnz, progress=False)
         solver = (nt.DNPEFF(args.components, max_iter=1000, seed=0) if kind == "diagonal"
                   else nt.LRMNPEFF(args.components, seed=0))
         dec = solver.fit(pefs, progress=False)
-        coefficients = dec.fit_coefficients(test_pefs, progress=False)
+        dictionary = nt.NPEFFDictionary(model, dec, train, target, pefs)
+        coefficients = dictionary.coefficients(test)
         fitted = time.perf_counter() - start
         config = nt.SelectivityConfig(kl_targets=tuple(args.kl_targets))
-        result = nt.measure_selectivity(model, dec, train, test, coefficients, dataset_fisher=pefs.dataset_fisher,
-                                        config=config, progress=False)
+        result = nt.measure_selectivity(dictionary, test, config=config, progress=False)
         method = result.settings["method"]
         print(f"\n== {method}: PEFs + fit {fitted:.1f} s, selectivity {time.perf_counter() - start - fitted:.1f} s")
         for kl_target in result.settings["kl_targets"]:
@@ -84,6 +83,7 @@ def main() -> None:
                       f"median strategy selectivity {m['strategy_selectivity']:.4g}")
         left_out = sum(r[key] is False for r in result.records for key in ("calibrated_plus", "calibrated_minus"))
         print(f"  (component, sign, KL target) triples whose target was out of reach and left out: {left_out}")
+        test_pefs = nt.compute_pefs(model, test.examples, space, target, kind, nnz=args.nnz, progress=False)
         print(f"  Fisher-trace ratio of the top sets (random directions should score about this): "
               f"median {trace_ratio(test_pefs, coefficients, result.settings['n_top']):.3g}")
         for name in result.methods:

@@ -10,9 +10,13 @@ from . import zoo
 from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
 from .components import Component, Readout
 from .decomp import DNPEFF, LRMNPEFF, Decomposition, load_decomposition, matched_cosines
+from .dictionaries import Dictionary, NPEFFDictionary, ParameterDictionary
 from .examples import Examples, LabeledExamples
 from .interventions import (
+    HookIntervention,
+    KLProbe,
     ParameterPerturbation,
+    calibrate_magnitude,
     dnpeff_direction,
     kl_divergence,
     lrm_direction,
@@ -35,6 +39,7 @@ from .pefs import (
     load_pefs,
     per_example_grads,
 )
+from .comparison import compare
 from .selectivity import SelectivityConfig, SelectivityResult, load_selectivity, measure_selectivity
 from .store import FormatError
 from .targets import Candidates, ClassRule, Sampled, Target, Threshold, TopK
@@ -50,6 +55,7 @@ __all__ = [
     "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "zoo",
     "DNPEFF", "LRMNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
     "Component", "Readout", "ParameterPerturbation", "kl_divergence", "lrm_direction", "perturb", "random_direction",
-    "dnpeff_direction", "sign_pattern", "LabeledExamples",
+    "dnpeff_direction", "sign_pattern", "LabeledExamples", "HookIntervention", "KLProbe", "calibrate_magnitude",
+    "Dictionary", "NPEFFDictionary", "ParameterDictionary", "compare",
     "SelectivityConfig", "SelectivityResult", "load_selectivity", "measure_selectivity",
 ]

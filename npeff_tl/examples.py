@@ -74,48 +74,57 @@ class Examples:
 
 @dataclass(frozen=True)
 class LabeledExamples:
-    """Examples with what is known about them: the answer token per example (for accuracy and loss gradients)
-    and a ground-truth strategy label per example (for strategy-level measurements). Either may be None."""
+    """Examples with what is known about them, each part optional: the answer token per example (for accuracy and
+    loss gradients), a ground-truth strategy label per example (``labels``), and the strategies each example
+    needs (``factors``; multi-factor examples list two or more)."""
 
     examples: Examples
     answers: Int[Tensor, " n_examples"] | None = None
-    strategies: Sequence[str] | None = None  # stored as a tuple
+    labels: Sequence[str] | None = None  # stored as a tuple
+    factors: Sequence[Sequence[str]] | None = None  # stored as a tuple of tuples
 
     def __post_init__(self):
         n = len(self.examples)
         if self.answers is not None:
             object.__setattr__(self, "answers", torch.as_tensor(self.answers, dtype=torch.long).reshape(-1))
-            if len(self.answers) != n:
-                raise ValueError(f"got {len(self.answers)} answers for {n} examples; give one per example")
-        if self.strategies is not None:
-            object.__setattr__(self, "strategies", tuple(str(s) for s in self.strategies))
-            if len(self.strategies) != n:
-                raise ValueError(f"got {len(self.strategies)} strategy labels for {n} examples; give one per example")
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(str(s) for s in self.labels))
+        if self.factors is not None:
+            object.__setattr__(self, "factors", tuple(tuple(str(s) for s in f) for f in self.factors))
+        for name in ("answers", "labels", "factors"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"got {len(value)} {name} for {n} examples; give one per example")
 
     def __len__(self) -> int:
         return len(self.examples)
 
     @classmethod
     def from_dataset(cls, rows, tokens: str = "tokens", position: str = "target_pos", answer: str | None = "answer",
-                     strategy: str | None = "strategy") -> LabeledExamples:
+                     label: str | None = "strategy", factors: str | None = "strategies") -> LabeledExamples:
         """From a ``datasets`` split (or a dict of columns) with one target position per row, such as a zoo split.
-        Columns named None, or absent, are left out."""
+        Optional columns that are named None or absent are left out."""
         columns = rows.column_names if hasattr(rows, "column_names") else list(rows)
         for name in (tokens, position):
             if name not in columns:
                 raise ValueError(f"no column {name!r}; the columns are {columns}")
+
+        def column(name):
+            return rows[name] if name is not None and name in columns else None
+
         examples = Examples.from_tokens(rows[tokens], list(rows[position]))
-        answers = rows[answer] if answer in columns else None
-        strategies = rows[strategy] if strategy in columns else None
-        return cls(examples, None if answers is None else torch.as_tensor(answers), strategies)
+        answers = column(answer)
+        return cls(examples, None if answers is None else torch.as_tensor(answers), column(label), column(factors))
 
     def subset(self, index: Int[Tensor, " k"] | Sequence[int]) -> LabeledExamples:
         index = torch.as_tensor(index, dtype=torch.long)
-        return LabeledExamples(
-            self.examples.subset(index),
-            None if self.answers is None else self.answers[index],
-            None if self.strategies is None else tuple(self.strategies[i] for i in index.tolist()),
-        )
+        rows = index.tolist()
+
+        def pick(values):
+            return None if values is None else tuple(values[i] for i in rows)
+
+        return LabeledExamples(self.examples.subset(index), None if self.answers is None else self.answers[index],
+                               pick(self.labels), pick(self.factors))
 
 
 def _pad(tokens: TokensLike) -> tuple[Tensor, Tensor]:

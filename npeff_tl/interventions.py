@@ -9,6 +9,7 @@ with TransformerLens hooks (``model.hooks(...)``), which act on activations, not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -62,6 +63,30 @@ class ParameterPerturbation:
             for name, value in (self._saved or {}).items():
                 self.params[name].copy_(value)
         self._saved = None
+
+
+class HookIntervention:
+    """TransformerLens forward hooks ``[(hook_name, fn), ...]`` active while entered (through ``model.hooks``, so
+    only these hooks are removed on exit and the user's own hooks stay). Reusable, like ParameterPerturbation."""
+
+    def __init__(self, model, fwd_hooks: list[tuple[str, Callable]]):
+        known = set(getattr(model, "hook_dict", {}))
+        unknown = [name for name, _ in fwd_hooks if name not in known]
+        if unknown:
+            raise ValueError(f"unknown hook names {unknown}; the model has e.g. {sorted(known)[:6]}")
+        self.model, self.fwd_hooks = model, list(fwd_hooks)
+        self._context = None
+
+    def __enter__(self) -> HookIntervention:
+        if self._context is not None:
+            raise RuntimeError("this intervention is already active; it cannot be nested inside itself")
+        self._context = self.model.hooks(fwd_hooks=self.fwd_hooks)
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        context, self._context = self._context, None
+        context.__exit__(*exc)
 
 
 def perturb(
@@ -162,6 +187,59 @@ def kl_divergence(
                 changed = log_probs()
         out.append(kl_rows(original, changed) if reverse else kl_rows(changed, original))
     return torch.cat(out)
+
+
+class KLProbe:
+    """A fixed set of examples with their original predictive distributions (computed once): per-example KL and
+    correctness under any intervention, for all examples or a subset. ``answers`` default to the original top
+    predictions (so "correct" then means "prediction unchanged")."""
+
+    def __init__(self, model: nn.Module | ModelAdapter, examples: Examples | TokensLike,
+                 answers: Int[Tensor, " n"] | None = None, *, reverse: bool = False, batch_size: int = 64):
+        self.model, self.examples = as_adapter(model), as_examples(examples)
+        self.reverse, self.batch_size = reverse, batch_size
+        self.original = target_log_probs(self.model, self.examples, batch_size)
+        self.answers = self.original.argmax(-1) if answers is None else torch.as_tensor(answers).cpu()
+        self.correct = (self.original.argmax(-1) == self.answers).double()
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def run(self, intervention, index: Int[Tensor, " k"] | None = None) -> tuple[Float64[Tensor, " k"], Float64[Tensor, " k"]]:
+        """(KL per example, 1.0 where the answer is still the top prediction) under ``intervention``, entered once,
+        for examples ``index`` (all when None)."""
+        index = torch.arange(len(self.examples)) if index is None else torch.as_tensor(index)
+        with intervention:
+            changed = target_log_probs(self.model, self.examples.subset(index), self.batch_size)
+        original = self.original[index]
+        kl = kl_rows(original, changed) if self.reverse else kl_rows(changed, original)
+        return kl, (changed.argmax(-1) == self.answers[index]).double()
+
+
+def calibrate_magnitude(
+    mean_kl: Callable[[float], float], target: float, start: float, rtol: float = 0.05, max_steps: int = 40,
+    limit: float = math.inf,
+) -> tuple[float, float, bool]:
+    """A magnitude m <= ``limit`` with mean_kl(m) within ``rtol`` of ``target``: steps of x4 from ``start`` until
+    the target is bracketed, then geometric bisection (KL is continuous in m, so a bracket holds a solution).
+    Returns (m, mean_kl(m), reached); when the target is not reached, the closest magnitude seen."""
+    low, high, m = 0.0, math.inf, min(start, limit)
+    best = (math.inf, start, math.nan)
+    for _ in range(max_steps):
+        kl = mean_kl(m)
+        miss = abs(kl / target - 1)
+        if miss < best[0]:
+            best = (miss, m, kl)
+        if miss <= rtol:
+            return m, kl, True
+        if kl < target:
+            if m >= limit:
+                break
+            low = m
+        else:
+            high = m
+        m = min(m * 4, limit) if high == math.inf else (high / 4 if low == 0 else math.sqrt(low * high))
+    return best[1], best[2], False
 
 
 def accuracy(model: nn.Module | ModelAdapter, examples: Examples | TokensLike, answers: Int[Tensor, " n"],

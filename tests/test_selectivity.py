@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import npeff_tl as nt
-from npeff_tl.selectivity import calibrate_magnitude
+from npeff_tl.interventions import calibrate_magnitude
 
 
 def test_calibration_hits_the_target_from_far_below_and_far_above():
@@ -66,11 +66,12 @@ def measured(request):
     solver = nt.DNPEFF(4, max_iter=200) if request.param == "diagonal" else nt.LRMNPEFF(4, n_iters_joint=200)
     dec = solver.fit(pefs, progress=False)
     coefficients = dec.fit_coefficients(heldout_pefs, progress=False)
-    config = nt.SelectivityConfig(kl_targets=(0.5,), mix_grid=(0.3, 0.7), n_baseline=200)
-    result = nt.measure_selectivity(model, dec, train, heldout, coefficients, dataset_fisher=pefs.dataset_fisher,
-                                    config=config, progress=False)
+    dictionary = nt.NPEFFDictionary(model, dec, train, target, pefs, mix_grid=(0.3, 0.7))
+    config = nt.SelectivityConfig(kl_targets=(0.5,), n_baseline=200)
+    result = nt.measure_selectivity(dictionary, heldout, config=config, progress=False)
     return SimpleNamespace(model=model, dec=dec, train=train, heldout=heldout, coefficients=coefficients,
-                           fisher=pefs.dataset_fisher, config=config, result=result)
+                           fisher=pefs.dataset_fisher, config=config, result=result, dictionary=dictionary,
+                           target=target, pefs=pefs)
 
 
 def test_npeff_components_are_more_selective_than_both_controls(measured):
@@ -103,7 +104,7 @@ def test_a_record_is_what_plain_kl_computations_give(measured):
         step = nt.perturb(model, direction, dec.space, record["magnitude_plus" if sign == 1 else "magnitude_minus"], sign)
         kl = nt.kl_divergence(model, heldout.examples, step)
         ratios.append(float(kl[top].mean() / kl[baseline].mean()))
-        in_strategy = torch.tensor([s == record["strategy"] for s in heldout.strategies])
+        in_strategy = torch.tensor([s == record["strategy"] for s in heldout.labels])
         strategy_ratio = float(kl[in_strategy].mean() / kl[~in_strategy].mean())
         suffix = "_plus" if sign == 1 else "_minus"
         assert record["selectivity" + suffix] == pytest.approx(ratios[-1], rel=1e-6)
@@ -133,7 +134,7 @@ def test_the_strategy_matrices_are_per_strategy_means(measured):
     with step:
         after = nt.interventions.accuracy(model, heldout.examples, answers)
     for col, strategy in enumerate(result.strategies):
-        mask = torch.tensor([s == strategy for s in heldout.strategies])
+        mask = torch.tensor([s == strategy for s in heldout.labels])
         assert float(result.kl_matrix[method][row, col]) == pytest.approx(float(kl[mask].mean()), rel=1e-6, abs=1e-12)
         drop = float(before[mask].mean() - after[mask].mean())
         assert float(result.accuracy_drop[method][row, col]) == pytest.approx(drop, abs=1e-12)
@@ -150,19 +151,18 @@ def test_results_save_and_load(measured, tmp_path):
 
 
 def test_bad_inputs_are_clear_errors(measured):
-    model, dec, train, heldout, coefficients = (
-        measured.model, measured.dec, measured.train, measured.heldout, measured.coefficients)
-    fisher = measured.fisher
-    with pytest.raises(ValueError, match="coefficients for .* training examples"):
-        nt.measure_selectivity(model, dec, heldout, heldout, coefficients, dataset_fisher=fisher)
+    m = measured
+    with pytest.raises(ValueError, match="coefficients for .* examples but train has"):
+        nt.NPEFFDictionary(m.model, m.dec, m.heldout, m.target, m.pefs)
     with pytest.raises(ValueError, match="too few for a top set"):
-        nt.measure_selectivity(model, dec, train, heldout, coefficients, dataset_fisher=fisher,
-                               config=nt.SelectivityConfig(n_baseline=10_000))
-    with pytest.raises(ValueError, match=r"heldout_coefficients must be"):
-        nt.measure_selectivity(model, dec, train, heldout, coefficients[:, :2], dataset_fisher=fisher)
-    if dec.kind == "diagonal":
+        nt.measure_selectivity(m.dictionary, m.heldout, config=nt.SelectivityConfig(n_baseline=10_000))
+    with pytest.raises(ValueError, match=r"components \[99\] do not exist"):
+        nt.measure_selectivity(m.dictionary, m.heldout, components=[99])
+    if m.dec.kind == "diagonal":
         with pytest.raises(ValueError, match="need the dataset-level Fisher"):
-            nt.measure_selectivity(model, dec, train, heldout, coefficients)
+            nt.NPEFFDictionary(m.model, m.dec, m.train, m.target)
+    with pytest.raises(ValueError, match="mix must be 'auto' or a float"):
+        nt.NPEFFDictionary(m.model, m.dec, m.train, m.target, m.pefs, mix=1.5)
     with pytest.raises(ValueError, match="unknown controls"):
         nt.SelectivityConfig(controls=("gaussian",))
     with pytest.raises(ValueError, match="kl_targets must be positive"):
@@ -182,9 +182,9 @@ def test_calibration_stops_at_the_limit():
 
 def test_a_target_out_of_reach_leaves_the_sign_out(measured):
     m = measured
-    config = nt.SelectivityConfig(kl_targets=(0.5,), mix_grid=(0.5,), max_relative_magnitude=1e-6)
-    result = nt.measure_selectivity(m.model, m.dec, m.train, m.heldout, m.coefficients, dataset_fisher=m.fisher,
-                                    components=[0], config=config, progress=False)
+    dictionary = nt.NPEFFDictionary(m.model, m.dec, m.train, m.target, m.pefs, mix=0.5, max_relative_magnitude=1e-6)
+    result = nt.measure_selectivity(dictionary, m.heldout, components=[0], progress=False,
+                                    config=nt.SelectivityConfig(kl_targets=(0.5,)))
     for record in result.records:
         assert record["selectivity"] is None and record["magnitude_plus"] is None and record["sign"] is None
     assert [r["calibrated_plus"] for r in result.records] == [False, None, None]

@@ -1,0 +1,88 @@
+"""Baselines speak the Dictionary protocol: gradient clustering and activation k-means on a zoo model."""
+
+import pytest
+import torch
+
+import npeff_tl as nt
+from npeff_tl.baselines import ActivationKMeans, GradientClustering
+from npeff_tl.baselines.activations import hook_activations
+from npeff_tl.comparison import label_metrics
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    model, data = nt.zoo.load("tasks-2l", n_train=16, n_test=16)
+    return model, nt.LabeledExamples.from_dataset(data["train"]), nt.LabeledExamples.from_dataset(data["test"])
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _restores_and_changes(dictionary, model, examples):
+    before = _state(model)
+    with dictionary.intervention(0, magnitude=dictionary.magnitude_bounds(0)[0], sign=1):
+        pass
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    kl = nt.kl_divergence(model, examples.examples, dictionary.intervention(0, dictionary.magnitude_bounds(0)[0]))
+    assert float(kl.mean()) > 0
+    zero = nt.kl_divergence(model, examples.examples, dictionary.intervention(0, 0.0))
+    assert float(zero.max()) == 0.0
+
+
+def _ami_above_chance(dictionary, test):
+    """Held-out AMI minus the largest AMI of 5 label shuffles (chance is ~0)."""
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    clusters = dictionary.coefficients(test).argmax(1).tolist()
+    g = torch.Generator().manual_seed(0)
+    shuffled = [adjusted_mutual_info_score([test.labels[i] for i in torch.randperm(len(test), generator=g)], clusters)
+                for _ in range(5)]
+    return label_metrics(dictionary, dictionary.coefficients(test), test, k=8)["ami"] - max(shuffled)
+
+
+def test_gradient_clustering(zoo):
+    model, train, test = zoo
+    clusters = GradientClustering(model, train, n_clusters=7, seed=0)
+    assert isinstance(clusters, nt.Dictionary) and clusters.n_components == 7
+    assert not any(".ln" in name or name.startswith(("embed.", "pos_embed.", "ln_final")) for name in clusters.space.names)
+    assert "unembed.W_U" in clusters.space.names
+    # coefficients are cosines with the unit cluster means, from gradients computed independently here
+    answers = train.answers[:5]
+    grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        model(train.examples.tokens[i:i + 1])[0, int(train.examples.position[i])].log_softmax(-1)[answers[i]],
+        [model.get_parameter(n) for n in clusters.space.names])]) for i in range(5)]).double()
+    cosines = (grads / grads.norm(dim=1, keepdim=True)) @ clusters.means.T
+    assert torch.allclose(clusters.train_coefficients[:5], cosines.clamp(min=0), atol=1e-5)
+    assert torch.allclose(clusters.coefficients(train.subset(range(5))), clusters.train_coefficients[:5], atol=1e-6)
+    assert float(clusters.coefficients(test).min()) >= 0
+    assert _ami_above_chance(clusters, test) > 0.05
+    _restores_and_changes(clusters, model, test)
+
+
+def test_activation_kmeans(zoo):
+    from sklearn.cluster import KMeans
+
+    model, train, test = zoo
+    hook = "blocks.1.hook_resid_post"
+    kmeans = ActivationKMeans(model, train, hook, n_clusters=7, seed=0)
+    assert isinstance(kmeans, nt.Dictionary)
+    X = hook_activations(model, test.examples, hook).double()
+    reference = KMeans(7, n_init=10, random_state=0).fit(hook_activations(model, train.examples, hook).double().numpy())
+    assert kmeans.coefficients(test).argmax(1).tolist() == reference.predict(X.numpy()).tolist()
+    # magnitude 1, sign +1 removes the cluster direction from the activation at the hook (at every position)
+    seen = []
+    with torch.no_grad(), kmeans.intervention(2, 1.0, sign=1), model.hooks(fwd_hooks=[(hook, lambda x, hook: seen.append(x))]):
+        model(test.examples.tokens[:4])
+    u = kmeans.directions[2].to(seen[0].dtype)
+    assert float((seen[0] @ u).abs().max()) < 1e-4 and float((X[:4].float() @ u.float()).abs().max()) > 1e-2
+    assert _ami_above_chance(kmeans, test) > 0.1
+    _restores_and_changes(kmeans, model, test)
+
+
+def test_bad_hooks_and_sizes_are_clear_errors(zoo):
+    model, train, _ = zoo
+    with pytest.raises(ValueError, match="unknown hook 'blocks.9.hook_resid_post'"):
+        ActivationKMeans(model, train, "blocks.9.hook_resid_post", 4)
+    with pytest.raises(ValueError, match="n_clusters must be between 2"):
+        GradientClustering(model, train, n_clusters=1)

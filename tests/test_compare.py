@@ -1,0 +1,137 @@
+"""Comparison metrics on hand-built cases with known answers: perfect, permuted, random, multi-factor."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+import npeff_tl as nt
+from npeff_tl.comparison import (
+    best_match_f1,
+    compare,
+    label_metrics,
+    component_labels,
+    match_coefficients,
+    multi_factor_recall,
+    purity_at,
+)
+from npeff_tl.dictionaries import top_of
+
+
+def _examples(labels, factors=None):
+    tokens = torch.zeros(len(labels), 2, dtype=torch.long)
+    return nt.LabeledExamples(nt.Examples.from_tokens(tokens), labels=labels, factors=factors)
+
+
+class FixedDictionary:
+    """A dictionary with given coefficients (for metric tests; its interventions do nothing)."""
+
+    model = None
+
+    def __init__(self, name, train_coefficients, train_labels, coefficients):
+        self.name, self._train, self._coefficients = name, train_coefficients, coefficients
+        self.train = _examples(train_labels)
+
+    @property
+    def n_components(self):
+        return self._train.shape[1]
+
+    @property
+    def train_coefficients(self):
+        return self._train
+
+    def coefficients(self, examples):
+        return self._coefficients
+
+    def top_examples(self, j, k=20):
+        return top_of(self._train[:, j], k)
+
+    def intervention(self, j, magnitude, sign=1):
+        return contextlib.nullcontext()
+
+    def magnitude_bounds(self, j):
+        return 1.0, 10.0
+
+    def describe(self):
+        return f"fixed {self.name}"
+
+
+def _one_hot(clusters, r):
+    return torch.nn.functional.one_hot(torch.tensor(clusters), r).double() * (1 + torch.rand(len(clusters), 1))
+
+
+LABELS = ["a"] * 30 + ["b"] * 30 + ["c"] * 30
+
+
+def test_fixed_dictionaries_satisfy_the_protocol():
+    d = FixedDictionary("x", _one_hot([0] * 90, 3), LABELS, _one_hot([0] * 90, 3))
+    assert isinstance(d, nt.Dictionary)
+
+
+def test_perfect_and_permuted_assignments_score_one():
+    clusters = [0] * 30 + [1] * 30 + [2] * 30
+    for permutation in ([0, 1, 2], [2, 0, 1]):
+        W = _one_hot([permutation[c] for c in clusters], 3)
+        d = FixedDictionary("p", W, LABELS, W)
+        metrics = label_metrics(d, W, _examples(LABELS), k=20)
+        assert metrics["ami"] == pytest.approx(1.0) and metrics["nmi"] == pytest.approx(1.0)
+        assert metrics["purity_at_20"] == 1.0 and metrics["best_match_f1"] == 1.0
+
+
+def test_random_coefficients_score_chance():
+    g = torch.Generator().manual_seed(0)
+    labels = [["a", "b", "c", "d"][i % 4] for i in range(4000)]
+    W = torch.rand(4000, 8, generator=g, dtype=torch.float64)
+    d = FixedDictionary("r", W, labels, W)
+    metrics = label_metrics(d, W, _examples(labels), k=200)
+    assert abs(metrics["ami"]) < 0.01
+    assert 0.25 <= metrics["purity_at_200"] < 0.35  # chance: the largest label's share, 1/4, plus noise
+    assert metrics["best_match_f1"] < 0.35  # chance F1 of a 1/8 cluster for a 1/4 label: 2/(8+4)... about 0.17
+
+
+def test_purity_and_f1_by_hand():
+    W = torch.tensor([[3.0, 0.0], [2.0, 0.0], [1.0, 0.5], [0.0, 1.0]], dtype=torch.float64)
+    labels = ["a", "a", "b", "b"]
+    assert purity_at(W, labels, k=3) == pytest.approx((2 / 3 + 1.0) / 2)  # component 1 has 2 positive entries
+    assert best_match_f1(W, labels) == {"a": pytest.approx(2 * 2 / (3 + 2)), "b": pytest.approx(2 * 1 / (1 + 2))}
+
+
+def test_multi_factor_recall_by_hand():
+    W = torch.tensor([[1.0, 0.9, 0.0], [1.0, 0.0, 0.9], [0.2, 0.1, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    factors = [["max", "succ"], ["max", "succ"], ["max", "succ"], ["max"]]
+    mapping = ["max", "succ", "other"]
+    # example 0: top two map to {max, succ}; example 1: {max, other}; example 2: {max, succ}; example 3 has one factor
+    assert multi_factor_recall(W, factors, mapping) == pytest.approx(2 / 3)
+    assert multi_factor_recall(W, [["max"]] * 4, mapping) is None
+
+
+def test_component_labels_come_from_the_top_training_examples():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.0], [0.0, 1.0], [0.1, 0.0]], dtype=torch.float64)
+    d = FixedDictionary("c", train, ["x", "x", "y", "y"], train)
+    assert component_labels(d, k=2) == ["x", "y"]
+
+
+def test_hungarian_matching_recovers_a_permutation():
+    g = torch.Generator().manual_seed(1)
+    A = torch.rand(200, 5, generator=g, dtype=torch.float64)
+    B = A[:, [3, 0, 4, 1, 2]] + 0.01 * torch.rand(200, 5, generator=g, dtype=torch.float64)
+    rows, cols, corr = match_coefficients(A, B)
+    assert dict(zip(rows, cols)) == {3: 0, 0: 1, 4: 2, 1: 3, 2: 4}
+    assert min(corr) > 0.99
+
+
+def test_compare_builds_and_saves_the_table(tmp_path):
+    clusters = [0] * 30 + [1] * 30 + [2] * 30
+    good = _one_hot(clusters, 3)
+    bad = torch.rand(90, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    dictionaries = [FixedDictionary("good", good, LABELS, good), FixedDictionary("bad", bad, LABELS, bad)]
+    table = compare(dictionaries, _examples(LABELS), out=tmp_path / "cmp")
+    assert list(table["method"]) == ["good", "bad"]
+    assert table.loc[0, "ami"] == pytest.approx(1.0) and table.loc[1, "ami"] < 0.2
+    assert table.loc[0, "matched_corr_bad"] == table.loc[1, "matched_corr_good"]  # symmetric
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert [row["method"] for row in saved["rows"]] == ["good", "bad"]
+    assert (tmp_path / "cmp" / "comparison.csv").read_text().startswith("method,")
+    with pytest.raises(ValueError, match="names must be unique"):
+        compare([dictionaries[0], dictionaries[0]], _examples(LABELS))
