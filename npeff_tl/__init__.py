@@ -6,7 +6,7 @@ when an SAE baseline is used.
 
 import logging
 
-from . import zoo
+from . import baselines, zoo
 from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
 from .components import Component, Readout
 from .decomp import DNPEFF, LRMNPEFF, Decomposition, load_decomposition, matched_cosines
@@ -52,7 +52,7 @@ __all__ = [
     "HookedTransformerAdapter", "ModelAdapter", "as_adapter", "Examples", "ParamSpace",
     "AnswerLogProb", "ClassLogProbs", "CrossEntropy", "FunctionObjective", "Objective", "GradBlock",
     "DiagonalPEFs", "LowRankPEFs", "PEFs", "compute_pefs", "load_pefs", "per_example_grads",
-    "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "zoo",
+    "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "zoo", "baselines",
     "DNPEFF", "LRMNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
     "Component", "Readout", "ParameterPerturbation", "kl_divergence", "lrm_direction", "perturb", "random_direction",
     "dnpeff_direction", "sign_pattern", "LabeledExamples", "HookIntervention", "KLProbe", "calibrate_magnitude",

@@ -3,5 +3,6 @@ activation k-means. SAE-Lens is imported only when an SAE baseline is used."""
 
 from .gradient_clustering import GradientClustering
 from .kmeans import ActivationKMeans
+from .sae import SAEDictionary, evaluate_sae, load_sae, train_sae
 
-__all__ = ["ActivationKMeans", "GradientClustering"]
+__all__ = ["ActivationKMeans", "GradientClustering", "SAEDictionary", "evaluate_sae", "load_sae", "train_sae"]
