@@ -11,6 +11,7 @@ selectivity (``measure_selectivity``), with the random-direction controls of par
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -19,8 +20,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .dictionaries import Dictionary, top_of
-from .examples import LabeledExamples
+from .dictionaries import Dictionary, as_labeled, top_of
+from .examples import Examples, LabeledExamples
 from .selectivity import SelectivityConfig, SelectivityResult, measure_selectivity
 from .store import atomic_directory, save_json, versions
 
@@ -133,8 +134,10 @@ def label_metrics(dictionary: Dictionary, coefficients: Float[Tensor, "n r"], ex
 
 def compare(
     dictionaries: Sequence[Dictionary],
-    examples: LabeledExamples,
+    examples: LabeledExamples | Examples,
     *,
+    labels: Sequence[str] | None = None,
+    factors: Sequence[Sequence[str]] | None = None,
     k: int = 20,
     selectivity: SelectivityConfig | bool = False,
     out: str | os.PathLike | None = None,
@@ -144,8 +147,14 @@ def compare(
     the label metrics on ``examples``, the mean matched coefficient correlation with every other dictionary
     (``matched_corr_<name>``), each dictionary's own figures (e.g. SAE evaluations) and, with ``selectivity``
     (True or a ``SelectivityConfig``), median coefficient and strategy selectivity. With ``out``, the table is
-    saved there as comparison.csv and comparison.json, and each selectivity result in selectivity/<name>/."""
+    saved there as comparison.csv and comparison.json, and each selectivity result in selectivity/<name>/.
+    ``labels`` / ``factors`` give (or replace) the examples' strategy labels and per-example factor lists."""
     import pandas as pd
+
+    examples = as_labeled(examples)
+    if labels is not None or factors is not None:
+        examples = dataclasses.replace(examples, labels=labels if labels is not None else examples.labels,
+                                       factors=factors if factors is not None else examples.factors)
 
     names = [d.name for d in dictionaries]
     if len(set(names)) != len(names):

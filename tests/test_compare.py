@@ -133,5 +133,7 @@ def test_compare_builds_and_saves_the_table(tmp_path):
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert [row["method"] for row in saved["rows"]] == ["good", "bad"]
     assert (tmp_path / "cmp" / "comparison.csv").read_text().startswith("method,")
+    relabeled = compare(dictionaries, _examples(["x"] * 90), labels=LABELS)  # labels= replaces the examples' labels
+    assert relabeled.loc[0, "ami"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="names must be unique"):
         compare([dictionaries[0], dictionaries[0]], _examples(LABELS))

@@ -15,3 +15,6 @@ def test_the_api_tour_runs(tmp_path, monkeypatch):
     assert namespace["dec"].W.shape == (64, 16) and len(namespace["kl"]) == 64
     assert set(namespace["result"].medians()) == {"dnpeff", "random", "random_support"}
     assert (tmp_path / "runs" / "selectivity" / "selectivity.json").exists()
+    table = namespace["table"]
+    assert list(table["method"]) == ["dnpeff", "sae_64", "gradient_clustering", "activation_kmeans"]
+    assert (tmp_path / "runs" / "compare" / "comparison.csv").exists()

@@ -137,12 +137,13 @@ class _TokenBatches:
 
 def evaluate_sae(model: nn.Module, sae, examples: LabeledExamples | Examples, batch_size: int = 32) -> dict[str, float]:
     """SAE-Lens's own figures (``run_evals``) on the examples' sequences: CE loss recovered, explained variance
-    and L0 (over every position of the padded sequences)."""
+    and L0, over real tokens only (the sequences are cut to the shortest one's length, so no padding counts)."""
     _sae_lens()
     from sae_lens.evals import EvalConfig, run_evals
     from sae_lens.training.activation_scaler import ActivationScaler
 
-    tokens = as_labeled(examples).examples.tokens
+    examples = as_labeled(examples).examples
+    tokens = examples.tokens[:, : int(examples.lengths.min())]
     n_batches = max(1, len(tokens) // batch_size)
     config = EvalConfig(batch_size_prompts=batch_size, n_eval_reconstruction_batches=n_batches,
                         n_eval_sparsity_variance_batches=n_batches, compute_ce_loss=True, compute_kl=False,
