@@ -1,75 +1,56 @@
 """The ``npeff-tl`` command.
 
-``npeff-tl demo`` runs the main job on the embedded default, a zoo model (shipped weights, no downloads). Until
-the decompositions land, it computes diagonal and low-rank PEFs of zoo examples and prints a summary.
+``npeff-tl demo --out DIR`` runs the main job end to end on the embedded default, a zoo model (shipped weights,
+no downloads): PEFs, D-NPEFF and LRM-NPEFF, SAE / gradient-clustering / activation k-means baselines, the
+comparison with selectivity and controls, and ``DIR/summary.json``. Re-running with the same DIR reuses the
+finished stages.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+import tempfile
 from collections.abc import Sequence
 
-import torch
-
-from .pefs import PEFs, compute_pefs
 from .store import FormatError
 
 
-def _fisher_shares(pefs: PEFs) -> list[tuple[str, float]]:
-    """Share of the dataset-level Fisher's mass in each TL parameter tensor, largest first."""
-    named = pefs.space.to_named(pefs.dataset_fisher)
-    total = float(pefs.dataset_fisher.sum())
-    return sorted(((name, float(t.sum()) / total) for name, t in named.items()), key=lambda x: -x[1])
+def _print_summary(summary: dict) -> None:
+    print(f"\n{summary['model']}: {summary['n_examples']} examples, {summary['seconds']:.0f} s from scratch")
+    keys = ("ami", "purity_at_20", "multi_factor_recall", "median_selectivity", "median_strategy_selectivity")
+    print(f"{'method':>20} " + " ".join(f"{k:>27}" for k in keys))
+    rows = list(summary["methods"].items()) + [(f"control: {k}", v) for k, v in summary["controls"].items()]
+    for name, figures in rows:
+        cells = ("-" if figures.get(k) is None else f"{figures[k]:.4g}" for k in keys)
+        print(f"{name:>20} " + " ".join(f"{c:>27}" for c in cells))
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from . import Examples, ParamSpace, Target, TopK, zoo
+    from .pipeline import DemoConfig, run_demo as pipeline
 
-    model, data = zoo.load(args.model)
-    train = data["train"]
-    if not 1 <= args.n_examples <= len(train):
-        raise ValueError(f"--n-examples must lie in [1, {len(train)}] for {args.model}, got {args.n_examples}")
-    rows = train.select(range(args.n_examples))
-    examples = Examples.from_tokens(rows["tokens"], rows["target_pos"])
-    space = ParamSpace(model, include=["blocks.*.attn.W_[QKV]", "blocks.*.mlp.W_*"])
-    target = Target(position="last", classes=TopK(4))
-    strategies = sorted(set(rows["strategy"]))
-    print(f"model: zoo {args.model} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}); "
-          f"{args.n_examples} examples of {len(strategies)} strategies")
-    print(f"parameter space: {space.size:,} parameters in {len(space.names)} tensors; target: the answer "
-          "position, top-4 classes")
-    for kind in ("diagonal", "lowrank"):
-        store = f"{args.out}/pefs_{kind}" if args.out else None
-        start = time.perf_counter()
-        pefs = compute_pefs(model, examples, space, target, kind, nnz=args.nnz, batch_size=args.batch_size,
-                            store=store, answers=torch.tensor(rows["answer"]), progress=not args.quiet)
-        seconds = time.perf_counter() - start
-        print(f"\n{kind} PEFs: {len(pefs)} examples x {pefs.nnz} entries in {seconds:.1f} s "
-              f"({len(pefs) / seconds:.0f} examples/s){f', saved to {store}' if store else ''}")
-        norms = ", ".join(
-            f"{s} {pefs.norms[[i for i, t in enumerate(rows['strategy']) if t == s]].median():.2e}" for s in strategies
-        )
-        print(f"  median PEF norm by strategy: {norms}")
-        kept = pefs.values.double().square().sum(1) / pefs.norms.square().clamp(min=1e-300)
-        if kind == "diagonal":
-            print(f"  share of each PEF's squared norm kept by the top {pefs.nnz}: median {kept.median():.3f}")
-        print("  dataset-level Fisher by parameter tensor:")
-        for name, share in _fisher_shares(pefs)[:5]:
-            print(f"    {name:<24} {share:6.1%}")
+    config = DemoConfig(model=args.model, per_task=args.per_task, components=args.components,
+                        sae_steps=args.sae_steps)
+    if config.per_task * 7 < 220:
+        raise ValueError(f"--per-task {args.per_task} leaves too few held-out examples for selectivity (top 20 + "
+                         "baseline 200); use --per-task 32 or more")
+    out = args.out or tempfile.mkdtemp(prefix="npeff-tl-demo-")
+    summary = pipeline(out, config, progress=not args.quiet)
+    _print_summary(summary)
+    print(f"artifacts and summary.json in {out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="npeff-tl", description="NPEFF for TransformerLens models.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the main job on the embedded default model (no downloads)")
-    demo.add_argument("--out", help="directory for the results (re-running resumes); default: keep in memory")
-    demo.add_argument("--n-examples", type=int, default=256, help="number of examples (default 256)")
-    demo.add_argument("--nnz", type=int, default=4096, help="entries kept per PEF (default 4096)")
-    demo.add_argument("--batch-size", type=int, default=16, help="examples per batch (default 16)")
+    demo.add_argument("--out", help="directory for all artifacts and summary.json (re-running reuses finished "
+                                    "stages); default: a new temporary directory")
     demo.add_argument("--model", default="tasks-2l", help="zoo model (default tasks-2l; see npeff_tl.zoo.list())")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--per-task", type=int, default=64, help="train and test examples per task (default 64)")
+    demo.add_argument("--components", type=int, default=16, help="components per dictionary (default 16)")
+    demo.add_argument("--sae-steps", type=int, default=1000, help="SAE training steps (default 1000)")
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     try:
         run_demo(args)

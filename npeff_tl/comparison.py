@@ -140,6 +140,7 @@ def compare(
     factors: Sequence[Sequence[str]] | None = None,
     k: int = 20,
     selectivity: SelectivityConfig | bool = False,
+    selectivity_components: int | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
 ):
@@ -148,7 +149,9 @@ def compare(
     (``matched_corr_<name>``), each dictionary's own figures (e.g. SAE evaluations) and, with ``selectivity``
     (True or a ``SelectivityConfig``), median coefficient and strategy selectivity. With ``out``, the table is
     saved there as comparison.csv and comparison.json, and each selectivity result in selectivity/<name>/.
-    ``labels`` / ``factors`` give (or replace) the examples' strategy labels and per-example factor lists."""
+    ``labels`` / ``factors`` give (or replace) the examples' strategy labels and per-example factor lists.
+    ``selectivity_components`` caps the components measured per dictionary (those with the largest total
+    training coefficient), since each needs its own magnitude searches."""
     import pandas as pd
 
     examples = as_labeled(examples)
@@ -173,7 +176,12 @@ def compare(
         row.update(getattr(d, "evaluation", None) or {})
         if selectivity:
             config = selectivity if isinstance(selectivity, SelectivityConfig) else SelectivityConfig()
-            results[d.name] = measure_selectivity(d, examples, config=config, progress=progress)
+            components = None
+            if selectivity_components is not None and d.n_components > selectivity_components:
+                mass = torch.as_tensor(d.train_coefficients).double().sum(0)
+                components = mass.topk(selectivity_components).indices.sort().values.tolist()
+            results[d.name] = measure_selectivity(d, examples, components=components, config=config,
+                                                  progress=progress)
             medians = results[d.name].medians()
             row["median_selectivity"] = medians[d.name]["selectivity"]
             row["median_strategy_selectivity"] = medians[d.name]["strategy_selectivity"]

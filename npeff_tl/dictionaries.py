@@ -112,7 +112,8 @@ class NPEFFDictionary(ParameterDictionary):
     (``lrm_direction``, with optional semi-orthogonalisation ``max_abs_cos``); D-NPEFF components use the
     Fisher-weighted perturbation (``dnpeff_direction``) with the sign pattern of their top training examples
     and, with ``mix="auto"``, the mixing weight from ``mix_grid`` whose perturbation, calibrated to a mean KL of
-    ``mix_kl_target`` on the top training examples, is most selective against other training examples.
+    ``mix_kl_target`` on the ``n_top_train`` top training examples, is most selective against
+    ``n_baseline_train`` other training examples (seeded).
 
     Args:
         train: the examples the decomposition was fitted to (row i of ``decomposition.W``), with answers for
@@ -137,6 +138,7 @@ class NPEFFDictionary(ParameterDictionary):
         max_abs_cos: float | None = None,
         max_relative_magnitude: float = 1.0,
         n_top_train: int = 20,
+        n_baseline_train: int = 200,
         seed: int = 0,
         batch_size: int = 16,
     ):
@@ -156,6 +158,7 @@ class NPEFFDictionary(ParameterDictionary):
         self.mix, self.mix_grid, self.mix_kl_target = mix, tuple(mix_grid), mix_kl_target
         self.fisher_floor, self.max_abs_cos = fisher_floor, max_abs_cos
         self.max_relative_magnitude, self.n_top_train, self.seed = max_relative_magnitude, n_top_train, seed
+        self.n_baseline_train = n_baseline_train
         self.batch_size = batch_size
         self._directions: dict[int, Tensor] = {}
         self.mixes: dict[int, float] = {}  # the mixing weight used per D-NPEFF component
@@ -203,7 +206,8 @@ class NPEFFDictionary(ParameterDictionary):
         others = torch.ones(len(self.train), dtype=torch.bool)
         others[top] = False
         baseline = torch.nonzero(others).flatten()
-        baseline = baseline[torch.randperm(len(baseline), generator=torch.Generator().manual_seed(self.seed + j))[:200]]
+        order = torch.randperm(len(baseline), generator=torch.Generator().manual_seed(self.seed + j))
+        baseline = baseline[order[: self.n_baseline_train]]
         start, limit = self.magnitude_bounds(j)
         best = None
         for mix in self.mix_grid:

@@ -70,7 +70,7 @@ class ActivationKMeans:
         return HookIntervention(self.model, [(self.hook_name, project)])
 
     def magnitude_bounds(self, j: int) -> tuple[float, float]:
-        return 0.25, 100.0
+        return 0.25, 100.0  # 1 removes it; beyond, it is reversed (sign +1) or amplified (sign -1)
 
     def describe(self) -> str:
         return (f"activation k-means: {self.n_components} clusters of {self.hook_name} at the target position, "

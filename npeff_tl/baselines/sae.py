@@ -226,7 +226,7 @@ class SAEDictionary:
         return HookIntervention(self.model, [(self.hook_name, splice)])
 
     def magnitude_bounds(self, j: int) -> tuple[float, float]:
-        return 0.25, 100.0
+        return 0.25, 100.0  # 1 removes it; beyond, it is reversed (sign +1) or amplified (sign -1)
 
     def describe(self) -> str:
         figures = "" if not self.evaluation else " (" + ", ".join(f"{k} {v:.3g}" for k, v in self.evaluation.items()) + ")"
