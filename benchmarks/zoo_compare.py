@@ -22,7 +22,7 @@ import torch
 
 import npeff_tl as nt
 from npeff_tl.baselines import ActivationKMeans, GradientClustering, SAEDictionary, evaluate_sae, train_sae
-from npeff_tl.comparison import assignment, compare, label_metrics
+from npeff_tl.comparison import compare, label_metrics, train_ami
 
 METRICS = ("ami", "nmi", "purity_at_20", "best_match_f1", "multi_factor_recall")
 
@@ -34,12 +34,6 @@ def summary(rows: list[dict]) -> dict[str, str]:
         values = [r[key] for r in rows if r[key] is not None]
         out[key] = f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})" if values else "n/a"
     return out
-
-
-def train_ami(dictionary) -> float:
-    from sklearn.metrics import adjusted_mutual_info_score
-
-    return adjusted_mutual_info_score(dictionary.train.labels, assignment(dictionary.train_coefficients))
 
 
 def main() -> None:

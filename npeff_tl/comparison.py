@@ -65,6 +65,16 @@ def best_match_f1(coefficients: Float[Tensor, "n r"], labels: Sequence[str]) -> 
     return out
 
 
+def train_ami(dictionary: Dictionary) -> float:
+    """AMI of the training examples' argmax assignment against their labels: for choosing a setting (a hook, a
+    width) on the train split only."""
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    if dictionary.train.labels is None:
+        raise ValueError(f"{dictionary.name}'s training examples have no labels; build it with labeled examples")
+    return float(adjusted_mutual_info_score(dictionary.train.labels, assignment(dictionary.train_coefficients)))
+
+
 def component_labels(dictionary: Dictionary, k: int = 20) -> list[str | None]:
     """Each component's label: the most frequent among its k top training examples (None without any)."""
     labels = dictionary.train.labels

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .comparison import assignment, compare
+from .comparison import compare, train_ami
 from .decomp import DNPEFF, LRMNPEFF, load_decomposition
 from .dictionaries import NPEFFDictionary
 from .examples import LabeledExamples
@@ -97,11 +97,6 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), progress: bool 
 
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
     hooks.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
-
-    def train_ami(dictionary) -> float:
-        from sklearn.metrics import adjusted_mutual_info_score
-
-        return adjusted_mutual_info_score(train.labels, assignment(dictionary.train_coefficients))
 
     for width, k in ((config.components, 4), (config.wide_sae, 8)):
         def saes(width=width, k=k):

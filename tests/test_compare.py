@@ -15,6 +15,7 @@ from npeff_tl.comparison import (
     match_coefficients,
     multi_factor_recall,
     purity_at,
+    train_ami,
 )
 from npeff_tl.dictionaries import top_of
 
@@ -104,6 +105,14 @@ def test_multi_factor_recall_by_hand():
     # example 0: top two map to {max, succ}; example 1: {max, other}; example 2: {max, succ}; example 3 has one factor
     assert multi_factor_recall(W, factors, mapping) == pytest.approx(2 / 3)
     assert multi_factor_recall(W, [["max"]] * 4, mapping) is None
+
+
+def test_train_ami_scores_the_training_assignment():
+    clusters = [0] * 30 + [1] * 30 + [2] * 30
+    d = FixedDictionary("t", _one_hot(clusters, 3), LABELS, None)
+    assert train_ami(d) == pytest.approx(1.0)
+    shuffled = FixedDictionary("s", _one_hot([c for c in reversed(clusters[::2] + clusters[1::2])], 3), LABELS, None)
+    assert train_ami(shuffled) < train_ami(d)
 
 
 def test_component_labels_come_from_the_top_training_examples():
