@@ -190,8 +190,8 @@ def compare(
             if selectivity_components is not None and d.n_components > selectivity_components:
                 mass = torch.as_tensor(d.train_coefficients).double().sum(0)
                 components = mass.topk(selectivity_components).indices.sort().values.tolist()
-            results[d.name] = measure_selectivity(d, examples, components=components, config=config,
-                                                  progress=progress)
+            results[d.name] = measure_selectivity(d, examples, components=components,
+                                                  coefficients=coefficients[d.name], config=config, progress=progress)
             medians = results[d.name].medians()
             row["median_selectivity"] = medians[d.name]["selectivity"]
             row["median_strategy_selectivity"] = medians[d.name]["strategy_selectivity"]

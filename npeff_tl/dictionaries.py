@@ -74,6 +74,21 @@ def top_of(coefficients: Float[Tensor, " n"], k: int) -> Int[Tensor, " k"]:
     return top.indices[top.values > 0]
 
 
+def draw_baseline(n: int, exclude: Int[Tensor, " k"], size: int, seed: int) -> Int[Tensor, " size"]:
+    """``size`` indices of range(n) outside ``exclude``, drawn with ``seed`` (sorted)."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[exclude] = False
+    rest = torch.nonzero(keep).flatten()
+    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))
+    return rest[order[:size]].sort().values
+
+
+def mean_ratio(a: Tensor, b: Tensor) -> float:
+    """mean(a) / mean(b): inf when only b's mean is 0, NaN when both are."""
+    top, base = float(a.mean()), float(b.mean())
+    return top / base if base > 0 else (math.inf if top > 0 else math.nan)
+
+
 class ParameterDictionary(ABC):
     """A dictionary whose components are directions in a ParamSpace: the intervention is
     theta + sign * magnitude * direction / ||direction||, magnitudes searched up to ``max_relative_magnitude``
@@ -163,6 +178,7 @@ class NPEFFDictionary(ParameterDictionary):
         self._directions: dict[int, Tensor] = {}
         self.mixes: dict[int, float] = {}  # the mixing weight used per D-NPEFF component
         self._coefficients: dict[str, Tensor] = {}
+        self._train_probe: KLProbe | None = None  # the training examples' original predictions, for the mix
 
     @property
     def n_components(self) -> int:
@@ -202,12 +218,10 @@ class NPEFFDictionary(ParameterDictionary):
         if self.mix != "auto":
             return self.mix, dnpeff_direction(self.decomposition, j, self.dataset_fisher, signs, self.mix,
                                               self.fisher_floor)
-        probe = KLProbe(self.model, self.train.examples, self.train.answers)
-        others = torch.ones(len(self.train), dtype=torch.bool)
-        others[top] = False
-        baseline = torch.nonzero(others).flatten()
-        order = torch.randperm(len(baseline), generator=torch.Generator().manual_seed(self.seed + j))
-        baseline = baseline[order[: self.n_baseline_train]]
+        if self._train_probe is None:
+            self._train_probe = KLProbe(self.model, self.train.examples, self.train.answers)
+        probe = self._train_probe
+        baseline = draw_baseline(len(self.train), top, self.n_baseline_train, self.seed + j)
         start, limit = self.magnitude_bounds(j)
         best = None
         for mix in self.mix_grid:
@@ -222,8 +236,8 @@ class NPEFFDictionary(ParameterDictionary):
                 m, _, reached = calibrate_magnitude(mean_kl, self.mix_kl_target, start, limit=limit)
                 if reached:
                     kl, _ = probe.run(perturb(self.model, d, self.space, m, sign), torch.cat([top, baseline]))
-                    base = float(kl[len(top):].mean())
-                    score = max(score, float(kl[: len(top)].mean()) / base if base > 0 else math.inf)
+                    ratio = mean_ratio(kl[: len(top)], kl[len(top):])
+                    score = max(score, -math.inf if math.isnan(ratio) else ratio)
             if best is None or score > best[0]:
                 best = (score, mix, d)
         if best is None:

@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .dictionaries import Dictionary, ParameterDictionary, top_of
+from .dictionaries import Dictionary, ParameterDictionary, draw_baseline, mean_ratio, top_of
 from .examples import LabeledExamples
 from .interventions import KLProbe, calibrate_magnitude, perturb, random_direction
 from .store import atomic_directory, load_json, load_tensors, save_json, save_tensors, versions
@@ -85,19 +85,6 @@ class SelectivityConfig:
             raise ValueError(f"unknown controls {sorted(unknown)}; choose from {CONTROLS}")
         if not 0 < self.rtol < 1:
             raise ValueError(f"rtol must be in (0, 1), got {self.rtol}")
-
-
-def _draw_baseline(n: int, exclude: Tensor, size: int, seed: int) -> Tensor:
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[exclude] = False
-    rest = torch.nonzero(keep).flatten()
-    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))
-    return rest[order[:size]].sort().values
-
-
-def _ratio(a: Tensor, b: Tensor) -> float:
-    top, base = float(a.mean()), float(b.mean())
-    return top / base if base > 0 else (math.inf if top > 0 else math.nan)
 
 
 @dataclass
@@ -171,6 +158,7 @@ def measure_selectivity(
     heldout: LabeledExamples,
     *,
     components: Sequence[int] | None = None,
+    coefficients: Float[Tensor, "n_heldout r"] | None = None,
     config: SelectivityConfig = SelectivityConfig(),
     progress: bool = True,
 ) -> SelectivityResult:
@@ -182,6 +170,7 @@ def measure_selectivity(
         heldout: examples not used in the fit, with answers (default: the model's predictions) and strategy
             labels (needed for strategy selectivity and the matrices).
         components: which components (default all).
+        coefficients: the held-out coefficients if already computed (default: ``dictionary.coefficients``).
     """
     r = dictionary.n_components
     if len(heldout) < config.n_top + config.n_baseline:
@@ -191,9 +180,10 @@ def measure_selectivity(
     bad = [j for j in components if not 0 <= j < r]
     if bad:
         raise ValueError(f"components {bad} do not exist; the dictionary has {r} (0..{r - 1})")
-    W_heldout = dictionary.coefficients(heldout).double().cpu()
+    W_heldout = (dictionary.coefficients(heldout) if coefficients is None else torch.as_tensor(coefficients)).double().cpu()
     train_labels = dictionary.train.labels
     strategies = tuple(dict.fromkeys(heldout.labels)) if heldout.labels is not None else ()
+    masks = {s: torch.tensor([x == s for x in heldout.labels]) for s in strategies}  # held-out examples per strategy
     probe = KLProbe(dictionary.model, heldout.examples, heldout.answers, reverse=config.reverse_kl,
                     batch_size=config.batch_size)
     parameter_space = isinstance(dictionary, ParameterDictionary)
@@ -210,7 +200,7 @@ def measure_selectivity(
         if len(top_train) == 0 or len(top) == 0:
             logger.warning("component %d has no examples with positive coefficients; it is left out", j)
             continue
-        baseline = _draw_baseline(len(heldout), top, config.n_baseline, config.seed * 100_003 + j)
+        baseline = draw_baseline(len(heldout), top, config.n_baseline, config.seed * 100_003 + j)
         strategy = None
         if train_labels is not None and strategies:
             strategy = Counter(train_labels[i] for i in top_train.tolist()).most_common(1)[0][0]
@@ -238,15 +228,14 @@ def measure_selectivity(
             for name, make in makers.items():
                 record = {"method": name, "component": j, "kl_target": target, "strategy": strategy,
                           **(extra if name == dictionary.name else dict.fromkeys(extra))}
-                figures, best = _at_magnitudes(probe, make, magnitudes, top, baseline, heldout.labels, strategy)
+                figures, best = _at_magnitudes(probe, make, magnitudes, top, baseline, masks.get(strategy))
                 record.update(figures)
                 record["calibrated_plus"], record["calibrated_minus"] = (
                     (found[1][2], found[-1][2]) if name == dictionary.name else (None, None))
                 records.append(record)
                 if target == config.kl_targets[0] and strategies and best is not None:
                     kl, correct = best
-                    for col, s in enumerate(strategies):
-                        mask = torch.tensor([x == s for x in heldout.labels])
+                    for col, mask in enumerate(masks.values()):
                         kl_matrix[name][row, col] = kl[mask].mean()
                         accuracy_drop[name][row, col] = probe.correct[mask].mean() - correct[mask].mean()
     settings = {**asdict(config), "method": dictionary.name, "n_heldout": len(heldout), "n_train": len(dictionary.train),
@@ -255,10 +244,10 @@ def measure_selectivity(
 
 
 def _at_magnitudes(probe: KLProbe, make: Callable[[int, float], object], magnitudes: dict[int, float | None],
-                   top: Tensor, baseline: Tensor, labels: tuple[str, ...] | None, strategy: str | None):
+                   top: Tensor, baseline: Tensor, in_strategy: Tensor | None):
     """Figures of one intervention family (``make(sign, magnitude)``) at the given magnitude per sign (None: that
-    sign is left out), and the
-    (KL, correctness) of the sign with the larger coefficient selectivity (None if no sign was measured)."""
+    sign is left out; ``in_strategy``: the held-out examples of the component's strategy, None without one), and
+    the (KL, correctness) of the sign with the larger coefficient selectivity (None if no sign was measured)."""
     figures, runs = {}, {}
     for sign, suffix in ((1, "_plus"), (-1, "_minus")):
         m = magnitudes[sign]
@@ -269,8 +258,8 @@ def _at_magnitudes(probe: KLProbe, make: Callable[[int, float], object], magnitu
         kl, correct = runs[sign] = probe.run(make(sign, m))
         figures["top_kl" + suffix] = float(kl[top].mean())
         figures["baseline_kl" + suffix] = float(kl[baseline].mean())
-        figures["selectivity" + suffix] = _ratio(kl[top], kl[baseline])
-        figures["strategy_selectivity" + suffix] = _strategy_ratio(kl, labels, strategy)
+        figures["selectivity" + suffix] = mean_ratio(kl[top], kl[baseline])
+        figures["strategy_selectivity" + suffix] = _strategy_ratio(kl, in_strategy)
     best = max((1, -1), key=lambda s: _order(figures["selectivity" + ("_plus" if s == 1 else "_minus")]))
     figures["sign"] = best if best in runs else None
     figures["selectivity"] = _best(figures["selectivity_plus"], figures["selectivity_minus"])
@@ -278,13 +267,10 @@ def _at_magnitudes(probe: KLProbe, make: Callable[[int, float], object], magnitu
     return figures, runs.get(best)
 
 
-def _strategy_ratio(kl: Tensor, labels: tuple[str, ...] | None, strategy: str | None) -> float | None:
-    if labels is None or strategy is None:
+def _strategy_ratio(kl: Tensor, mask: Tensor | None) -> float | None:
+    if mask is None or not mask.any() or mask.all():
         return None
-    mask = torch.tensor([x == strategy for x in labels])
-    if not mask.any() or mask.all():
-        return None
-    return _ratio(kl[mask], kl[~mask])
+    return mean_ratio(kl[mask], kl[~mask])
 
 
 def _order(x: float | None) -> float:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ..examples import Examples
@@ -16,6 +18,17 @@ def check_hook(model: nn.Module, hook_name: str) -> None:
         raise ValueError(f"unknown hook {hook_name!r}; hooks of this kind in the model: {near or sorted(known)[:6]}")
 
 
+def sequence_activations(model: nn.Module, tokens: Int[Tensor, "b seq"], hook_name: str) -> Tensor:
+    """Activations at ``hook_name`` for a batch of sequences ([b, seq, ...]), without gradients; the forward pass
+    stops after the block that holds the hook."""
+    block = re.match(r"blocks\.(\d+)\.", hook_name)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens.to(device), names_filter=[hook_name],
+                                        stop_at_layer=int(block.group(1)) + 1 if block else None)
+    return cache[hook_name]
+
+
 def hook_activations(model: nn.Module, examples: Examples, hook_name: str, *, positions: str = "target",
                      batch_size: int = 64) -> Float[Tensor, "n d"]:
     """Activations at ``hook_name``: at each example's target position (``positions="target"``), or every real
@@ -26,16 +39,14 @@ def hook_activations(model: nn.Module, examples: Examples, hook_name: str, *, po
         raise ValueError(f"positions must be 'target' or 'all', got {positions!r}")
     rows = []
     n = len(examples) if positions == "target" else len(examples.tokens)
-    device = next(model.parameters()).device
     for start in range(0, n, batch_size):
         index = torch.arange(start, min(start + batch_size, n))
         sequences = examples.seq_index[index] if positions == "target" else index
-        _, cache = model.run_with_cache(examples.tokens[sequences].to(device), names_filter=[hook_name])
-        acts = cache[hook_name]
+        acts = sequence_activations(model, examples.tokens[sequences], hook_name)
         if positions == "target":
-            rows.append(acts[torch.arange(len(index)), examples.position[index].to(device)])
+            rows.append(acts[torch.arange(len(index)), examples.position[index].to(acts.device)])
         else:
-            lengths = examples.lengths[sequences].to(device)
-            real = torch.arange(acts.shape[1], device=device)[None] < lengths[:, None]
+            lengths = examples.lengths[sequences].to(acts.device)
+            real = torch.arange(acts.shape[1], device=acts.device)[None] < lengths[:, None]
             rows.append(acts[real])
     return torch.cat(rows).flatten(1).float().cpu()

@@ -24,7 +24,7 @@ from ..dictionaries import as_labeled, top_of
 from ..examples import Examples, LabeledExamples
 from ..interventions import HookIntervention
 from ..store import atomic_directory
-from .activations import check_hook, hook_activations
+from .activations import check_hook, hook_activations, sequence_activations
 
 POOLINGS = ("target", "max", "mean")
 
@@ -195,10 +195,9 @@ class SAEDictionary:
         for start in range(0, len(examples), self.batch_size):
             index = torch.arange(start, min(start + self.batch_size, len(examples)))
             sequences, positions = examples.seq_index[index], examples.position[index]
+            acts = sequence_activations(self.model, examples.tokens[sequences], self.hook_name)
             with torch.no_grad():
-                _, cache = self.model.run_with_cache(examples.tokens[sequences].to(next(self.model.parameters()).device),
-                                                     names_filter=[self.hook_name])
-                features = self.sae.encode(cache[self.hook_name].to(device)).double().cpu()  # [b, seq, d_sae]
+                features = self.sae.encode(acts.to(device)).double().cpu()  # [b, seq, d_sae]
             if self.pooling == "target":
                 out.append(features[torch.arange(len(index)), positions])
             else:
