@@ -40,7 +40,11 @@ from .pefs import (
     per_example_grads,
 )
 from .comparison import compare
+from .config import RunConfig, load_config
+from .pipeline import Run, run_all
+from .report import write_report
 from .selectivity import SelectivityConfig, SelectivityResult, load_selectivity, measure_selectivity
+from .sources import load_model, save_checkpoint
 from .store import FormatError
 from .targets import Candidates, ClassRule, Sampled, Target, Threshold, TopK
 
@@ -58,4 +62,5 @@ __all__ = [
     "dnpeff_direction", "sign_pattern", "LabeledExamples", "HookIntervention", "KLProbe", "calibrate_magnitude",
     "Dictionary", "NPEFFDictionary", "ParameterDictionary", "compare",
     "SelectivityConfig", "SelectivityResult", "load_selectivity", "measure_selectivity",
+    "RunConfig", "load_config", "Run", "run_all", "write_report", "load_model", "save_checkpoint",
 ]

@@ -1,19 +1,30 @@
 """The ``npeff-tl`` command.
 
 ``npeff-tl demo --out DIR`` runs the main job end to end on the embedded default, a zoo model (shipped weights,
-no downloads): PEFs, D-NPEFF and LRM-NPEFF, SAE / gradient-clustering / activation k-means baselines, the
-comparison with selectivity and controls, and ``DIR/summary.json``. Re-running with the same DIR reuses the
-finished stages.
+no downloads). The stage commands ``pefs``, ``fit``, ``perturb``, ``compare`` and ``report`` run the same
+pipeline on any model and data, driven by a config file (``npeff-tl config`` prints the defaults) and
+``--set section.key=value`` flags; each runs the earlier stages that are not finished yet, and ``run`` runs them
+all. Mistakes a user can make get a one-line message and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from collections.abc import Sequence
 
 from .store import FormatError
+
+STAGE_HELP = {
+    "pefs": "per-example Fishers of the train split (diagonal and/or low-rank)",
+    "fit": "D-NPEFF / LRM-NPEFF decompositions of the PEFs",
+    "perturb": "held-out selectivity of the NPEFF components, with random-direction controls",
+    "compare": "SAE, gradient-clustering and activation k-means baselines; the comparison and summary.json",
+    "report": "report.html from whatever the directory holds",
+    "run": "every stage, then the report",
+}
 
 
 def _print_summary(summary: dict) -> None:
@@ -26,36 +37,110 @@ def _print_summary(summary: dict) -> None:
         print(f"{name:>20} " + " ".join(f"{c:>27}" for c in cells))
 
 
-def run_demo(args: argparse.Namespace) -> None:
-    from .pipeline import DemoConfig, run_demo as pipeline
+def _demo(args: argparse.Namespace) -> None:
+    from .config import RunConfig
+    from .pipeline import run_all
+    from .sources import ZOO_PREFIX
 
-    config = DemoConfig(model=args.model, per_task=args.per_task, components=args.components,
-                        sae_steps=args.sae_steps)
-    if config.per_task * 7 < 220:
+    if args.per_task * 7 < 220:
         raise ValueError(f"--per-task {args.per_task} leaves too few held-out examples for selectivity (top 20 + "
                          "baseline 200); use --per-task 32 or more")
+    config = RunConfig()
+    config.model.name = args.model if args.model.startswith(ZOO_PREFIX) else ZOO_PREFIX + args.model
+    config.data.per_task = args.per_task
+    config.fit.components = args.components
+    config.compare.sae_widths = [args.components, 128]
+    config.compare.sae_steps = args.sae_steps
+    from . import zoo
+
+    zoo.entry(config.model.name.removeprefix(ZOO_PREFIX))  # an unknown name fails before anything runs
     out = args.out or tempfile.mkdtemp(prefix="npeff-tl-demo-")
-    summary = pipeline(out, config, progress=not args.quiet)
+    summary = run_all(out, config, progress=not args.quiet)
     _print_summary(summary)
-    print(f"artifacts and summary.json in {out}")
+    print(f"artifacts, summary.json and report.html in {out}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="npeff-tl", description="NPEFF for TransformerLens models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the main job on the embedded default model (no downloads)")
-    demo.add_argument("--out", help="directory for all artifacts and summary.json (re-running reuses finished "
-                                    "stages); default: a new temporary directory")
+def _config(args: argparse.Namespace):
+    from .config import RunConfig, load_config
+    from .pipeline import Run
+
+    if args.config is None and not args.set:
+        return None  # the directory's saved settings, or the defaults
+    config = load_config(args.config) if args.config else Run.saved_config(args.out) or RunConfig()
+    return config.with_overrides(args.set)
+
+
+def _stage(args: argparse.Namespace) -> None:
+    from .pipeline import STAGES, Run, run_stages
+
+    if args.command == "report":
+        names = ["report"]
+    else:
+        names = list(STAGES) if args.command == "run" else list(STAGES[: STAGES.index(args.command) + 1])
+    summary = run_stages(Run(args.out, _config(args), progress=not args.quiet), names)
+    if summary is not None:
+        _print_summary(summary)
+
+
+def _print_config(args: argparse.Namespace) -> None:
+    from .config import RunConfig, load_config, to_toml
+
+    config = load_config(args.config) if args.config else RunConfig()
+    print(to_toml(config.with_overrides(args.set)), end="")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="npeff-tl", description="NPEFF (Non-Negative Per-Example Fisher Factorization) for TransformerLens "
+        "models. `npeff-tl demo` runs everything on a shipped zoo model; the stage commands run the same pipeline "
+        "on your model and data.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser("demo", help="the main job on the embedded default model (no downloads)",
+                               description="PEFs, D-NPEFF and LRM-NPEFF, selectivity with controls, SAE / gradient "
+                               "clustering / activation k-means baselines, the comparison, summary.json and "
+                               "report.html, on a zoo model.")
+    demo.add_argument("--out", help="directory for all artifacts (re-running reuses finished stages); default: a "
+                                    "new temporary directory")
     demo.add_argument("--model", default="tasks-2l", help="zoo model (default tasks-2l; see npeff_tl.zoo.list())")
     demo.add_argument("--per-task", type=int, default=64, help="train and test examples per task (default 64)")
     demo.add_argument("--components", type=int, default=16, help="components per dictionary (default 16)")
     demo.add_argument("--sae-steps", type=int, default=1000, help="SAE training steps (default 1000)")
     demo.add_argument("--quiet", action="store_true", help="no progress output")
-    args = parser.parse_args(argv)
+    demo.set_defaults(handler=_demo)
+
+    for name, text in STAGE_HELP.items():
+        stage = commands.add_parser(
+            name, help=text, description=f"{text}. Runs the earlier stages that are not finished yet; the "
+            "settings come from --config, else from DIR/config.json, else the defaults (`npeff-tl config`), then "
+            "--set overrides. Model: model.name = zoo:NAME, a checkpoint directory (npeff_tl.save_checkpoint) "
+            "or a TransformerLens name. Data: data.source = zoo, a datasets directory (save_to_disk) or a JSONL "
+            "file of {\"prompt\" or \"tokens\", \"answer\", \"label\"} rows.")
+        stage.add_argument("--out", required=True, help="the run directory (created if needed; finished work in it "
+                                                        "is reused)")
+        stage.add_argument("--config", help="settings file (TOML or JSON) with sections model, data, pefs, fit, "
+                                            "perturb, compare")
+        stage.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                           help="override one setting, e.g. --set model.name=gpt2 --set pefs.nnz=2048 (repeatable)")
+        stage.add_argument("--quiet", action="store_true", help="no progress output")
+        stage.set_defaults(handler=_stage)
+
+    config = commands.add_parser("config", help="print the settings (defaults, or a file's, with --set) as TOML")
+    config.add_argument("--config", help="settings file to start from")
+    config.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    config.set_defaults(handler=_print_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        run_demo(args)
-    except (ValueError, FormatError, OSError) as error:
-        print(f"npeff-tl: error: {error}", file=sys.stderr)
+        args.handler(args)
+    except (ValueError, FormatError, OSError, json.JSONDecodeError) as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())
+        print(f"npeff-tl: error: {message}", file=sys.stderr)
         return 2
     return 0
 

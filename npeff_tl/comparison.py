@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -151,6 +151,7 @@ def compare(
     k: int = 20,
     selectivity: SelectivityConfig | bool = False,
     selectivity_components: int | None = None,
+    measured: Mapping[str, SelectivityResult] | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
 ):
@@ -161,7 +162,8 @@ def compare(
     saved there as comparison.csv and comparison.json, and each selectivity result in selectivity/<name>/.
     ``labels`` / ``factors`` give (or replace) the examples' strategy labels and per-example factor lists.
     ``selectivity_components`` caps the components measured per dictionary (those with the largest total
-    training coefficient), since each needs its own magnitude searches."""
+    training coefficient), since each needs its own magnitude searches. ``measured`` gives selectivity results
+    already measured (by dictionary name): they are used as they are, not measured again, nor saved again."""
     import pandas as pd
 
     examples = as_labeled(examples)
@@ -184,19 +186,23 @@ def compare(
                 row[f"matched_corr_{other.name}"] = _mean(match_coefficients(coefficients[d.name],
                                                                              coefficients[other.name])[2])
         row.update(getattr(d, "evaluation", None) or {})
-        if selectivity:
-            config = selectivity if isinstance(selectivity, SelectivityConfig) else SelectivityConfig()
-            components = None
-            if selectivity_components is not None and d.n_components > selectivity_components:
-                mass = torch.as_tensor(d.train_coefficients).double().sum(0)
-                components = mass.topk(selectivity_components).indices.sort().values.tolist()
-            results[d.name] = measure_selectivity(d, examples, components=components,
-                                                  coefficients=coefficients[d.name], config=config, progress=progress)
-            medians = results[d.name].medians()
+        if selectivity or d.name in (measured or {}):
+            if d.name in (measured or {}):
+                result = measured[d.name]
+            else:
+                config = selectivity if isinstance(selectivity, SelectivityConfig) else SelectivityConfig()
+                components = None
+                if selectivity_components is not None and d.n_components > selectivity_components:
+                    mass = torch.as_tensor(d.train_coefficients).double().sum(0)
+                    components = mass.topk(selectivity_components).indices.sort().values.tolist()
+                result = results[d.name] = measure_selectivity(d, examples, components=components,
+                                                               coefficients=coefficients[d.name], config=config,
+                                                               progress=progress)
+            medians = result.medians()
             row["median_selectivity"] = medians[d.name]["selectivity"]
             row["median_strategy_selectivity"] = medians[d.name]["strategy_selectivity"]
             rows.append(row)
-            for control in results[d.name].methods[1:]:
+            for control in result.methods[1:]:
                 rows.append({"method": f"{d.name}/{control}", "description": f"control for {d.name}: {control}",
                              "median_selectivity": medians[control]["selectivity"],
                              "median_strategy_selectivity": medians[control]["strategy_selectivity"]})

@@ -1,157 +1,321 @@
-"""The main job, end to end on a zoo model: PEFs, D-NPEFF and LRM-NPEFF, the baselines (SAEs of two widths,
-gradient clustering, activation k-means), the comparison with selectivity and random controls, and
-``summary.json``. Every stage writes its artifacts under one directory; a re-run with the same directory reuses
-the finished stages (PEF stores resume shard by shard), and ``seconds`` stays the wall time of the run from
-scratch (each stage's time is recorded when it first runs).
+"""The pipeline as stages over one run directory: ``pefs`` -> ``fit`` -> ``perturb`` -> ``compare`` -> ``report``.
+
+Each stage reads what earlier stages wrote and writes its own artifacts; a stage that finds its artifacts
+reuses them (PEF stores resume shard by shard), so re-running a directory is cheap and an interrupted run
+goes on where it stopped. ``run_all`` is the main job (``npeff-tl demo``). Layout of DIR:
+
+    config.json                      the resolved settings (RunConfig)
+    timings.json                     each stage's wall time, recorded the first time it runs
+    data/examples.json               train/test examples as string tokens, target positions, answers, labels
+    pefs/train_{diagonal,lowrank}/   PEF stores of the train split
+    {dnpeff,lrm_npeff}/              decompositions
+    coefficients/{method}.safetensors  train and test coefficients of every dictionary
+    selectivity/{method}/            held-out selectivity with controls (perturb), and of the baselines (compare)
+    saes/{width}_{hook}/             SAE-Lens SAEs
+    comparison/                      comparison.csv / .json
+    summary.json, report.html
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from .comparison import compare, train_ami
-from .decomp import DNPEFF, LRMNPEFF, load_decomposition
-from .dictionaries import NPEFFDictionary
-from .examples import LabeledExamples
-from .params import ParamSpace
-from .pefs import compute_pefs
-from .selectivity import load_selectivity
-from .store import load_json, save_json
-from .targets import Target, TopK
+from .config import RunConfig
+from .store import load_json, load_tensors, save_json, save_tensors
 
 logger = logging.getLogger(__name__)
 
+STAGES = ("pefs", "fit", "perturb", "compare", "report")
+KINDS = {"dnpeff": "diagonal", "lrm_npeff": "lowrank"}
 FIGURES = ("ami", "nmi", "purity_at_20", "multi_factor_recall", "median_selectivity", "median_strategy_selectivity")
+# Which settings each stage's artifacts depend on: a directory refuses other settings for a finished stage.
+DEPENDS = {"pefs": ("model", "data", "pefs"), "fit": ("fit",), "perturb": ("perturb",), "compare": ("compare",)}
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    """Settings of the main job (defaults finish in a few minutes on 2 CPU cores)."""
+class Run:
+    """One run directory with its settings; the model, data and dictionaries are loaded when first needed."""
 
-    model: str = "tasks-2l"
-    per_task: int = 64  # train and test examples per zoo task
-    components: int = 16  # NPEFF components, clusters, and the narrower SAE's features
-    wide_sae: int = 128  # the wider SAE's features
-    nnz: int = 4096
-    sae_steps: int = 1000
-    selectivity_components: int = 16  # per dictionary, the ones with the largest training mass
-    seed: int = 0
-    batch_size: int = 16
+    def __init__(self, out: str | Path, config: RunConfig | None = None, progress: bool = True):
+        self.out = Path(out)
+        self.progress = progress
+        self.say = print if progress else logger.info
+        saved = self.saved_config(out)
+        self.timings = load_json(self.out / "timings.json") if (self.out / "timings.json").exists() else {}
+        if config is None:
+            config = saved or RunConfig()
+        elif saved:
+            self._check_compatible(saved, config)
+        self.config = config
+        self.methods(), self.target  # settings that name things are checked before anything is written
+        c = config.compare
+        if len(c.sae_k) != len(c.sae_widths):
+            raise ValueError(f"compare.sae_k {c.sae_k} needs one k per width in compare.sae_widths {c.sae_widths}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_json(config.to_dict(), self.out / "config.json")
 
+    @staticmethod
+    def saved_config(out: str | Path) -> RunConfig | None:
+        """The settings a run directory was made with (None for a new directory)."""
+        path = Path(out) / "config.json"
+        return RunConfig.from_dict(load_json(path)) if path.exists() else None
 
-class _Stages:
-    """Per-stage wall times in DIR/timings.json, recorded the first time each stage runs."""
+    def _check_compatible(self, saved: RunConfig, config: RunConfig) -> None:
+        for stage, sections in DEPENDS.items():
+            if stage not in self.timings:
+                continue
+            for section in sections:
+                old, new = getattr(saved, section), getattr(config, section)
+                changed = [f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+                           for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)]
+                if changed:
+                    raise ValueError(f"{self.out} holds a finished '{stage}' stage made with other settings "
+                                     f"({'; '.join(changed)}); use a new --out directory")
 
-    def __init__(self, out: Path):
-        self.path = out / "timings.json"
-        self.times = load_json(self.path) if self.path.exists() else {}
-
-    def run(self, name: str, fn):
+    def stage(self, name: str, fn) -> None:
+        """Run stage ``name``; its wall time is recorded the first time it runs."""
         start = time.perf_counter()
-        result = fn()
-        if name not in self.times:
-            self.times[name] = time.perf_counter() - start
-            save_json(self.times, self.path)
-        return result
+        fn(self)
+        if name not in self.timings:
+            self.timings[name] = time.perf_counter() - start
+            save_json(self.timings, self.out / "timings.json")
+
+    @property
+    def model_name(self) -> str:
+        from .sources import ZOO_PREFIX
+
+        return self.config.model.name.removeprefix(ZOO_PREFIX)
+
+    @cached_property
+    def model(self):
+        from .sources import load_model
+
+        return load_model(self.config.model.name, self.config.model.device)
+
+    @cached_property
+    def data(self):
+        from .sources import load_data
+
+        return load_data(self.config.data, self.model, self.config.model.name)
+
+    @cached_property
+    def space(self):
+        from .params import ParamSpace
+
+        return ParamSpace(self.model, include=self.config.pefs.include, exclude=self.config.pefs.exclude)
+
+    @cached_property
+    def target(self):
+        from .targets import Sampled, Target, Threshold, TopK
+
+        p = self.config.pefs
+        rules = {"top_k": lambda: TopK(p.k), "threshold": lambda: Threshold(p.threshold, max_k=p.k),
+                 "sampled": lambda: Sampled(p.k, seed=p.seed)}
+        if p.classes not in rules:
+            raise ValueError(f"pefs.classes {p.classes!r} is not a class rule; choose from {', '.join(rules)}")
+        return Target("last", rules[p.classes]())
+
+    def methods(self) -> list[str]:
+        unknown = [m for m in self.config.fit.methods if m not in KINDS]
+        if unknown:
+            raise ValueError(f"fit.methods {unknown} are unknown; choose from {', '.join(KINDS)}")
+        return list(self.config.fit.methods)
+
+    def pefs(self, kind: str):
+        from .pefs import compute_pefs
+
+        return compute_pefs(self.model, self.data.train.examples, self.space, self.target, kind,
+                            nnz=min(self.config.pefs.nnz, self.space.size), batch_size=self.config.pefs.batch_size,
+                            store=self.out / "pefs" / f"train_{kind}", answers=self.data.train.answers,
+                            progress=self.progress)
+
+    def decomposition(self, method: str):
+        from .decomp import load_decomposition
+
+        path = self.out / method
+        if not (path / "metadata.json").exists():
+            raise FileNotFoundError(f"{path} has no decomposition; run `npeff-tl fit --out {self.out}` first")
+        return load_decomposition(path)
+
+    @cached_property
+    def npeff_dictionaries(self) -> list:
+        from .dictionaries import NPEFFDictionary
+
+        return [NPEFFDictionary(self.model, self.decomposition(m), self.data.train, self.target,
+                                self.pefs(KINDS[m]), name=m, seed=self.config.fit.seed) for m in self.methods()]
+
+    def save_coefficients(self, dictionary) -> None:
+        path = self.out / "coefficients" / f"{dictionary.name}.safetensors"
+        if not path.exists():
+            save_tensors({"train": torch.as_tensor(dictionary.train_coefficients).float(),
+                          "test": torch.as_tensor(dictionary.coefficients(self.data.test)).float()}, path)
+
+    def coefficients(self, name: str) -> dict[str, torch.Tensor]:
+        return load_tensors(self.out / "coefficients" / f"{name}.safetensors")
 
 
-def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
-    """Run the main job into ``out``; returns (and writes) the summary."""
-    from . import zoo
+def stage_pefs(run: Run) -> None:
+    """Train-split PEFs of every kind the fit needs, and the examples as text for the report."""
+    data, space = run.data, run.space
+    run.say(f"npeff-tl: {run.model_name}, {len(data.train)} train / {len(data.test)} test examples, "
+            f"{space.size:,} parameters -> {run.out}")
+    save_json(data.display, run.out / "data" / "examples.json")
+    for method in run.methods():
+        run.pefs(KINDS[method])
+
+
+def stage_fit(run: Run) -> None:
+    """D-NPEFF / LRM-NPEFF decompositions of the train PEFs."""
+    from .decomp import DNPEFF, LRMNPEFF
+
+    solvers = {"dnpeff": DNPEFF, "lrm_npeff": LRMNPEFF}
+    for method in run.methods():
+        if not (run.out / method / "metadata.json").exists():
+            fit = run.config.fit
+            decomposition = solvers[method](fit.components, seed=fit.seed).fit(run.pefs(KINDS[method]),
+                                                                                progress=run.progress)
+            decomposition.save(run.out / method)
+        run.say(f"  {method}: {run.config.fit.components} components fitted")
+
+
+def _selectivity_config(run: Run):
+    from .selectivity import SelectivityConfig
+
+    p = run.config.perturb
+    return SelectivityConfig(n_top=p.n_top, n_baseline=p.n_baseline, kl_targets=tuple(p.kl_targets), seed=p.seed)
+
+
+def _measure(run: Run, dictionary) -> None:
+    """Held-out selectivity of ``dictionary``'s components with the most training mass, saved once."""
+    from .selectivity import measure_selectivity
+
+    path = run.out / "selectivity" / dictionary.name
+    if (path / "selectivity.json").exists():
+        return
+    run.save_coefficients(dictionary)
+    mass = torch.as_tensor(dictionary.train_coefficients).double().sum(0)
+    components = mass.topk(min(run.config.perturb.components, len(mass))).indices.sort().values.tolist()
+    measure_selectivity(dictionary, run.data.test, components=components,
+                        coefficients=run.coefficients(dictionary.name)["test"], config=_selectivity_config(run),
+                        progress=run.progress).save(path)
+
+
+def stage_perturb(run: Run) -> None:
+    """Perturb along each NPEFF component: held-out coefficient and strategy selectivity with random controls."""
+    for dictionary in run.npeff_dictionaries:
+        _measure(run, dictionary)
+        run.say(f"  {dictionary.name}: selectivity measured")
+
+
+def _baselines(run: Run) -> list:
     from .baselines import ActivationKMeans, GradientClustering, SAEDictionary, evaluate_sae, load_sae, train_sae
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(out)
-    say = print if progress else logger.info
-    model, data = zoo.load(config.model, n_train=config.per_task, n_test=config.per_task)
-    train = LabeledExamples.from_dataset(data["train"])
-    test = LabeledExamples.from_dataset(data["test"])
-    space = ParamSpace(model, include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"])
-    target = Target("last", TopK(4))
-    say(f"npeff-tl demo: zoo {config.model}, {len(train)} train / {len(test)} test examples, "
-        f"{space.size:,} parameters, {config.components} components -> {out}")
+    c, model, train = run.config.compare, run.model, run.data.train
+    n_layers = model.cfg.n_layers
+    hooks = c.hooks or [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [
+        f"blocks.{n_layers - 1}.hook_resid_post"]
+    out = []
+    for width, k in zip(c.sae_widths, c.sae_k):
+        candidates = []
+        for hook in hooks:
+            path = run.out / "saes" / f"{width}_{hook}"
+            sae = (load_sae(path) if (path / "cfg.json").exists() else
+                   train_sae(model, train, hook, width, k=k, steps=c.sae_steps, seed=c.seed, out=path, progress=False))
+            candidates.append(SAEDictionary(model, sae, train, name=f"sae_{width}"))
+        chosen = _choose(candidates, train)
+        chosen.evaluation = evaluate_sae(model, chosen.sae, run.data.test)
+        out.append(chosen)
+        run.say(f"  sae_{width}: TopK k={k} at {chosen.hook_name}")
+    r = run.config.fit.components
+    if c.gradient_clustering:
+        out.append(GradientClustering(model, train, r, seed=c.seed))
+    if c.activation_kmeans:
+        out.append(_choose([ActivationKMeans(model, train, hook, r, seed=c.seed) for hook in hooks], train))
+    return out
 
-    dictionaries = []
-    for kind, solver, name in (("diagonal", DNPEFF, "dnpeff"), ("lowrank", LRMNPEFF, "lrm_npeff")):
-        pefs = stages.run(f"pefs_{kind}", lambda kind=kind: compute_pefs(
-            model, train.examples, space, target, kind, nnz=config.nnz, batch_size=config.batch_size,
-            store=out / "pefs" / f"train_{kind}", answers=train.answers, progress=progress))
 
-        def fit(kind=kind, solver=solver, name=name, pefs=pefs):
-            if (out / name / "metadata.json").exists():
-                return load_decomposition(out / name)
-            decomposition = solver(config.components, seed=config.seed).fit(pefs, progress=progress)
-            decomposition.save(out / name)
-            return decomposition
+def _choose(candidates: list, train):
+    """The candidate (one per hook) with the best AMI on the train split; without labels, the last hook's."""
+    from .comparison import train_ami
 
-        decomposition = stages.run(name, fit)
-        dictionaries.append(NPEFFDictionary(model, decomposition, train, target, pefs, seed=config.seed))
-        say(f"  {name}: fitted ({stages.times[name]:.0f} s)")
+    if train.labels is None:
+        return candidates[-1]
+    return max(candidates, key=train_ami)
 
-    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
-    hooks.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
 
-    for width, k in ((config.components, 4), (config.wide_sae, 8)):
-        def saes(width=width, k=k):
-            by_hook = {}
-            for hook in hooks:
-                path = out / "saes" / f"{width}_{hook}"
-                sae = (load_sae(path) if (path / "cfg.json").exists() else
-                       train_sae(model, train, hook, width, k=k, steps=config.sae_steps, seed=config.seed, out=path,
-                                 progress=False))
-                by_hook[hook] = SAEDictionary(model, sae, train, name=f"sae_{width}")
-            return max(by_hook.values(), key=train_ami)  # the hook is chosen on the train split only
+def stage_compare(run: Run) -> None:
+    """Baselines next to NPEFF on the test split (label metrics, matching, selectivity), and summary.json."""
+    from .comparison import compare
+    from .selectivity import load_selectivity
 
-        chosen = stages.run(f"sae_{width}", saes)
-        chosen.evaluation = evaluate_sae(model, chosen.sae, test)
-        dictionaries.append(chosen)
-        say(f"  sae_{width}: TopK k={k} at {chosen.hook_name} ({stages.times[f'sae_{width}']:.0f} s)")
+    dictionaries = run.npeff_dictionaries + _baselines(run)
+    if not (run.out / "comparison" / "comparison.json").exists():
+        for d in dictionaries:
+            run.save_coefficients(d)
+            if run.config.compare.selectivity or d in run.npeff_dictionaries:
+                _measure(run, d)
+        measured = {d.name: load_selectivity(run.out / "selectivity" / d.name) for d in dictionaries
+                    if (run.out / "selectivity" / d.name / "selectivity.json").exists()}
+        compare(dictionaries, run.data.test, measured=measured, out=run.out / "comparison", progress=run.progress)
+    run.say("  comparison done")
 
-    dictionaries.append(stages.run("gradient_clustering", lambda: GradientClustering(
-        model, train, config.components, seed=config.seed)))
-    dictionaries.append(stages.run("activation_kmeans", lambda: max(
-        (ActivationKMeans(model, train, hook, config.components, seed=config.seed) for hook in hooks),
-        key=train_ami)))
-    say(f"  gradient clustering and activation k-means ({stages.times['gradient_clustering'] + stages.times['activation_kmeans']:.0f} s)")
 
-    def comparison():
-        if not (out / "comparison" / "comparison.json").exists():
-            compare(dictionaries, test, selectivity=True, selectivity_components=config.selectivity_components,
-                    out=out / "comparison", progress=progress)
-        return load_json(out / "comparison" / "comparison.json")["rows"]
+def stage_report(run: Run) -> None:
+    from .report import write_report
 
-    rows = stages.run("comparison", comparison)
-    say(f"  comparison with selectivity ({stages.times['comparison']:.0f} s)")
-    summary = _summary(out, config, rows, [d.name for d in dictionaries], len(train) + len(test),
-                       sum(stages.times.values()))
-    save_json(summary, out / "summary.json")
-    save_json({"config": asdict(config)}, out / "config.json")
+    write_report(run.out)
+    run.say(f"  report: {run.out / 'report.html'}")
+
+
+STAGE_FUNCTIONS = {"pefs": stage_pefs, "fit": stage_fit, "perturb": stage_perturb, "compare": stage_compare,
+                   "report": stage_report}
+
+
+def run_stages(run: Run, names: list[str]) -> dict | None:
+    """Run the stages ``names`` in order; after ``compare``, write summary.json and return it."""
+    summary = None
+    for name in names:
+        run.stage(name, STAGE_FUNCTIONS[name])
+        if name == "compare":
+            summary = write_summary(run)
     return summary
 
 
-def _summary(out: Path, config: DemoConfig, rows: list[dict], names: list[str], n_examples: int,
-             seconds: float) -> dict:
-    by_name = {row["method"]: row for row in rows}
-    methods = {name: {key: _finite(by_name[name].get(key)) for key in FIGURES} for name in names}
+def run_all(out: str | Path, config: RunConfig | None = None, progress: bool = True) -> dict:
+    """Every stage into ``out``; returns summary.json's contents."""
+    run = Run(out, config, progress)
+    run_stages(run, list(STAGES))
+    return load_json(run.out / "summary.json")
+
+
+def write_summary(run: Run) -> dict:
+    """summary.json from the comparison: per method the figures of FIGURES, per control the medians pooled
+    over the NPEFF methods' components; ``seconds`` is the sum of the stages' first-run times."""
+    from .selectivity import load_selectivity
+
+    rows = {row["method"]: row for row in load_json(run.out / "comparison" / "comparison.json")["rows"]}
+    methods = {name: {key: _finite(row.get(key)) for key in FIGURES} for name, row in rows.items() if "/" not in name}
     controls = {}
-    for control in ("random", "random_support"):  # pooled over the components of both NPEFF methods
+    for control in ("random", "random_support"):
         records = []
-        for name in ("dnpeff", "lrm_npeff"):
-            result = load_selectivity(out / "comparison" / "selectivity" / name)
+        for name in run.methods():
+            result = load_selectivity(run.out / "selectivity" / name)
             first = result.settings["kl_targets"][0]
             records += [r for r in result.records if r["method"] == control and r["kl_target"] == first]
         controls[control] = {key: _median([r[figure] for r in records])
                              for key, figure in (("median_selectivity", "selectivity"),
                                                  ("median_strategy_selectivity", "strategy_selectivity"))}
-    return {"model": config.model, "n_examples": n_examples, "seconds": round(seconds, 1), "methods": methods,
-            "controls": controls}
+    summary = {"model": run.model_name, "n_examples": len(run.data.train) + len(run.data.test),
+               "seconds": round(sum(t for k, t in run.timings.items() if k != "report"), 1), "methods": methods,
+               "controls": controls}
+    save_json(summary, run.out / "summary.json")
+    return summary
 
 
 def _finite(value):

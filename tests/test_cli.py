@@ -3,6 +3,9 @@
 import json
 import time
 
+import pytest
+import torch
+
 from npeff_tl.cli import main
 
 FIGURES = {"ami", "nmi", "purity_at_20", "multi_factor_recall", "median_selectivity", "median_strategy_selectivity"}
@@ -19,7 +22,8 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path, capsys):
     assert set(summary["controls"]) == {"random", "random_support"}
     assert set(summary["controls"]["random"]) == {"median_selectivity", "median_strategy_selectivity"}
     assert summary["methods"]["dnpeff"]["median_selectivity"] > summary["controls"]["random"]["median_selectivity"]
-    for artifact in ("pefs/train_diagonal", "pefs/train_lowrank", "dnpeff", "lrm_npeff", "comparison/comparison.csv"):
+    for artifact in ("pefs/train_diagonal", "pefs/train_lowrank", "dnpeff", "lrm_npeff", "comparison/comparison.csv",
+                     "report.html"):
         assert (tmp_path / artifact).exists(), artifact
     assert "dnpeff" in capsys.readouterr().out
     start = time.perf_counter()
@@ -38,3 +42,108 @@ def test_unknown_zoo_model_is_a_one_line_error(capsys):
     assert main(["demo", "--model", "gpt-17", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("npeff-tl: error: unknown zoo model 'gpt-17'; available:") and "\n" not in err
+
+
+# -- the stage commands on a user's own model (a local checkpoint) and data (JSONL / datasets on disk) --------
+
+def test_stages_run_on_a_local_checkpoint_and_jsonl_prompts(staged_run, own_model_and_data):
+    _, model, data = own_model_and_data
+    out = staged_run
+    config = json.loads((out / "config.json").read_text())
+    assert config["fit"]["components"] == 4 and config["data"]["source"].endswith("prompts.jsonl")
+    examples = json.loads((out / "data" / "examples.json").read_text())
+    assert len(examples["train"]) + len(examples["test"]) == 140 and len(examples["test"]) == 70
+    # prompts were tokenized exactly as the zoo tokenized the same rows; text answers became the answer tokens
+    by_text = {" ".join(row["tokens"]): row for row in examples["train"] + examples["test"]}
+    for tokens, answer in zip(data["train"]["tokens"][:10], data["train"]["answer"][:10]):
+        row = by_text[" ".join(model.to_str_tokens(torch.tensor(tokens), prepend_bos=False))]
+        assert row["answer"] == model.to_str_tokens(torch.tensor([answer]), prepend_bos=False)[0]
+        assert row["position"] == len(tokens) - 1
+    for artifact in ("pefs/train_diagonal", "pefs/train_lowrank", "dnpeff", "lrm_npeff", "selectivity/dnpeff",
+                     "coefficients/sae_8.safetensors", "comparison/comparison.json", "summary.json", "report.html"):
+        assert (out / artifact).exists(), artifact
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"dnpeff", "lrm_npeff", "sae_8", "gradient_clustering", "activation_kmeans"}
+    assert summary["methods"]["dnpeff"]["ami"] is not None
+    assert summary["methods"]["dnpeff"]["multi_factor_recall"] is None  # no factors column in this data
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == {"pefs", "fit", "perturb", "compare", "report"} and min(timings.values()) > 0
+
+
+def test_a_stage_reuses_finished_work_and_runs_missing_earlier_stages(staged_run, own_model_and_data, tmp_path):
+    root, _, _ = own_model_and_data
+    before = {p: p.stat().st_mtime_ns for p in (staged_run / "dnpeff").iterdir()}
+    assert main(["fit", "--out", str(staged_run), "--quiet"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (staged_run / "dnpeff").iterdir()} == before
+    # `fit` on a new directory runs `pefs` first
+    out = tmp_path / "fresh"
+    assert main(["fit", "--out", str(out), "--quiet", "--set", f"model.name={root / 'checkpoint'}",
+                 "--set", f"data.source={root / 'prompts.jsonl'}", "--set", "fit.methods=[\"dnpeff\"]",
+                 "--set", "fit.components=3", "--set", "pefs.nnz=512"]) == 0
+    assert (out / "pefs" / "train_diagonal").exists() and (out / "dnpeff" / "metadata.json").exists()
+    assert not (out / "pefs" / "train_lowrank").exists()
+
+
+def test_a_datasets_directory_is_a_data_source(own_model_and_data, tmp_path):
+    from datasets import DatasetDict
+
+    root, _, data = own_model_and_data
+    DatasetDict({"train": data["train"].select(range(60)), "test": data["train"].select(range(60, 140))}).save_to_disk(
+        str(tmp_path / "data"))  # token ids and target positions, in the zoo's column names
+    assert main(["pefs", "--out", str(tmp_path / "run"), "--quiet", "--set", f"model.name={root / 'checkpoint'}",
+                 "--set", f"data.source={tmp_path / 'data'}", "--set", "data.position=target_pos",
+                 "--set", "data.label=strategy", "--set", 'fit.methods=["dnpeff"]', "--set", "pefs.nnz=256"]) == 0
+    examples = json.loads((tmp_path / "run" / "data" / "examples.json").read_text())
+    assert len(examples["train"]) == 60 and len(examples["test"]) == 80
+    assert [row["label"] for row in examples["test"]] == data["train"]["strategy"][60:140]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pefs", "--set", "pefs.nzz=5"], "unknown config key pefs.nzz; pefs has include, exclude"),
+    (["pefs", "--set", "modle.name=x"], "unknown config section 'modle'; the sections are model, data"),
+    (["pefs", "--set", "fit.components=many"], "config key fit.components must be int, got 'many'"),
+    (["pefs", "--config", "/nonexistent/settings.toml"], "config file /nonexistent/settings.toml does not exist"),
+    (["pefs", "--set", "model.name=gpt-17"], "unknown model name 'gpt-17': not a zoo model"),
+    (["pefs", "--set", "model.name=zoo:gpt-17"], "unknown zoo model 'gpt-17'"),
+    (["pefs", "--set", "model.name=gpt2"], "could not load 'gpt2' from the model hub"),  # offline: no hub
+    (["pefs", "--set", "data.source=/nonexistent/prompts.jsonl"], "data source /nonexistent/prompts.jsonl does not exist"),
+    (["fit", "--set", "fit.methods=[\"nmf\"]"], "fit.methods ['nmf'] are unknown; choose from dnpeff, lrm_npeff"),
+])
+def test_user_mistakes_give_a_one_line_error_and_exit_code_2(args, message, tmp_path, capsys):
+    assert main([*args, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"npeff-tl: error: {message}"), err
+    assert "\n" not in err
+
+
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, capsys):
+    for setting in ('fit.methods=["nmf"]', "pefs.classes=top_p", "compare.sae_k=[1,2,3]"):
+        assert main(["pefs", "--out", str(tmp_path / "run"), "--set", setting]) == 2
+        assert not (tmp_path / "run").exists(), setting
+    assert "pefs.classes 'top_p' is not a class rule" in capsys.readouterr().err
+
+
+def test_a_bad_config_file_names_the_problem(tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text("[fit]\ncomponents = 4\nsolver = 'x'\n")
+    assert main(["pefs", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == "npeff-tl: error: unknown config key fit.solver; fit has methods, components, seed"
+    (tmp_path / "broken.toml").write_text("[fit\n")
+    assert main(["pefs", "--config", str(tmp_path / "broken.toml"), "--out", str(tmp_path / "run")]) == 2
+    assert "is not valid TOML" in capsys.readouterr().err
+
+
+def test_other_settings_for_a_finished_stage_are_refused(staged_run, capsys):
+    assert main(["fit", "--out", str(staged_run), "--quiet", "--set", "pefs.nnz=2000"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished 'pefs' stage made with other settings (pefs.nnz: 1024 -> 2000)" in err
+
+
+def test_config_prints_settings_that_load_back(tmp_path, capsys):
+    from npeff_tl.config import RunConfig, load_config
+
+    assert main(["config", "--set", "fit.components=7", "--set", "data.max_examples=50"]) == 0
+    (tmp_path / "settings.toml").write_text(capsys.readouterr().out)
+    loaded = load_config(tmp_path / "settings.toml")
+    expected = RunConfig().with_overrides(["fit.components=7", "data.max_examples=50"])
+    assert loaded == expected and loaded.fit.components == 7
+    assert RunConfig().with_overrides(["data.max_examples=null"]).data.max_examples is None

@@ -1,4 +1,4 @@
-"""The wheel carries everything the main job needs (zoo weights, tokenizer): built, installed into a fresh
+"""The wheel carries everything the main job needs (zoo weights, tokenizer, report assets): built, installed into a fresh
 virtual environment outside the checkout, and run there."""
 
 import json
@@ -48,3 +48,5 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
          "--out", tmp_path / "demo", cwd=tmp_path, env=env)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["model"] == "tasks-2l" and "dnpeff" in summary["methods"]
+    report = (tmp_path / "demo" / "report.html").read_text()  # its stylesheet and script come from the wheel
+    assert "details.component" in report and "data-report-ready" in report

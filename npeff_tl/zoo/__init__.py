@@ -111,8 +111,8 @@ def dataset(name: str, n_train: int = 256, n_test: int = 128):
     return DatasetDict({"train": Dataset.from_dict(columns(train)), "test": Dataset.from_dict(columns(test))})
 
 
-def load(name: str, device: str | torch.device = "cpu", n_train: int = 256, n_test: int = 128):
-    """(model, data) for zoo entry ``name``: the shipped weights and its tasks' examples."""
+def load_model(name: str, device: str | torch.device = "cpu"):
+    """Zoo entry ``name``'s model with its shipped weights, in eval mode."""
     from safetensors.torch import load_file
 
     path = MODELS_DIR / entry(name).name / "model.safetensors"
@@ -120,4 +120,9 @@ def load(name: str, device: str | torch.device = "cpu", n_train: int = 256, n_te
         raise FileNotFoundError(f"no weights for zoo model {name!r} at {path}; run `python -m npeff_tl.zoo.train {name}`")
     model = build_model(name, device)
     model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
-    return model.eval(), dataset(name, n_train, n_test)
+    return model.eval()
+
+
+def load(name: str, device: str | torch.device = "cpu", n_train: int = 256, n_test: int = 128):
+    """(model, data) for zoo entry ``name``: the shipped weights and its tasks' examples."""
+    return load_model(name, device), dataset(name, n_train, n_test)

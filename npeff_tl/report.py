@@ -1,0 +1,403 @@
+"""``report.html``: one self-contained page (inline CSS, JS and SVG; opens from disk with no network) showing a
+run directory's results: the comparison table, selectivity plots with the random controls, component x strategy
+heatmaps, coefficient distributions and, per NPEFF component, its top held-out examples (target token
+highlighted), its readout in TL layouts (tensors, heads, neurons) and its selectivity.
+
+The page is built from the run directory's artifacts alone (see ``npeff_tl.pipeline``); sections whose
+artifacts are missing are left out.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+import torch
+
+from .store import load_json, load_tensors
+
+N_EXAMPLES_SHOWN = 8
+TABLE_FIGURES = {"n_components": "components", "ami": "AMI", "nmi": "NMI", "purity_at_20": "purity@20",
+                 "multi_factor_recall": "multi-factor recall", "median_selectivity": "median selectivity",
+                 "median_strategy_selectivity": "median strategy selectivity"}
+HIGHER_IS_BETTER = {"ami", "nmi", "purity_at_20", "multi_factor_recall", "median_selectivity",
+                    "median_strategy_selectivity"}
+
+
+def write_report(out: str | os.PathLike) -> Path:
+    """Write ``out/report.html`` from the run directory ``out``; returns its path."""
+    out = Path(out)
+    if not (out / "config.json").exists():
+        raise FileNotFoundError(f"{out} is not a run directory (no config.json); run `npeff-tl pefs --out {out}` "
+                                "or `npeff-tl demo --out {out}` first")
+    page = _Report(out).render()
+    path = out / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _asset(name: str) -> str:
+    return resources.files("npeff_tl").joinpath("report_assets", name).read_text(encoding="utf-8")
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+class _Report:
+    def __init__(self, out: Path):
+        self.out = out
+        self.config = load_json(out / "config.json")
+        self.summary = self._json("summary.json")
+        self.timings = self._json("timings.json") or {}
+        self.display = self._json("data/examples.json")
+        comparison = self._json("comparison/comparison.json")
+        self.rows = comparison["rows"] if comparison else []
+        from .selectivity import load_selectivity
+
+        order = self.config["fit"]["methods"] + [r["method"] for r in self.rows]
+        self.selectivity = _ordered({p.parent.name: load_selectivity(p.parent)
+                                     for p in (out / "selectivity").glob("*/selectivity.json")}, order)
+        self.coefficients = _ordered({p.stem: load_tensors(p) for p in (out / "coefficients").glob("*.safetensors")},
+                                     order)
+        from .decomp import load_decomposition
+
+        self.decompositions = {m: load_decomposition(out / m) for m in self.config["fit"]["methods"]
+                               if (out / m / "metadata.json").exists()}
+
+    def _json(self, name: str):
+        return load_json(self.out / name) if (self.out / name).exists() else None
+
+    def render(self) -> str:
+        from . import __version__
+
+        sections = [("overview", "Overview", self._overview()),
+                    ("comparison", "Comparison", self._comparison()),
+                    ("selectivity", "Selectivity", self._selectivity()),
+                    ("heatmaps", "Component x strategy", self._heatmaps()),
+                    ("coefficients", "Coefficients", self._coefficient_plots()),
+                    ("components", "Components", self._components())]
+        sections = [(key, title, body) for key, title, body in sections if body]
+        model = self.summary["model"] if self.summary else self.config["model"]["name"]
+        subtitle = ("Non-Negative Per-Example Fisher Factorization (Matena &amp; Raffel, arXiv 2310.04649) with "
+                    "npeff_tl: components of per-example Fishers, the parameter perturbations they define, and "
+                    "baselines on held-out examples.")
+        return Template(_asset("template.html")).substitute(
+            version=_e(__version__), model=_e(model), subtitle=subtitle, css=_asset("report.css"),
+            js=_asset("report.js"),
+            nav="".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections),
+            sections="\n".join(f'<section id="{key}"><h2>{title}</h2>\n{body}</section>'
+                               for key, title, body in sections))
+
+    # -- overview -------------------------------------------------------------------------------------------
+
+    def _overview(self) -> str:
+        facts = [("model", self.config["model"]["name"]), ("data", self.config["data"]["source"])]
+        if self.display:
+            facts.append(("examples", f"{len(self.display['train']):,} train / {len(self.display['test']):,} test"))
+        if self.decompositions:
+            dec = next(iter(self.decompositions.values()))
+            facts.append(("parameters", f"{dec.space.size:,} ({', '.join(self.config['pefs']['include'])})"))
+            facts.append(("class rule", str(dec.metadata.get("target", {}).get("classes", self.config["pefs"]["classes"]))))
+            facts.append(("components", f"{self.config['fit']['components']} per method"))
+        if self.summary:
+            facts.append(("wall time", f"{self.summary['seconds']:.0f} s from scratch"))
+        elif self.timings:
+            facts.append(("wall time", f"{sum(self.timings.values()):.0f} s so far"))
+        rows = "".join(f'<tr><td class="name">{_e(k)}</td><td class="name">{_e(v)}</td></tr>' for k, v in facts)
+        return (f'<div class="card"><table>{rows}</table></div>'
+                '<p class="note">Coefficient selectivity: mean KL on a component\'s 20 highest held-out examples '
+                'divided by mean KL on 200 other held-out examples, with the perturbation scaled so the top set '
+                'moves by the first KL target. Strategy selectivity: mean KL on held-out examples of the '
+                'component\'s strategy divided by that on all others. Controls are random directions of the same '
+                'norm (anywhere, or on the component\'s support) at the same magnitudes.</p>')
+
+    # -- comparison table -----------------------------------------------------------------------------------
+
+    def _comparison(self) -> str:
+        if not self.rows:
+            return ""
+        methods = [r for r in self.rows if "/" not in r["method"]]
+        best = {}
+        for key in HIGHER_IS_BETTER:
+            values = [r.get(key) for r in methods if isinstance(r.get(key), (int, float))]
+            best[key] = max(values) if values else None
+        header = "".join(f'<th class="sortable" title="{k}">{_e(label)}</th>' for k, label in TABLE_FIGURES.items())
+        body = []
+        for r in self.rows:
+            control = "/" in r["method"]
+            cells = []
+            for k in TABLE_FIGURES:
+                v = r.get(k)
+                mark = ' class="best"' if not control and v is not None and v == best.get(k) else ""
+                cells.append(f'<td{mark} data-value="{_e("-" if v is None else v)}">{_fmt(v)}</td>')
+            title = _e(r.get("description") or "")
+            body.append(f'<tr class="{"control" if control else "method"}"><td class="name" title="{title}">'
+                        f'{_e(r["method"])}</td>{"".join(cells)}</tr>')
+        return (f'<table class="sortable" id="comparison-table"><thead><tr><th class="name sortable">method</th>'
+                f'{header}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+                '<p class="note">On the test split. Bold: the best method per column. Italic rows: random-direction '
+                'controls of the parameter-space method before the slash. Click a header to sort.</p>')
+
+    # -- selectivity ----------------------------------------------------------------------------------------
+
+    def _selectivity(self) -> str:
+        if not self.selectivity:
+            return ""
+        plots = []
+        for key, title in (("selectivity", "coefficient selectivity"),
+                           ("strategy_selectivity", "strategy selectivity")):
+            rows = []
+            for result in self.selectivity.values():
+                first = result.settings["kl_targets"][0]
+                for method in result.methods:
+                    values = [r[key] for r in result.records
+                              if r["method"] == method and r["kl_target"] == first and r[key] is not None]
+                    if values:
+                        rows.append((method if method in self.selectivity else f"{result.methods[0]}/{method}",
+                                     values))
+            if rows:
+                plots.append(f'<div class="card"><h3>{title} per component (log scale)</h3>{_dot_plot(rows)}</div>')
+        return ('<div class="grid">' + "".join(plots) + '</div><p class="note">One dot per component; the bar is '
+                'the median; the dashed line is 1 (no selectivity).</p>')
+
+    # -- heatmaps -------------------------------------------------------------------------------------------
+
+    def _heatmaps(self) -> str:
+        cards = []
+        for name, result in self.selectivity.items():
+            if not result.strategies or name not in result.kl_matrix:
+                continue
+            strategy = {r["component"]: r["strategy"] for r in result.records if r["method"] == name}
+            labels = [f"{j} ({strategy.get(j) or '?'})" for j in result.components]
+            pair = (f'<div class="heat-pair"><div><h3>mean KL (nats)</h3>'
+                    f'{_heat_table(result.kl_matrix[name], labels, result.strategies, log=True)}</div>'
+                    f'<div><h3>accuracy drop</h3>'
+                    f'{_heat_table(result.accuracy_drop[name], labels, result.strategies, log=False)}</div></div>')
+            npeff = name in self.config["fit"]["methods"]
+            cards.append(f'<details class="component heatmap" id="heatmap-{_e(name)}"{" open" if npeff else ""}>'
+                         f'<summary><b>{_e(name)}</b></summary><div class="card">{pair}</div></details>')
+        if not cards:
+            return ""
+        return ('<p class="note">Rows: components (with the strategy most frequent among their top training '
+                'examples); columns: held-out examples by ground-truth strategy; each component perturbed at its '
+                'calibrated magnitude. A selective component lights up one column.</p>' + "".join(cards))
+
+    # -- coefficient distributions --------------------------------------------------------------------------
+
+    def _coefficient_plots(self) -> str:
+        cards = []
+        for name, tensors in self.coefficients.items():
+            scale = tensors["train"].double().max(0).values
+            alive = scale > 0  # components never active on train have no scale
+            W = tensors["test"].double()[:, alive] / scale[alive]
+            positive = W[W > 0]
+            zero_share = 1 - positive.numel() / max(W.numel(), 1)
+            dead = f", {int((~alive).sum())} components never active on train" if not bool(alive.all()) else ""
+            cards.append(f'<div class="card"><h3>{_e(name)}</h3>{_histogram(positive.log10())}'
+                         f'<p class="note">{zero_share:.0%} of test coefficients are zero{dead}</p></div>')
+        if not cards:
+            return ""
+        return ('<p class="note">Positive test coefficients relative to each component\'s largest training '
+                'coefficient, log10; the first bar holds everything at or below 1e-4. A dictionary whose mass sits '
+                'near 1e0 uses few, strong coefficients per example.</p><div class="grid">' + "".join(cards) + "</div>")
+
+    # -- per component --------------------------------------------------------------------------------------
+
+    def _components(self) -> str:
+        parts = []
+        for method, dec in self.decompositions.items():
+            if method not in self.coefficients:
+                continue
+            W_train, W_test = self.coefficients[method]["train"], self.coefficients[method]["test"]
+            records = {}
+            if method in self.selectivity:
+                result = self.selectivity[method]
+                first = result.settings["kl_targets"][0]
+                for r in result.records:
+                    if r["kl_target"] == first:
+                        records.setdefault(r["component"], {})[r["method"]] = r
+            order = W_train.double().sum(0).argsort(descending=True).tolist()
+            parts.append(f"<h3>{_e(method)}</h3>")
+            for rank, j in enumerate(order):
+                parts.append(self._component(method, dec, j, W_test[:, j], records.get(j, {}), rank < 2))
+        if not parts:
+            return ""
+        return ('<div class="toolbar"><button data-toggle-components="open">expand all</button>'
+                '<button data-toggle-components="close">collapse all</button></div>'
+                '<p class="note">Ordered by training mass. Top held-out examples by coefficient; the highlighted '
+                'token is the target position (the prediction made there is shown after the arrow).</p>'
+                + "".join(parts))
+
+    def _component(self, method: str, dec, j: int, coefficients: torch.Tensor, records: dict, open_: bool) -> str:
+        own = records.get(method, {})
+        tags = []
+        if own.get("strategy"):
+            tags.append(f'strategy {_e(own["strategy"])}')
+        if own.get("selectivity") is not None:
+            tags.append(f'selectivity {_fmt(own["selectivity"])}x')
+        if own.get("strategy_selectivity") is not None:
+            tags.append(f'strategy selectivity {_fmt(own["strategy_selectivity"])}x')
+        summary = (f'<summary><b>{_e(method)} component {j}</b>'
+                   + "".join(f'<span class="tag">{t}</span>' for t in tags) + "</summary>")
+        return (f'<details class="component" id="{_e(method)}-{j}"{" open" if open_ else ""}>{summary}'
+                f'<div class="body"><div>{self._examples(coefficients)}</div>'
+                f'<div>{_readout(dec.component(j).readout())}{_selectivity_table(records)}</div></div></details>')
+
+    def _examples(self, coefficients: torch.Tensor) -> str:
+        if not self.display:
+            return ""
+        top = coefficients.topk(min(N_EXAMPLES_SHOWN, len(coefficients)))
+        lines = []
+        for i, value in zip(top.indices.tolist(), top.values.tolist()):
+            if value <= 0:
+                break
+            row = self.display["test"][i]
+            tokens = "".join(
+                f'<span class="tok{" target" if t == row["position"] else ""}">{_e(tok)}</span>'
+                for t, tok in enumerate(row["tokens"][: row["position"] + 1]))
+            answer = f' <span class="answer">&rarr; {_e(row["answer"])}</span>' if row.get("answer") is not None else ""
+            lines.append(f'<div class="example"><span class="coef" data-value="{value!r}">{value:.3g}</span>'
+                         f'<span class="label">{_e(row.get("label") or "")}</span>{tokens}{answer}</div>')
+        return "<h3>top held-out examples</h3>" + ("".join(lines) or '<p class="note">no positive coefficients</p>')
+
+
+def _ordered(items: dict, order: list[str]) -> dict:
+    """``items`` with the names in ``order`` first (NPEFF methods, then the comparison's rows), then the rest."""
+    rank = {name: i for i, name in reversed(list(enumerate(order)))}
+    return dict(sorted(items.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+
+
+def _selectivity_table(records: dict) -> str:
+    if not records:
+        return ""
+    rows = "".join(f'<tr><td class="name">{_e(m)}</td><td>{_fmt(r.get("selectivity"))}</td>'
+                   f'<td>{_fmt(r.get("strategy_selectivity"))}</td></tr>' for m, r in records.items())
+    return ('<h3>selectivity (this component and its controls)</h3><table><thead><tr><th class="name">method</th>'
+            f'<th>coefficient</th><th>strategy</th></tr></thead><tbody>{rows}</tbody></table>')
+
+
+def _readout(readout) -> str:
+    tensors = sorted(readout.tensors.items(), key=lambda kv: -kv[1])[:6]
+    bars = "".join(f'<tr><td class="name">{_e(name)}</td><td class="name"><span class="bar" '
+                   f'style="width:{max(1, round(140 * share))}px"></span> {share:.1%}</td></tr>'
+                   for name, share in tensors)
+    out = f'<h3>mass per parameter tensor</h3><table class="bars">{bars}</table>'
+    if readout.heads.numel() and float(readout.heads.sum()) > 0:
+        labels = [f"L{layer}" for layer in range(readout.heads.shape[0])]
+        heads = [f"H{h}" for h in range(readout.heads.shape[1])]
+        out += f'<h3>mass per attention head</h3>{_heat_table(readout.heads, labels, heads, log=False, percent=True)}'
+    if readout.neurons.numel() and float(readout.neurons.sum()) > 0:
+        flat = readout.neurons.flatten()
+        top = flat.topk(min(5, flat.numel()))
+        d_mlp = readout.neurons.shape[1]
+        cells = ", ".join(f"L{i // d_mlp}.N{i % d_mlp} {v:.1%}" for i, v in zip(top.indices.tolist(), top.values.tolist()))
+        out += f'<p class="note">top MLP neurons: {cells}</p>'
+    return out
+
+
+def _color(t: float) -> tuple[str, str]:
+    """Background and text colour for t in [0, 1] (white to deep blue)."""
+    t = min(max(t, 0.0), 1.0)
+    stops = [(255, 255, 255), (165, 216, 255), (51, 154, 240), (24, 100, 171), (16, 50, 110)]
+    x = t * (len(stops) - 1)
+    i = min(int(x), len(stops) - 2)
+    f = x - i
+    rgb = [round(a + (b - a) * f) for a, b in zip(stops[i], stops[i + 1])]
+    return "#%02x%02x%02x" % tuple(rgb), ("#fff" if t > 0.55 else "#1d2330")
+
+
+def _heat_table(matrix: torch.Tensor, rows: list[str], columns, log: bool, percent: bool = False) -> str:
+    M = matrix.double()
+    finite = M[torch.isfinite(M)]
+    if log:
+        positive = finite[finite > 0]
+        lo, hi = (float(positive.min().log10()), float(positive.max().log10())) if positive.numel() else (0.0, 1.0)
+    else:
+        lo, hi = 0.0, max(float(finite.abs().max()) if finite.numel() else 0.0, 0.1)  # shares / accuracy drops
+    span = (hi - lo) or 1.0
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = []
+    for label, row in zip(rows, M.tolist()):
+        cells = []
+        for v in row:
+            if not math.isfinite(v):
+                cells.append("<td>-</td>")
+                continue
+            t = ((math.log10(v) if v > 0 else lo) - lo) / span if log else abs(v) / span
+            background, ink = _color(t)
+            text = f"{v:.1%}" if percent else _fmt(v)
+            cells.append(f'<td style="background:{background};color:{ink}">{text}</td>')
+        body.append(f'<tr><th class="name">{_e(label)}</th>{"".join(cells)}</tr>')
+    return f'<table class="heat"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _dot_plot(rows: list[tuple[str, list[float]]]) -> str:
+    """An SVG strip plot, one row per method, x = log10(value)."""
+    logs = [math.log10(max(v, 1e-6)) for _, values in rows for v in values]
+    lo, hi = math.floor(min(logs + [0.0])), math.ceil(max(logs + [0.0]))
+    hi = hi if hi > lo else lo + 1
+    left, width, step = 170, 420, 28
+    height = step * len(rows) + 34
+
+    def x(value: float) -> float:
+        return left + (math.log10(max(value, 1e-6)) - lo) / (hi - lo) * width
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 20}" height="{height}" role="img">']
+    for tick in range(lo, hi + 1):
+        px = left + (tick - lo) / (hi - lo) * width
+        parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="6" y2="{height - 24}" stroke="#e3e7ee"/>')
+        parts.append(f'<text x="{px:.1f}" y="{height - 8}" text-anchor="middle">1e{tick}</text>')
+    one = x(1.0)
+    parts.append(f'<line x1="{one:.1f}" x2="{one:.1f}" y1="6" y2="{height - 24}" stroke="#c92a2a" '
+                 'stroke-dasharray="4 3"/>')
+    for i, (name, values) in enumerate(rows):
+        y = 20 + i * step
+        control = "/" in name
+        parts.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{_e(name)}</text>')
+        colour = "#868e96" if control else "#3b5bdb"
+        for v in values:
+            parts.append(f'<circle cx="{x(v):.1f}" cy="{y}" r="4" fill="{colour}" fill-opacity="0.55"/>')
+        median = sorted(values)[len(values) // 2] if len(values) % 2 else \
+            (sorted(values)[len(values) // 2 - 1] * sorted(values)[len(values) // 2]) ** 0.5
+        parts.append(f'<line x1="{x(median):.1f}" x2="{x(median):.1f}" y1="{y - 9}" y2="{y + 9}" stroke="#1d2330" '
+                     'stroke-width="3"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _histogram(values: torch.Tensor, bins: int = 24, lo: float = -4.0) -> str:
+    """An SVG histogram of ``values`` (log10 relative coefficients) from ``lo`` (values below go in the first
+    bar) to the largest value."""
+    width, height, left, bottom = 300, 130, 30, 22
+    if values.numel() == 0:
+        return '<p class="note">no positive coefficients</p>'
+    hi = max(float(values.max()), 0.0)
+    counts = torch.histc(values.double().clamp(min=lo), bins=bins, min=lo, max=hi)
+    peak = float(counts.max()) or 1.0
+    bar = (width - left) / bins
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">']
+    for i, c in enumerate(counts.tolist()):
+        h = (height - bottom - 6) * c / peak
+        parts.append(f'<rect x="{left + i * bar:.1f}" y="{height - bottom - h:.1f}" width="{bar - 1:.1f}" '
+                     f'height="{h:.1f}" fill="#3b5bdb"/>')
+    parts.append(f'<text x="{left}" y="{height - 6}">&#8804;1e{lo:.0f}</text>')
+    parts.append(f'<text x="{width}" y="{height - 6}" text-anchor="end">1e{hi:.1f}</text>')
+    parts.append(f'<text x="2" y="12">{int(peak)}</text></svg>')
+    return "".join(parts)

@@ -1,0 +1,221 @@
+"""Where a run's model and examples come from: the zoo, a local checkpoint or a TransformerLens model name; the
+zoo's tasks, a ``datasets`` directory or a JSONL file.
+
+A local checkpoint is a directory written by ``save_checkpoint``: ``config.json`` (the HookedTransformerConfig),
+``model.safetensors`` (the state dict) and, when the model has one, its tokenizer (``save_pretrained`` files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DataConfig
+from .examples import Examples, LabeledExamples
+from .store import atomic_directory, save_json
+
+ZOO_PREFIX = "zoo:"
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a HookedTransformer as a local checkpoint that ``load_model`` (and ``--set model.name=PATH``) reads."""
+    from safetensors.torch import save_file
+
+    config = model.cfg.to_dict()
+    config["dtype"] = str(config["dtype"]).removeprefix("torch.")
+    config.pop("device", None)
+    with atomic_directory(path) as tmp:
+        save_json(config, tmp / "config.json")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        if getattr(model, "tokenizer", None) is not None:
+            model.tokenizer.save_pretrained(str(tmp))
+    return Path(path)
+
+
+def load_model(name: str, device: str = "cpu") -> nn.Module:
+    """The model ``name`` ("zoo:NAME", a checkpoint directory, or a TransformerLens name), in eval mode on
+    ``device``."""
+    from . import zoo
+
+    if name.startswith(ZOO_PREFIX):
+        return zoo.load_model(name.removeprefix(ZOO_PREFIX), device)
+    if Path(name).exists():
+        return _load_checkpoint(Path(name), device)
+    return _from_pretrained(name, device)
+
+
+def _load_checkpoint(path: Path, device: str) -> nn.Module:
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    for required in ("config.json", "model.safetensors"):
+        if not (path / required).is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint: it lacks {required} (write one with "
+                                    "npeff_tl.save_checkpoint(model, path))")
+    values = json.loads((path / "config.json").read_text())
+    values["dtype"] = getattr(torch, values.get("dtype", "float32"))
+    values["device"] = device
+    tokenizer = None
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(HookedTransformerConfig.from_dict(values), tokenizer=tokenizer)
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device=device), strict=True)
+    return model.eval()
+
+
+def _from_pretrained(name: str, device: str) -> nn.Module:
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        raise ValueError(f"unknown model name {name!r}: not a zoo model (zoo:NAME), not an existing checkpoint "
+                         "directory, and not a TransformerLens model name") from None
+    try:
+        return HookedTransformer.from_pretrained(name, device=device).eval()
+    except OSError as error:
+        raise OSError(f"could not load {name!r} from the model hub ({str(error).splitlines()[0]}); without hub "
+                      "access, save the model once with npeff_tl.save_checkpoint and pass its directory") from None
+
+
+@dataclass
+class RunData:
+    """The train and test examples, and per split how to show each example (its tokens as strings)."""
+
+    train: LabeledExamples
+    test: LabeledExamples
+    display: dict[str, list[dict]]
+
+
+def load_data(config: DataConfig, model: nn.Module, model_name: str) -> RunData:
+    """Train/test examples from ``config.source`` (see ``DataConfig``), tokenized for ``model``."""
+    splits = _zoo_splits(config, model_name) if config.source == "zoo" else _splits(config)
+    out = {}
+    for split, rows in splits.items():
+        if config.max_examples is not None:
+            rows = rows[: config.max_examples]
+        if not rows:
+            raise ValueError(f"the {split} split of {config.source} has no rows")
+        out[split] = _examples(rows, config, model, f"{config.source} ({split})")
+    display = {split: rows for split, (_, rows) in out.items()}
+    return RunData(out["train"][0], out["test"][0], display)
+
+
+def _zoo_splits(config: DataConfig, model_name: str) -> dict[str, list[dict]]:
+    from . import zoo
+
+    if not model_name.startswith(ZOO_PREFIX):
+        raise ValueError(f"data.source 'zoo' needs a zoo model (zoo:NAME), not {model_name!r}; give a datasets "
+                         "directory or a JSONL file as data.source")
+    data = zoo.dataset(model_name.removeprefix(ZOO_PREFIX), n_train=config.per_task, n_test=config.per_task)
+    columns = {config.tokens: "tokens", config.position: "target_pos", config.answer: "answer",
+               config.label: "strategy", config.factors: "strategies"}
+    return {split: [{key: row[zoo_key] for key, zoo_key in columns.items()} for row in data[split]]
+            for split in ("train", "test")}
+
+
+def _splits(config: DataConfig) -> dict[str, list[dict]]:
+    path = Path(config.source)
+    if not path.exists():
+        raise FileNotFoundError(f"data source {path} does not exist (give a datasets directory, a JSONL file, or "
+                                "'zoo')")
+    if path.is_dir():
+        from datasets import Dataset, DatasetDict, load_from_disk
+
+        try:
+            data = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"{path} is not a datasets directory written by save_to_disk ({error})") from None
+        if isinstance(data, DatasetDict):
+            if "train" not in data or "test" not in data:
+                raise ValueError(f"{path} has splits {list(data)}; name them 'train' and 'test'")
+            return {split: data[split].to_list() for split in ("train", "test")}
+        rows = data.to_list() if isinstance(data, Dataset) else list(data)
+    else:
+        rows = _read_jsonl(path)
+    order = list(range(len(rows)))
+    random.Random(config.seed).shuffle(order)
+    n_test = round(config.test_fraction * len(rows))
+    if not 0 < n_test < len(rows):
+        raise ValueError(f"data.test_fraction {config.test_fraction} of {len(rows)} rows leaves an empty split")
+    return {"train": [rows[i] for i in sorted(order[n_test:])], "test": [rows[i] for i in sorted(order[:n_test])]}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number} is not a JSON object ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _examples(rows: list[dict], config: DataConfig, model: nn.Module, where: str) -> tuple[LabeledExamples, list]:
+    tokenizer = getattr(model, "tokenizer", None)
+    tokens, positions, answers, display = [], [], [], []
+    for i, row in enumerate(rows):
+        if config.tokens in row:
+            ids = [int(t) for t in row[config.tokens]]
+        elif config.prompt in row:
+            if tokenizer is None:
+                raise ValueError(f"{where} gives prompts but the model has no tokenizer; give token ids in a "
+                                 f"{config.tokens!r} column")
+            ids = model.to_tokens(row[config.prompt], prepend_bos=config.prepend_bos)[0].tolist()
+        else:
+            raise ValueError(f"{where}: row {i} has neither {config.tokens!r} (token ids) nor {config.prompt!r} "
+                             f"(text); its keys are {sorted(row)}")
+        position = int(row.get(config.position, len(ids) - 1))
+        if not -len(ids) <= position < len(ids):
+            raise ValueError(f"{where}: row {i} has {config.position}={position} outside its {len(ids)} tokens")
+        position %= len(ids)
+        answer = row.get(config.answer)
+        if isinstance(answer, str):
+            answer = _single_token(model, answer, where, i)
+        tokens.append(ids)
+        positions.append(position)
+        answers.append(answer)
+        display.append({"tokens": _str_tokens(model, ids), "position": position,
+                        "answer": None if answer is None else _str_tokens(model, [answer])[0],
+                        "label": row.get(config.label)})
+    has_answers = all(a is not None for a in answers)
+    labels = [row.get(config.label) for row in rows]
+    factors = [row.get(config.factors) for row in rows]
+    examples = LabeledExamples(
+        Examples.from_tokens(tokens, positions), torch.tensor(answers) if has_answers else None,
+        labels if all(x is not None for x in labels) else None,
+        factors if all(x is not None for x in factors) else None,
+    )
+    return examples, display
+
+
+def _single_token(model: nn.Module, text: str, where: str, i: int) -> int:
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError(f"{where}: row {i} gives its answer as text but the model has no tokenizer; give a token id")
+    ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
+    if len(ids) != 1:
+        raise ValueError(f"{where}: row {i}'s answer {text!r} is {len(ids)} tokens; give one token (or its id)")
+    return ids[0]
+
+
+def _str_tokens(model: nn.Module, ids: list[int]) -> list[str]:
+    if getattr(model, "tokenizer", None) is None:
+        return [str(t) for t in ids]
+    return [str(s) for s in model.to_str_tokens(torch.tensor(ids), prepend_bos=False)]
