@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from .. import distributed
 from ..store import json_normal, atomic_directory, load_json, load_tensors, save_json, save_tensors
 
 CHECKPOINT_FORMAT = "npeff_tl.fit_checkpoint"
@@ -38,3 +40,21 @@ class Checkpoint:
         with atomic_directory(self.path / "latest") as tmp:
             save_tensors(tensors, tmp / "state.safetensors")
             save_json({"format": CHECKPOINT_FORMAT, "key": self.key, **state}, tmp / "state.json")
+
+
+def rank_directory(path: str | os.PathLike) -> Path:
+    """Where this rank checkpoints: ``path`` in one process, ``path``/rank{r}of{world} under torch.distributed
+    (each rank holds its own columns of the factors)."""
+    if not distributed.active():
+        return Path(path)
+    return Path(path) / f"rank{distributed.rank()}of{distributed.world_size()}"
+
+
+def check_ranks_agree(path: str | os.PathLike, iteration: int) -> None:
+    """Every rank must resume from the same iteration (a rank that died between two ranks' saves did not)."""
+    if not distributed.active():
+        return
+    seen = distributed.all_gather_rows(torch.tensor([[iteration]]))
+    if int(seen.min()) != int(seen.max()):
+        raise ValueError(f"the ranks' checkpoints in {path} are at different iterations ({seen.flatten().tolist()}); "
+                         "delete the directory to start the fit over")

@@ -18,6 +18,7 @@ from jaxtyping import Float, Int64
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..params import ParamSpace
 from ..pefs import PEFs
 from ..store import FormatError, atomic_directory, load_tensors, read_metadata, save_json, save_tensors, versions
@@ -119,19 +120,25 @@ class Decomposition:
         progress: bool = True,
     ) -> Float[Tensor, "n r"]:
         """Coefficients of new PEFs with the components fixed: multiplicative updates from a seeded uniform
-        start, ``batch_size`` examples at a time (memory is bounded by the batch)."""
+        start, ``batch_size`` examples at a time (memory is bounded by the batch). Under torch.distributed the
+        batches are shared out over the ranks (contiguous runs) and every rank gets all the coefficients."""
         check_compatible(pefs, self.space, self.metadata, self.kind)
         eps = self.settings.get("eps", 1e-8) if eps is None else eps
         components = self.components
         generator = torch.Generator().manual_seed(seed)
-        parts = []
-        for start in tqdm(range(0, len(pefs), batch_size), desc="coefficients", disable=not progress):
+        starts = list(range(0, len(pefs), batch_size))
+        first, stop = distributed.balanced_ranges(torch.ones(len(starts), dtype=torch.long),
+                                                  distributed.world_size())[distributed.rank()]
+        parts = [torch.zeros(0, self.n_components, dtype=components.dtype, device=components.device)]
+        for b, start in enumerate(tqdm(starts, desc="coefficients", disable=not progress or distributed.rank() > 0)):
+            W = torch.rand(min(batch_size, len(pefs) - start), self.n_components, generator=generator)
+            if not first <= b < stop:
+                continue  # another rank's batch (its start was drawn all the same: one seeded stream)
             chunk = pefs.subset(slice(start, start + batch_size))
             matrix = prepare(chunk, columns=self.kept_columns, device=components.device, dtype=components.dtype)
             numerator, gram = numerators(matrix, components)
-            W = torch.rand(len(chunk), self.n_components, generator=generator).to(numerator)
-            parts.append(multiplicative_w(W, numerator, gram, n_iter, eps))
-        return torch.cat(parts)
+            parts.append(multiplicative_w(W.to(numerator), numerator, gram, n_iter, eps))
+        return distributed.all_gather_rows(torch.cat(parts))
 
     # ---------------------------------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike) -> Path:

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..pefs import PEFs
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
 from .decomposition import Decomposition, multiplicative_w
 from .matrix import PEFMatrix, prepare
 
@@ -54,34 +55,35 @@ class DNPEFF:
         if pefs.kind != "diagonal":
             raise ValueError(f"D-NPEFF factors diagonal PEFs; these are {pefs.kind} (use LRMNPEFF)")
         matrix = prepare(pefs, min_nnz_per_column=self.min_nnz_per_column, device=self.device,
-                         dtype=getattr(torch, self.dtype))
+                         dtype=getattr(torch, self.dtype), shard_columns=True)
         n_real = matrix.n_examples - len(matrix.empty_examples)
         if not 1 <= self.n_components <= n_real:
             raise ValueError(f"n_components must lie in [1, {n_real}] (the examples with non-zero PEFs), "
                              f"got {self.n_components}")
         W, H = self._initial_factors(matrix) if init is None else matrix.check_init(init, self.n_components, "H")
-        Ht = H.T.contiguous()  # [m, r]: the layout the sparse products want
+        Ht = matrix.local(H).T.contiguous()  # [m, r] (this rank's columns): the layout the sparse products want
         losses, start = [], 0
         saver = None
         if checkpoint is not None:
             trajectory = {k: v for k, v in asdict(self).items() if k not in ("max_iter", "tol", "h_threshold", "device")}
             key = {"settings": trajectory, "data": matrix.fingerprint(), "init": "seeded" if init is None else "custom"}
-            saver = Checkpoint(checkpoint, key)
+            saver = Checkpoint(rank_directory(checkpoint), key)
             resumed = saver.load()
+            check_ranks_agree(checkpoint, -1 if resumed is None else resumed[1]["iteration"])
             if resumed is not None:
                 tensors, state = resumed
                 W, Ht = W.copy_(tensors["W"]), Ht.copy_(tensors["H"].T)  # fresh aligned memory: bitwise-equal BLAS
                 losses, start = state["losses"], self.max_iter if state["converged"] else state["iteration"]
                 logger.info("resuming D-NPEFF from iteration %d of %s", state["iteration"], checkpoint)
-        bar = tqdm(total=self.max_iter, initial=start, desc="D-NPEFF", disable=not progress)
+        bar = tqdm(total=self.max_iter, initial=start, desc="D-NPEFF", disable=not progress or distributed.rank() > 0)
         for iteration in range(start, self.max_iter):
-            W = multiplicative_w(W, matrix.times(Ht), Ht.T @ Ht, 1, self.eps)
+            W = multiplicative_w(W, matrix.times(Ht), matrix.gram(Ht), 1, self.eps)
             AtW = matrix.t_times(W)  # (W^T A)^T
             WtW = W.T @ W
             Ht = multiplicative_w(Ht, AtW, WtW, 1, self.eps)  # H <- H * W^T A / (W^T W H + eps), transposed
             done = iteration + 1
             if done % self.log_every == 0 or done == self.max_iter:
-                loss = matrix.constant - 2 * _dot(AtW, Ht) + _dot(WtW, Ht.T @ Ht)
+                loss = matrix.constant - 2 * float(matrix.sum(_dot(AtW, Ht))) + float(_dot(WtW, matrix.gram(Ht)))
                 losses.append({"phase": "joint", "iteration": done, "loss": loss})
                 bar.set_postfix(loss=f"{loss:.4e}")
             bar.update(1)
@@ -93,13 +95,13 @@ class DNPEFF:
             if converged:
                 break
         bar.close()
-        return self._decomposition(matrix, W, Ht.T.contiguous(), losses)
+        return self._decomposition(matrix, W, matrix.gather(Ht.T), losses)
 
     def _initial_factors(self, matrix: PEFMatrix) -> tuple[torch.Tensor, torch.Tensor]:
         """Uniform(0, 1) draws, W then H from one generator over the full matrices, scaled so that W H has the
         mean of A (scikit-learn's choice), whatever the device or a later sharding."""
         n, m, r = matrix.n_examples, matrix.n_columns, self.n_components
-        mean = float(matrix.values.double().sum()) / (n * m)
+        mean = matrix.total() / (n * m)
         scale = math.sqrt(max(mean, 1e-30) / r)
         generator = torch.Generator().manual_seed(self.seed)
         to = {"device": matrix.values.device, "dtype": matrix.values.dtype}
@@ -120,7 +122,7 @@ class DNPEFF:
         )
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> accumulated in float64."""
-    return float((a.double() * b.double()).sum())
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> accumulated in float64 (a 0-d tensor)."""
+    return (a.double() * b.double()).sum()
 

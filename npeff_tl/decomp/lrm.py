@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..pefs import PEFs
 from ..store import tensor_fingerprint
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
 from .decomposition import Decomposition, multiplicative_w
 from .matrix import PEFMatrix, check_compatible, prepare
 
@@ -71,10 +72,11 @@ class LRMNPEFF:
             if init is not None:
                 raise ValueError("give either init= or frozen=, not both (expansion draws the new components itself)")
             check_compatible(pefs, frozen.space, frozen.metadata, "lowrank")
-            matrix = prepare(pefs, columns=frozen.kept_columns, device=self.device, dtype=dtype)
+            matrix = prepare(pefs, columns=frozen.kept_columns, device=self.device, dtype=dtype, shard_columns=True)
             fixed = frozen.G.to(device=self.device, dtype=dtype)
         else:
-            matrix = prepare(pefs, min_nnz_per_column=self.min_nnz_per_column, device=self.device, dtype=dtype)
+            matrix = prepare(pefs, min_nnz_per_column=self.min_nnz_per_column, device=self.device, dtype=dtype,
+                             shard_columns=True)
             fixed = torch.zeros(0, matrix.n_columns, device=self.device, dtype=dtype)
         n_real = matrix.n_examples - len(matrix.empty_examples)
         if not 1 <= self.n_components <= n_real:
@@ -82,20 +84,21 @@ class LRMNPEFF:
                              f"got {self.n_components}")
         r = self.n_components + fixed.shape[0]
         W, G = self._initial_factors(matrix, fixed) if init is None else matrix.check_init(init, r, "G")
-        fit = _Fit(self, matrix, W, G, n_free=self.n_components)
+        fit = _Fit(self, matrix, W, matrix.local(G), n_free=self.n_components)
         total = self.n_iters_g_only + self.n_iters_joint
         saver = None
         if checkpoint is not None:
             trajectory = {k: v for k, v in asdict(self).items() if k not in ("tol", "device", "log_every")}
             key = {"settings": trajectory, "data": matrix.fingerprint(), "init": "seeded" if init is None else "custom",
                    "frozen": None if frozen is None else tensor_fingerprint([frozen.G])}
-            saver = Checkpoint(checkpoint, key)
+            saver = Checkpoint(rank_directory(checkpoint), key)
             resumed = saver.load()
+            check_ranks_agree(checkpoint, -1 if resumed is None else resumed[1]["iteration"])
             if resumed is not None:
                 tensors, state = resumed
                 fit.restore(tensors, state)
                 logger.info("resuming LRM-NPEFF from iteration %d of %s", fit.iteration, checkpoint)
-        bar = tqdm(total=total, initial=fit.iteration, desc="LRM-NPEFF", disable=not progress)
+        bar = tqdm(total=total, initial=fit.iteration, desc="LRM-NPEFF", disable=not progress or distributed.rank() > 0)
         while fit.iteration < total and not fit.converged:
             joint = fit.iteration >= self.n_iters_g_only
             fit.step(update_w=joint)
@@ -122,7 +125,7 @@ class LRMNPEFF:
 
 class _Fit:
     """The state of one LRM-NPEFF fit and its steps (components past ``n_free`` are frozen). G is held
-    transposed, Gt [m, r], the layout the sparse products want."""
+    transposed, Gt [m, r] (this rank's columns), the layout the sparse products want."""
 
     def __init__(self, settings: LRMNPEFF, matrix: PEFMatrix, W: Tensor, G: Tensor, n_free: int):
         self.s, self.matrix, self.W, self.Gt, self.n_free = settings, matrix, W, G.T.contiguous(), n_free
@@ -134,7 +137,7 @@ class _Fit:
     # ------------------------------------------------------------------------------ pieces
     def _products(self) -> None:
         self.AG = self.matrix.times(self.Gt)  # [rows, r]
-        self.GG = self.Gt.T @ self.Gt
+        self.GG = self.matrix.gram(self.Gt)
         self.N = self.matrix.example_sums(self.AG.square())
         self.HH = self.GG.square()
 
@@ -207,7 +210,7 @@ class _Fit:
     def decomposition(self) -> Decomposition:
         m = self.matrix
         return Decomposition(
-            kind="lowrank", W=self.W, components=self.Gt.T.contiguous(), kept_columns=m.kept_columns, space=m.space,
+            kind="lowrank", W=self.W, components=m.gather(self.Gt.T), kept_columns=m.kept_columns, space=m.space,
             metadata=m.fit_metadata,
             settings={**asdict(self.s), "algorithm": "LRM-NPEFF", "n_frozen": self.Gt.shape[1] - self.n_free,
                       "final_lr": self.lr, "empty_examples": list(m.empty_examples)},

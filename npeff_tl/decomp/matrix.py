@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int64
+from jaxtyping import Float, Float64, Int64
 from torch import Tensor
 
+from .. import distributed
 from ..params import ParamSpace
 from ..pefs import DiagonalPEFs, LowRankPEFs, PEFs
 from ..pefs.containers import sorted_csr
@@ -33,22 +34,48 @@ class PEFMatrix:
     """Normalised PEFs as a sparse matrix A [rows, kept columns] plus what the decompositions need to know.
 
     A is held twice: as CSR blocks of consecutive columns (for A @ X: each block touches a cache-sized slice
-    of X, ~4x faster on CPU than one CSR) and as one CSR of its transpose (for A^T @ Y)."""
+    of X, ~4x faster on CPU than one CSR) and as one CSR of its transpose (for A^T @ Y).
 
-    blocks: tuple[tuple[int, Tensor], ...]  # (first column, CSR [rows, block width])
-    At: Float[Tensor, "m rows"]
+    Under torch.distributed (``prepare(..., shard_columns=True)``), each rank holds the kept columns
+    ``shard`` (a contiguous range, balanced by non-zeros) and the factors' matching rows; ``times`` and
+    ``gram`` all-reduce their partial sums, so every rank gets the full products; ``t_times`` stays local."""
+
+    blocks: tuple[tuple[int, Tensor], ...]  # (first local column, CSR [rows, block width])
+    At: Float[Tensor, "m_local rows"]
     row_example: Int64[Tensor, " rows"]  # the example of each row (rows = examples for diagonal PEFs)
     n_examples: int
-    kept_columns: Int64[Tensor, " m"]  # indices into the ParamSpace
-    constant: float  # ||A||_F^2 (diagonal) or sum_i ||U_i^T U_i||_F^2 (low-rank), float64
+    kept_columns: Int64[Tensor, " m"]  # indices into the ParamSpace (all ranks' columns)
+    constant: float  # ||A||_F^2 (diagonal) or sum_i ||U_i^T U_i||_F^2 (low-rank), float64, over all columns
     kind: str  # "diagonal" or "lowrank"
     space: ParamSpace
     metadata: dict[str, Any]
     empty_examples: tuple[int, ...]  # zero-norm examples: all-zero rows, coefficients 0
+    shard: tuple[int, int]  # this rank's range of kept columns (all of them in one process)
+    sharded: bool = False  # columns split over the ranks of torch.distributed: products are all-reduced
 
     @property
     def n_columns(self) -> int:
         return int(self.kept_columns.shape[0])
+
+    def local(self, C: Float[Tensor, "r m"]) -> Float[Tensor, "r m_local"]:
+        """This rank's columns of a [r, all kept columns] factor."""
+        return C[:, self.shard[0] : self.shard[1]]
+
+    def gather(self, C: Float[Tensor, "r m_local"]) -> Float[Tensor, "r m"]:
+        """The full factor from every rank's columns."""
+        return distributed.all_gather_rows(C.T.contiguous()).T.contiguous() if self.sharded else C
+
+    def gram(self, Xt: Float[Tensor, "m_local r"]) -> Float[Tensor, "r r"]:
+        """X X^T for a factor held transposed, summed over the ranks' columns."""
+        return self.sum(Xt.T @ Xt)
+
+    def total(self) -> float:
+        """The sum of all entries of A, float64."""
+        return float(self.sum(self.values.double().sum()))
+
+    def sum(self, partial: Tensor) -> Tensor:
+        """A partial sum over this rank's columns, summed over the ranks (itself when not sharded)."""
+        return distributed.all_reduce_sum(partial) if self.sharded else partial
 
     @property
     def n_rows(self) -> int:
@@ -68,22 +95,23 @@ class PEFMatrix:
         out = torch.zeros(self.n_examples, per_row.shape[1], dtype=per_row.dtype, device=per_row.device)
         return out.index_add_(0, self.row_example, per_row)
 
-    def times(self, X: Float[Tensor, "m r"]) -> Float[Tensor, "rows r"]:
-        """A @ X."""
+    def times(self, X: Float[Tensor, "m_local r"]) -> Float[Tensor, "rows r"]:
+        """A @ X (X: this rank's rows of the factor; summed over ranks)."""
         out = torch.zeros(self.n_rows, X.shape[1], dtype=X.dtype, device=X.device)
         for start, block in self.blocks:
             out.addmm_(block, X[start : start + block.shape[1]])
-        return out
+        return self.sum(out)
 
-    def t_times(self, Y: Float[Tensor, "rows r"]) -> Float[Tensor, "m r"]:
-        """A^T @ Y."""
+    def t_times(self, Y: Float[Tensor, "rows r"]) -> Float[Tensor, "m_local r"]:
+        """A^T @ Y (this rank's columns)."""
         return self.At @ Y
 
     def to_dense(self) -> Float[Tensor, "rows m"]:
         return self.At.to_dense().T
 
     def check_init(self, init: tuple[Tensor, Tensor], rank: int, name: str) -> tuple[Tensor, Tensor]:
-        """A user's starting (W, components), checked against this matrix and copied to its device and dtype."""
+        """A user's starting (W, components over all kept columns), checked against this matrix and copied to
+        its device and dtype."""
         W, C = init
         want = ((self.n_examples, rank), (rank, self.n_columns))
         if (tuple(W.shape), tuple(C.shape)) != want:
@@ -92,8 +120,10 @@ class PEFMatrix:
         return W.clone().to(self.values), C.clone().to(self.values)
 
     def fingerprint(self) -> str:
-        """A sha256 of the matrix and its kept columns (checkpoints refuse to resume on other data)."""
-        return tensor_fingerprint([self.At.crow_indices(), self.At.col_indices(), self.At.values(), self.kept_columns])
+        """A sha256 of the matrix (this rank's columns) and its kept columns (checkpoints refuse to resume on
+        other data)."""
+        return tensor_fingerprint([self.At.crow_indices(), self.At.col_indices(), self.At.values(), self.kept_columns,
+                                   torch.tensor(self.shard)])
 
 
 def check_compatible(pefs: PEFs, space: ParamSpace, metadata: dict[str, Any], kind: str) -> None:
@@ -116,9 +146,11 @@ def prepare(
     columns: Int64[Tensor, " m"] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    shard_columns: bool = False,
 ) -> PEFMatrix:
     """Normalise ``pefs`` and assemble the matrix; ``columns`` keeps exactly those columns (a decomposition's),
-    otherwise columns with fewer than ``min_nnz_per_column`` entries are dropped."""
+    otherwise columns with fewer than ``min_nnz_per_column`` entries are dropped. With ``shard_columns`` under
+    torch.distributed, this rank keeps only its share of the kept columns (balanced by non-zeros)."""
     if not isinstance(pefs, (DiagonalPEFs, LowRankPEFs)):
         raise TypeError(f"expected DiagonalPEFs or LowRankPEFs, got {type(pefs).__name__}")
     bad = (~torch.isfinite(pefs.values).all(1)) | (~torch.isfinite(pefs.norms))
@@ -149,16 +181,22 @@ def prepare(
             raise ValueError(f"columns must be increasing indices in [0, {size})")
     if kept.numel() == 0:
         raise ValueError(f"no parameter appears in {min_nnz_per_column} or more examples; lower min_nnz_per_column")
+    shard, sharded = (0, int(kept.numel())), shard_columns and distributed.active()
+    if sharded:
+        weights = torch.bincount(cols, minlength=size)[kept]
+        shard = distributed.balanced_ranges(weights, distributed.world_size())[distributed.rank()]
     new_index = torch.full((size,), -1, dtype=torch.long)
-    new_index[kept] = torch.arange(kept.numel())
+    new_index[kept[shard[0] : shard[1]]] = torch.arange(shard[1] - shard[0])
     keep = new_index[cols] >= 0
     rows, cols, values = rows[keep], new_index[cols[keep]], values[keep]
-    shape = (n_rows, int(kept.numel()))
+    shape = (n_rows, shard[1] - shard[0])
     row_example = torch.arange(len(normed)).repeat_interleave(row_offsets.diff())
     if isinstance(normed, DiagonalPEFs):
-        constant = float(values.double().square().sum())
-    else:
-        constant = _sum_gram_squares(rows, cols, values.double(), row_example, row_offsets, shape[1])
+        constant = values.double().square().sum()
+        constant = float(distributed.all_reduce_sum(constant) if sharded else constant)
+    else:  # ||U_i^T U_i||^2 needs the whole class x class Gram matrices: their column shares are summed first
+        grams = _example_grams(rows, cols, values.double(), row_example, row_offsets, len(normed))
+        constant = float((distributed.all_reduce_sum(grams) if sharded else grams).square().sum())
     to = {"device": device, "dtype": dtype}
     width = BLOCK_COLUMNS if torch.device(device).type == "cpu" else shape[1]
     block_of = cols // width
@@ -180,6 +218,8 @@ def prepare(
         space=normed.space,
         metadata=normed.metadata,
         empty_examples=empty,
+        shard=shard,
+        sharded=sharded,
     )
 
 
@@ -187,30 +227,28 @@ def _rows_of(examples: Tensor, row_offsets: Tensor) -> Tensor:
     return torch.cat([torch.arange(row_offsets[e], row_offsets[e + 1]) for e in examples.tolist()])
 
 
-def _sum_gram_squares(
-    rows: Tensor, cols: Tensor, values: Tensor, row_example: Tensor, row_offsets: Tensor, n_cols: int,
+def _example_grams(
+    rows: Tensor, cols: Tensor, values: Tensor, row_example: Tensor, row_offsets: Tensor, n_examples: int,
     chunk_entries: int = 1 << 20,
-) -> float:
-    """sum_i ||U_i^T U_i||_F^2 over examples i, where U_i has the rows of example i: the per-example class x
-    class Gram matrices, built from the entries that share (example, column), in chunks of entries."""
+) -> Float64[Tensor, "n k k"]:
+    """U_i^T U_i per example i (class x class, float64), where U_i has the rows of example i: the products of
+    the entries that share (example, column), accumulated per example, in chunks of about ``chunk_entries``."""
     example = row_example[rows]
     cls = rows - row_offsets[example]
     rank = int(row_offsets.diff().max()) if len(row_offsets) > 1 else 0
+    n_cols = int(cols.max()) + 1 if cols.numel() else 1
     key = example * n_cols + cols
-    order = torch.argsort(key)  # entries of one example are contiguous, so chunks split between examples
-    example, cls, key, values = example[order], cls[order], key[order], values[order]
-    total, start = 0.0, 0
+    order = torch.argsort(key)  # the entries of one (example, column) are contiguous
+    cls, key, values = cls[order], key[order], values[order]
+    grams = torch.zeros(n_examples, rank, rank, dtype=torch.float64)
+    start = 0
     while start < len(key):
         stop = min(start + chunk_entries, len(key))
-        while stop < len(key) and example[stop] == example[stop - 1]:
+        while stop < len(key) and key[stop] == key[stop - 1]:  # never split an (example, column)
             stop += 1
         keys, slot = torch.unique_consecutive(key[start:stop], return_inverse=True)
         z = torch.zeros(len(keys), rank, dtype=torch.float64)
         z.index_put_((slot, cls[start:stop]), values[start:stop], accumulate=True)
-        owner = keys // n_cols
-        owner = owner - owner[0]  # examples of this chunk, from 0
-        grams = torch.zeros(int(owner[-1]) + 1, rank, rank, dtype=torch.float64)
-        grams.index_add_(0, owner, z[:, :, None] * z[:, None, :])
-        total += float(grams.square().sum())
+        grams.index_add_(0, keys // n_cols, z[:, :, None] * z[:, None, :])
         start = stop
-    return total
+    return grams

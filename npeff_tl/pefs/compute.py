@@ -16,6 +16,7 @@ from jaxtyping import Float, Float64, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..adapters import ModelAdapter, as_adapter
 from ..examples import Examples, TokensLike
 from ..params import ParamSpace
@@ -130,6 +131,18 @@ def _batch_pefs(
     return {k: v.cpu() for k, v in rows.items()}
 
 
+def _open_store(store, config: dict, n: int, shard_size: int) -> ShardStore | None:
+    """The shard store, created (or checked) by rank 0 before the other ranks open it."""
+    if store is None:
+        return None
+    if distributed.rank() == 0:
+        sink = ShardStore(store, PEFS_FORMAT, config, n, shard_size)
+    distributed.barrier()
+    if distributed.rank() > 0:
+        sink = ShardStore(store, PEFS_FORMAT, config, n, shard_size)
+    return sink
+
+
 def compute_pefs(
     model: nn.Module | ModelAdapter,
     examples: Examples | TokensLike,
@@ -159,6 +172,8 @@ def compute_pefs(
         batch_size: examples per batch; peak memory is about batch_size x classes x space size floats.
         store: a directory to stream results to in shards of ``shard_size`` examples; re-running with the
             same arguments resumes, skipping finished shards. The stored result does not depend on batch_size.
+            Under torch.distributed (required there), the ranks share out the unfinished shards; the result is
+            the single-process result, bit for bit on CPU.
         answers: the answer token per example, stored with the PEFs.
         n_top_logits / store_logits: how much of the predicted distribution to keep per example.
         dtype: dtype of the stored values (default float32, float64 for a float64 model).
@@ -196,19 +211,24 @@ def compute_pefs(
     }
     config = {"kind": kind, "nnz": nnz, "space": space.to_dict(), "metadata": metadata}
     cls = DiagonalPEFs if kind == "diagonal" else LowRankPEFs
-    sink = ShardStore(store, PEFS_FORMAT, config, n, shard_size) if store is not None else None
+    if distributed.active() and store is None:
+        raise ValueError("under torch.distributed, compute_pefs needs store= (a directory every rank can reach): "
+                         "each rank writes its own shards there")
+    sink = _open_store(store, config, n, shard_size)
     if sink and sink.meta.get("complete"):
         logger.info("PEF store %s is complete; loading it", store)
         return load_pefs(store)
 
     shard_size = sink.shard_size if sink else shard_size
     ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+    todo = [j for j in range(len(ranges)) if not (sink and sink.is_done(j))]
+    mine = set(todo[distributed.rank():: distributed.world_size()])  # finished shards are never recomputed
     shards, fisher_sums = [], []
     workspace = Workspace()
-    with tqdm(total=n, desc=f"{kind} PEFs", disable=not progress, unit="ex") as bar:
+    with tqdm(total=sum(ranges[j][1] - ranges[j][0] for j in mine), desc=f"{kind} PEFs", unit="ex",
+              disable=not progress or distributed.rank() > 0) as bar:
         for j, (shard_start, shard_stop) in enumerate(ranges):
-            if sink and sink.is_done(j):
-                bar.update(shard_stop - shard_start)
+            if j not in mine:
                 continue
             parts = []
             fisher_sum = torch.zeros(space.size, dtype=torch.float64, device=adapter.device)
@@ -230,17 +250,22 @@ def compute_pefs(
                 shards.append(shard)
                 fisher_sums.append(fisher_sum)
 
+    distributed.barrier()  # every rank's shards are on disk
     dataset_fisher = torch.zeros(space.size, dtype=torch.float64)
-    for j in range(len(ranges)):  # summed in shard order, whichever shards this run computed
+    provenance = {"versions": versions()}
+    if sink and distributed.rank() > 0:
+        distributed.barrier()  # rank 0 completes the store
+        return load_pefs(store)
+    for j in range(len(ranges)):  # summed in shard order, whichever shards (and ranks) computed them
         partial = load_tensors(sink.shard_path(j, "fisher_sum"))["fisher_sum"] if sink else fisher_sums[j]
         dataset_fisher += partial.cpu()
     dataset_fisher /= n
-    provenance = {"versions": versions()}
     if sink:
         save_tensors({"dataset_fisher": dataset_fisher}, sink.path / "dataset_fisher.safetensors")
         sink.mark_complete(provenance=provenance)
         for j in range(len(ranges)):
             sink.shard_path(j, "fisher_sum").unlink()
+        distributed.barrier()
         return load_pefs(store)
     pefs = cls._from_shards(shards, space, {"config": config, "provenance": provenance})
     pefs.dataset_fisher = dataset_fisher

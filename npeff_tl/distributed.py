@@ -1,0 +1,97 @@
+"""torch.distributed in one place: which rank this is, how many there are, and the few collectives the stages
+need. Without an initialised process group (or with one rank) every helper is the single-process identity, so
+the algorithms have one code path.
+
+Under ``torchrun`` (or with ``--distributed`` on the command line) ``init_from_env`` starts the default group:
+NCCL when CUDA is available, gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from jaxtyping import Int64
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+def active() -> bool:
+    """True when a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """The sum of ``x`` over ranks (``x`` itself in one process); every rank gets the same bits."""
+    if not active():
+        return x
+    x = x.contiguous().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_gather_rows(x: Tensor) -> Tensor:
+    """The rows of ``x`` from every rank, concatenated in rank order (ranks may hold different numbers)."""
+    if not active():
+        return x
+    counts = all_reduce_sum(torch.zeros(world_size(), dtype=torch.long, device=x.device).index_fill_(
+        0, torch.tensor([rank()], device=x.device), x.shape[0]))
+    padded = torch.zeros((int(counts.max()), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: int(c)] for part, c in zip(parts, counts.tolist())])
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def balanced_ranges(weights: Int64[Tensor, " m"], parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges covering ``range(len(weights))`` with about equal total weight each (the
+    columns of a matrix split by their non-zeros, not by their count)."""
+    m = len(weights)
+    cumulative = torch.cumsum(weights.double(), 0)
+    total = float(cumulative[-1]) if m else 0.0
+    bounds = [0]
+    for k in range(1, parts):
+        cut = int(torch.searchsorted(cumulative, total * k / parts, right=True)) if total > 0 else m * k // parts
+        bounds.append(min(max(cut, bounds[-1]), m))
+    bounds.append(m)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Start the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...);
+    returns whether a multi-rank group is running. A no-op when one is already running or WORLD_SIZE is 1."""
+    if dist.is_initialized():
+        return active()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    logger.info("rank %d of %d (%s)", rank(), world_size(), backend)
+    return active()
