@@ -56,8 +56,9 @@ def _demo(args: argparse.Namespace) -> None:
     zoo.entry(config.model.name.removeprefix(ZOO_PREFIX))  # an unknown name fails before anything runs
     out = args.out or tempfile.mkdtemp(prefix="npeff-tl-demo-")
     summary = run_all(out, config, progress=not args.quiet)
-    _print_summary(summary)
-    print(f"artifacts, summary.json and report.html in {out}")
+    if summary is not None:  # None on the ranks other than 0 of a distributed run
+        _print_summary(summary)
+        print(f"artifacts, summary.json and report.html in {out}")
 
 
 def _config(args: argparse.Namespace):
@@ -89,12 +90,29 @@ def _print_config(args: argparse.Namespace) -> None:
     print(to_toml(config.with_overrides(args.set)), end="")
 
 
+def _start_distributed(args: argparse.Namespace) -> None:
+    import os
+
+    from . import distributed
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.distributed and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--distributed needs torchrun to start the ranks: torchrun --nproc_per_node N -m "
+                         "npeff_tl.cli --distributed COMMAND ...")
+    if launched:
+        distributed.init_from_env()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npeff-tl", description="NPEFF (Non-Negative Per-Example Fisher Factorization) for TransformerLens "
         "models. `npeff-tl demo` runs everything on a shipped zoo model; the stage commands run the same pipeline "
         "on your model and data.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    parser.add_argument("--distributed", action="store_true",
+                        help="run the pefs and fit stages on every rank of torchrun (automatic when torchrun sets "
+                             "WORLD_SIZE), e.g. torchrun --nproc_per_node 4 -m npeff_tl.cli --distributed run ...; "
+                             "NCCL on GPUs, gloo on CPUs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser("demo", help="the main job on the embedded default model (no downloads)",
                                description="PEFs, D-NPEFF and LRM-NPEFF, selectivity with controls, SAE / gradient "
@@ -135,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _start_distributed(args)
         args.handler(args)
     except (ValueError, FormatError, OSError, json.JSONDecodeError) as error:
         if args.debug:

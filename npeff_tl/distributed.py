@@ -82,6 +82,17 @@ def balanced_ranges(weights: Int64[Tensor, " m"], parts: int) -> list[tuple[int,
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def leave() -> bool:
+    """End the process group (after a barrier) so that what follows runs in one process; returns whether this
+    process is the one that goes on (rank 0)."""
+    if not active():
+        return True
+    stays = rank() == 0
+    dist.barrier()
+    dist.destroy_process_group()
+    return stays
+
+
 def init_from_env(backend: str | None = None) -> bool:
     """Start the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...);
     returns whether a multi-rank group is running. A no-op when one is already running or WORLD_SIZE is 1."""

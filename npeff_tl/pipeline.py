@@ -27,12 +27,14 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .config import RunConfig
 from .store import load_json, load_tensors, save_json, save_tensors
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("pefs", "fit", "perturb", "compare", "report")
+DISTRIBUTED_STAGES = ("pefs", "fit")  # under torch.distributed, every rank takes part; rank 0 alone does the rest
 KINDS = {"dnpeff": "diagonal", "lrm_npeff": "lowrank"}
 FIGURES = ("ami", "nmi", "purity_at_20", "multi_factor_recall", "median_selectivity", "median_strategy_selectivity")
 # Which settings each stage's artifacts depend on: a directory refuses other settings for a finished stage.
@@ -45,7 +47,8 @@ class Run:
     def __init__(self, out: str | Path, config: RunConfig | None = None, progress: bool = True):
         self.out = Path(out)
         self.progress = progress
-        self.say = print if progress else logger.info
+        self.say = print if progress and distributed.rank() == 0 else logger.info
+        self.writes = distributed.rank() == 0  # under torch.distributed, rank 0 alone writes the run's files
         saved = self.saved_config(out)
         self.timings = load_json(self.out / "timings.json") if (self.out / "timings.json").exists() else {}
         if config is None:
@@ -58,7 +61,8 @@ class Run:
         if len(c.sae_k) != len(c.sae_widths):
             raise ValueError(f"compare.sae_k {c.sae_k} needs one k per width in compare.sae_widths {c.sae_widths}")
         self.out.mkdir(parents=True, exist_ok=True)
-        save_json(config.to_dict(), self.out / "config.json")
+        if self.writes:
+            save_json(config.to_dict(), self.out / "config.json")
 
     @staticmethod
     def saved_config(out: str | Path) -> RunConfig | None:
@@ -82,7 +86,7 @@ class Run:
         """Run stage ``name``; its wall time is recorded the first time it runs."""
         start = time.perf_counter()
         fn(self)
-        if name not in self.timings:
+        if name not in self.timings and self.writes:
             self.timings[name] = time.perf_counter() - start
             save_json(self.timings, self.out / "timings.json")
 
@@ -165,7 +169,8 @@ def stage_pefs(run: Run) -> None:
     data, space = run.data, run.space
     run.say(f"npeff-tl: {run.model_name}, {len(data.train)} train / {len(data.test)} test examples, "
             f"{space.size:,} parameters -> {run.out}")
-    save_json(data.display, run.out / "data" / "examples.json")
+    if run.writes:
+        save_json(data.display, run.out / "data" / "examples.json")
     for method in run.methods():
         run.pefs(KINDS[method])
 
@@ -180,7 +185,8 @@ def stage_fit(run: Run) -> None:
             fit = run.config.fit
             decomposition = solvers[method](fit.components, seed=fit.seed).fit(run.pefs(KINDS[method]),
                                                                                 progress=run.progress)
-            decomposition.save(run.out / method)
+            if run.writes:
+                decomposition.save(run.out / method)
         run.say(f"  {method}: {run.config.fit.components} components fitted")
 
 
@@ -278,20 +284,22 @@ STAGE_FUNCTIONS = {"pefs": stage_pefs, "fit": stage_fit, "perturb": stage_pertur
 
 
 def run_stages(run: Run, names: list[str]) -> dict | None:
-    """Run the stages ``names`` in order; after ``compare``, write summary.json and return it."""
+    """Run the stages ``names`` in order; after ``compare``, write summary.json and return it. Under
+    torch.distributed, the PEF and fit stages run on every rank; then the group ends and rank 0 goes on alone."""
     summary = None
     for name in names:
+        if name not in DISTRIBUTED_STAGES and distributed.active() and not distributed.leave():
+            return None
         run.stage(name, STAGE_FUNCTIONS[name])
         if name == "compare":
             summary = write_summary(run)
     return summary
 
 
-def run_all(out: str | Path, config: RunConfig | None = None, progress: bool = True) -> dict:
-    """Every stage into ``out``; returns summary.json's contents."""
-    run = Run(out, config, progress)
-    run_stages(run, list(STAGES))
-    return load_json(run.out / "summary.json")
+def run_all(out: str | Path, config: RunConfig | None = None, progress: bool = True) -> dict | None:
+    """Every stage into ``out``; returns summary.json's contents (None on ranks other than 0 under
+    torch.distributed)."""
+    return run_stages(Run(out, config, progress), list(STAGES))
 
 
 def write_summary(run: Run) -> dict:

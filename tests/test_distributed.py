@@ -2,6 +2,7 @@
 ranks, D-NPEFF / LRM-NPEFF factors agree with one process within 1e-4, and a run whose rank died resumes
 without recomputing finished shards."""
 
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +97,36 @@ def test_a_run_whose_rank_died_resumes_without_recomputing(tmp_path):
     for kind in KINDS:
         a, b = _store(reference / f"pefs_{kind}"), _store(out / f"pefs_{kind}")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_command_line_runs_pefs_and_fit_on_every_rank_then_goes_on_in_one(own_model_and_data, tmp_path):
+    """`torchrun -m npeff_tl.cli --distributed perturb`: PEFs and fits on 2 ranks, selectivity on rank 0; the
+    artifacts match a one-process run's."""
+    from npeff_tl.cli import main
+
+    root, _, _ = own_model_and_data
+    settings = ["--quiet", "--set", f"model.name={root / 'checkpoint'}", "--set", f"data.source={root / 'prompts.jsonl'}",
+                "--set", "fit.components=3", "--set", "pefs.nnz=512", "--set", "perturb.n_top=5",
+                "--set", "perturb.n_baseline=40", "--set", "perturb.components=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "npeff_tl.cli", "--distributed", "perturb", "--out", str(tmp_path / "two"),
+                             *settings], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert main(["perturb", "--out", str(tmp_path / "one"), *settings]) == 0
+    for kind in KINDS:
+        a, b = _store(tmp_path / "one" / "pefs" / f"train_{kind}"), _store(tmp_path / "two" / "pefs" / f"train_{kind}")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    one, two = (load_tensors(tmp_path / d / "dnpeff" / "decomposition.safetensors") for d in ("one", "two"))
+    assert _relative(one["W"], two["W"]) < 1e-4 and _relative(one["components"], two["components"]) < 1e-4
+    for method in ("dnpeff", "lrm_npeff"):
+        assert (tmp_path / "two" / "selectivity" / method / "selectivity.json").exists()
+    timings = json.loads((tmp_path / "two" / "timings.json").read_text())
+    assert set(timings) == {"pefs", "fit", "perturb"}
+
+
+def test_distributed_without_torchrun_is_a_clear_error(capsys, tmp_path):
+    from npeff_tl.cli import main
+
+    assert main(["--distributed", "pefs", "--out", str(tmp_path)]) == 2
+    assert "--distributed needs torchrun to start the ranks" in capsys.readouterr().err
