@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import math
 import os
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -21,6 +22,7 @@ import torch
 from .store import load_json, load_tensors
 
 N_EXAMPLES_SHOWN = 8
+MAX_COMPONENTS_SHOWN = 32  # per dictionary (wide SAEs have many features)
 TABLE_FIGURES = {"n_components": "components", "ami": "AMI", "nmi": "NMI", "purity_at_20": "purity@20",
                  "multi_factor_recall": "multi-factor recall", "median_selectivity": "median selectivity",
                  "median_strategy_selectivity": "median strategy selectivity"}
@@ -222,10 +224,8 @@ class _Report:
 
     def _components(self) -> str:
         parts = []
-        for method, dec in self.decompositions.items():
-            if method not in self.coefficients:
-                continue
-            W_train, W_test = self.coefficients[method]["train"], self.coefficients[method]["test"]
+        for method, tensors in self.coefficients.items():
+            W_train, W_test = tensors["train"], tensors["test"]
             records = {}
             if method in self.selectivity:
                 result = self.selectivity[method]
@@ -233,32 +233,49 @@ class _Report:
                 for r in result.records:
                     if r["kl_target"] == first:
                         records.setdefault(r["component"], {})[r["method"]] = r
-            order = W_train.double().sum(0).argsort(descending=True).tolist()
-            parts.append(f"<h3>{_e(method)}</h3>")
+            mass = W_train.double().sum(0)
+            order = [j for j in mass.argsort(descending=True).tolist() if mass[j] > 0][:MAX_COMPONENTS_SHOWN]
+            dec = self.decompositions.get(method)
+            left_out = int((mass > 0).sum()) - len(order)
+            more = f" (the {len(order)} with the most training mass; {left_out} more)" if left_out > 0 else ""
+            parts.append(f"<h3>{_e(method)}{more}</h3>")
             for rank, j in enumerate(order):
-                parts.append(self._component(method, dec, j, W_test[:, j], records.get(j, {}), rank < 2))
+                parts.append(self._component(method, dec, j, W_train[:, j], W_test[:, j], records.get(j, {}),
+                                             dec is not None and rank < 2))
         if not parts:
             return ""
         return ('<div class="toolbar"><button data-toggle-components="open">expand all</button>'
                 '<button data-toggle-components="close">collapse all</button></div>'
-                '<p class="note">Ordered by training mass. Top held-out examples by coefficient; the highlighted '
-                'token is the target position (the prediction made there is shown after the arrow).</p>'
-                + "".join(parts))
+                '<p class="note">Per dictionary, components ordered by training mass: the top held-out examples by '
+                'coefficient (the highlighted token is the target position; the prediction made there follows '
+                'the arrow) and, for NPEFF, where the component\'s Fisher mass sits. A component\'s strategy is '
+                'the label most frequent among its top training examples.</p>' + "".join(parts))
 
-    def _component(self, method: str, dec, j: int, coefficients: torch.Tensor, records: dict, open_: bool) -> str:
+    def _component(self, method: str, dec, j: int, train: torch.Tensor, test: torch.Tensor, records: dict,
+                   open_: bool) -> str:
         own = records.get(method, {})
         tags = []
-        if own.get("strategy"):
-            tags.append(f'strategy {_e(own["strategy"])}')
+        strategy = own.get("strategy") or self._strategy(train)
+        if strategy:
+            tags.append(f"strategy {_e(strategy)}")
         if own.get("selectivity") is not None:
             tags.append(f'selectivity {_fmt(own["selectivity"])}x')
         if own.get("strategy_selectivity") is not None:
             tags.append(f'strategy selectivity {_fmt(own["strategy_selectivity"])}x')
         summary = (f'<summary><b>{_e(method)} component {j}</b>'
                    + "".join(f'<span class="tag">{t}</span>' for t in tags) + "</summary>")
+        readout = _readout(dec.component(j).readout()) if dec is not None else ""
         return (f'<details class="component" id="{_e(method)}-{j}"{" open" if open_ else ""}>{summary}'
-                f'<div class="body"><div>{self._examples(coefficients)}</div>'
-                f'<div>{_readout(dec.component(j).readout())}{_selectivity_table(records)}</div></div></details>')
+                f'<div class="body"><div>{self._examples(test)}</div>'
+                f'<div>{readout}{_selectivity_table(records)}</div></div></details>')
+
+    def _strategy(self, train: torch.Tensor) -> str | None:
+        """The label most frequent among the component's top training examples (as selectivity assigns it)."""
+        if not self.display or any(row.get("label") is None for row in self.display["train"]):
+            return None
+        top = train.topk(min(20, len(train)))
+        labels = [self.display["train"][i]["label"] for i, v in zip(top.indices.tolist(), top.values.tolist()) if v > 0]
+        return Counter(labels).most_common(1)[0][0] if labels else None
 
     def _examples(self, coefficients: torch.Tensor) -> str:
         if not self.display:

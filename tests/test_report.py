@@ -32,15 +32,18 @@ def test_the_report_is_self_contained(staged_run):
     assert "url(" not in page and "@import" not in page
 
 
-def test_the_top_examples_shown_are_the_largest_test_coefficients(staged_run):
+@pytest.mark.parametrize("name", ["dnpeff", "sae_8"])
+def test_the_top_examples_shown_are_the_largest_test_coefficients(staged_run, name):
     """Oracle: the saved test coefficients, sorted by hand, and the examples file."""
     page = _report(staged_run)
-    coefficients = load_tensors(staged_run / "coefficients" / "dnpeff.safetensors")
+    coefficients = load_tensors(staged_run / "coefficients" / f"{name}.safetensors")
     examples = json.loads((staged_run / "data" / "examples.json").read_text())["test"]
-    decomposition = nt.load_decomposition(staged_run / "dnpeff")
-    assert (coefficients["train"] == decomposition.W.float()).all()
-    for j in range(decomposition.n_components):
-        block = re.search(rf'<details class="component" id="dnpeff-{j}".*?</details>', page, re.S).group(0)
+    if name == "dnpeff":
+        assert (coefficients["train"] == nt.load_decomposition(staged_run / "dnpeff").W.float()).all()
+    used = (coefficients["train"].sum(0) > 0).nonzero().flatten().tolist()
+    assert used and len(re.findall(rf'<details class="component" id="{name}-', page)) == len(used)
+    for j in used:
+        block = re.search(rf'<details class="component" id="{name}-{j}".*?</details>', page, re.S).group(0)
         shown = re.findall(r'<div class="example"><span class="coef" data-value="([^"]*)">[^<]*</span>'
                            r'<span class="label">([^<]*)</span>(.*?)</div>', block)
         column = coefficients["test"][:, j].tolist()
