@@ -84,7 +84,9 @@ def _from_pretrained(name: str, device: str) -> nn.Module:
         raise ValueError(f"unknown model name {name!r}: not a zoo model (zoo:NAME), not an existing checkpoint "
                          "directory, and not a TransformerLens model name") from None
     try:
-        return HookedTransformer.from_pretrained(name, device=device).eval()
+        with warnings.catch_warnings():  # TL 3.9 steers new code to TransformerBridge; HookedTransformer is ours
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return HookedTransformer.from_pretrained(name, device=device).eval()
     except OSError as error:
         raise OSError(f"could not load {name!r} from the model hub ({str(error).splitlines()[0]}); without hub "
                       "access, save the model once with npeff_tl.save_checkpoint and pass its directory") from None
