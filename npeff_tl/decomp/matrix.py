@@ -159,15 +159,8 @@ def prepare(
     empty = tuple((pefs.norms <= 0).nonzero().flatten().tolist())
     if empty:
         warnings.warn(f"examples {list(empty[:20])} have zero-norm PEFs; they are left out (coefficients 0)", stacklevel=2)
-    normed = pefs if pefs.is_normalized else pefs.normalized()
-    if isinstance(normed, DiagonalPEFs):
-        A = normed.to_csr()
-        row_offsets = torch.arange(len(normed) + 1)
-    else:
-        A, row_offsets = normed.to_csr()
-    n_rows, size = A.shape
-    crow, cols, values = A.crow_indices(), A.col_indices(), A.values()
-    rows = torch.arange(n_rows).repeat_interleave(crow.diff())
+    rows, cols, values, row_offsets, size = _entries(pefs)  # the PEFs' own tensors are not copied
+    n_rows, n_examples = int(row_offsets[-1]), len(pefs)
     if empty:
         values = values.masked_fill(torch.isin(rows, _rows_of(torch.tensor(empty), row_offsets)), 0.0)
     if columns is None:
@@ -189,38 +182,64 @@ def prepare(
     new_index[kept[shard[0] : shard[1]]] = torch.arange(shard[1] - shard[0])
     keep = new_index[cols] >= 0
     rows, cols, values = rows[keep], new_index[cols[keep]], values[keep]
+    del keep, new_index
     shape = (n_rows, shard[1] - shard[0])
-    row_example = torch.arange(len(normed)).repeat_interleave(row_offsets.diff())
-    if isinstance(normed, DiagonalPEFs):
+    row_example = torch.arange(n_examples).repeat_interleave(row_offsets.diff())
+    if pefs.kind == "diagonal":
         constant = values.double().square().sum()
         constant = float(distributed.all_reduce_sum(constant) if sharded else constant)
     else:  # ||U_i^T U_i||^2 needs the whole class x class Gram matrices: their column shares are summed first
-        grams = _example_grams(rows, cols, values.double(), row_example, row_offsets, len(normed))
+        grams = _example_grams(rows, cols, values.double(), row_example, row_offsets, n_examples)
         constant = float((distributed.all_reduce_sum(grams) if sharded else grams).square().sum())
     to = {"device": device, "dtype": dtype}
     width = BLOCK_COLUMNS if torch.device(device).type == "cpu" else shape[1]
-    block_of = cols // width
-    order = torch.argsort(block_of, stable=True)  # entries grouped by block in one pass
-    counts = torch.bincount(block_of, minlength=-(-shape[1] // width)).tolist()
-    blocks = []
-    for j, (r, c, v) in enumerate(zip(*(t[order].split(counts) for t in (rows, cols, values)))):
-        start = j * width
-        block_shape = (n_rows, min(width, shape[1] - start))
-        blocks.append((start, sorted_csr(r, c - start, v, block_shape).to(**to)))
+    blocks = _column_blocks(rows, cols, values, shape, width, to)
     return PEFMatrix(
-        blocks=tuple(blocks),
+        blocks=blocks,
         At=sorted_csr(cols, rows, values, (shape[1], shape[0])).to(**to),
         row_example=row_example.to(device),
-        n_examples=len(normed),
+        n_examples=n_examples,
         kept_columns=kept,
         constant=constant,
-        kind=normed.kind,
-        space=normed.space,
-        metadata=normed.metadata,
+        kind=pefs.kind,
+        space=pefs.space,
+        metadata={**pefs.metadata, "normalized": True},
         empty_examples=empty,
         shard=shard,
         sharded=sharded,
     )
+
+
+def _entries(pefs: PEFs) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """(row, column, normalised value) of every stored entry, the rows of each example (row_offsets) and the
+    number of columns; one row per example (diagonal) or per (example, class) (low-rank). Entries come in the
+    PEFs' order (the CSR builders sort them)."""
+    n, nnz = pefs.values.shape
+    scale = 1.0 if pefs.is_normalized else pefs._row_scale()[:, None].to(pefs.values.dtype)
+    values = (pefs.values / scale).reshape(-1)
+    cols = pefs.indices.reshape(-1).long()
+    if isinstance(pefs, DiagonalPEFs):
+        return torch.arange(n).repeat_interleave(nnz), cols, values, torch.arange(n + 1), pefs.space.size
+    row_offsets = torch.zeros(n + 1, dtype=torch.long)
+    row_offsets[1:] = pefs.ranks.long().cumsum(0)
+    classes = pefs._class_of_entry()
+    real = (classes < pefs.ranks[:, None]).reshape(-1)  # entries of padding classes are zeros; they get no row
+    rows = (row_offsets[:-1, None] + classes).reshape(-1)
+    return rows[real], cols[real], values[real], row_offsets, pefs.space.size
+
+
+def _column_blocks(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int], width: int,
+                   to: dict) -> tuple[tuple[int, Tensor], ...]:
+    """CSR blocks of ``width`` consecutive columns (their entries grouped with one stable sort)."""
+    block_of = cols // width
+    order = torch.argsort(block_of, stable=True)
+    counts = torch.bincount(block_of, minlength=-(-shape[1] // width)).tolist()
+    del block_of
+    blocks = []
+    for j, (r, c, v) in enumerate(zip(*(t[order].split(counts) for t in (rows, cols, values)))):
+        start = j * width
+        blocks.append((start, sorted_csr(r, c - start, v, (shape[0], min(width, shape[1] - start))).to(**to)))
+    return tuple(blocks)
 
 
 def _rows_of(examples: Tensor, row_offsets: Tensor) -> Tensor:
