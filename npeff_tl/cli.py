@@ -14,6 +14,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from .store import FormatError
 
@@ -75,6 +76,9 @@ def _stage(args: argparse.Namespace) -> None:
     from .pipeline import STAGES, Run, run_stages
 
     if args.command == "report":
+        if not (Path(args.out) / "config.json").exists():
+            raise FileNotFoundError(f"{args.out} is not a run directory (no config.json); run a stage into it first, "
+                                    f"e.g. npeff-tl run --out {args.out}")
         names = ["report"]
     else:
         names = list(STAGES) if args.command == "run" else list(STAGES[: STAGES.index(args.command) + 1])
