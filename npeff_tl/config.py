@@ -52,7 +52,8 @@ class DataConfig:
 @dataclass
 class PEFConfig:
     """Parameter space (TL name globs), class rule (``classes``: "top_k" (``k``), "threshold" (``threshold``,
-    at most ``k`` classes) or "sampled" (``k`` samples drawn with ``seed``)), sparsity and batch size."""
+    at most ``k`` classes) or "sampled" (``k`` samples drawn with ``seed``)), sparsity and batch size (or a
+    memory budget that picks it: ``npeff_tl.memory``)."""
 
     include: list[str] = field(default_factory=lambda: list(DEFAULT_SPACE))
     exclude: list[str] = field(default_factory=list)
@@ -61,6 +62,7 @@ class PEFConfig:
     threshold: float = 0.05
     nnz: int = 4096
     batch_size: int = 16
+    memory_budget_gb: float | None = None  # if set: the largest batch size whose memory estimate fits
     seed: int = 0
 
 
@@ -170,7 +172,9 @@ def _checked(name: str, default: Any, value: Any, annotation: str) -> Any:
     optional = "None" in str(annotation)
     if value is None and optional:
         return None
-    expected = type(default) if default is not None else (int if "int" in str(annotation) else str)
+    names = str(annotation)
+    expected = type(default) if default is not None else (
+        float if "float" in names else int if "int" in names else str)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is list and isinstance(value, (list, tuple)):

@@ -29,6 +29,7 @@ import torch
 
 from . import distributed
 from .config import RunConfig
+from .memory import estimate_memory
 from .store import load_json, load_tensors, save_json, save_tensors
 
 logger = logging.getLogger(__name__)
@@ -131,13 +132,25 @@ class Run:
             raise ValueError(f"fit.methods {unknown} are unknown; choose from {', '.join(KINDS)}")
         return list(self.config.fit.methods)
 
+    def pef_settings(self, kind: str) -> dict:
+        """compute_pefs's settings for ``kind``: the batch size is picked from pefs.memory_budget_gb if set."""
+        from .memory import batch_size_for
+
+        p, examples = self.config.pefs, self.data.train.examples
+        nnz = min(p.nnz, self.space.size * (self.target.classes.max_classes if kind == "lowrank" else 1))
+        sizes = {"model": self.model, "space": self.space, "target": self.target, "kind": kind, "nnz": nnz,
+                 "n_examples": len(examples), "seq_len": int(examples.tokens.shape[1])}
+        batch = p.batch_size if p.memory_budget_gb is None else batch_size_for(int(p.memory_budget_gb * 2**30),
+                                                                                 **sizes)
+        return {**sizes, "batch_size": batch}
+
     def pefs(self, kind: str):
         from .pefs import compute_pefs
 
-        return compute_pefs(self.model, self.data.train.examples, self.space, self.target, kind,
-                            nnz=min(self.config.pefs.nnz, self.space.size), batch_size=self.config.pefs.batch_size,
-                            store=self.out / "pefs" / f"train_{kind}", answers=self.data.train.answers,
-                            progress=self.progress)
+        s = self.pef_settings(kind)
+        return compute_pefs(self.model, self.data.train.examples, self.space, self.target, kind, nnz=s["nnz"],
+                            batch_size=s["batch_size"], store=self.out / "pefs" / f"train_{kind}",
+                            answers=self.data.train.answers, progress=self.progress)
 
     def decomposition(self, method: str):
         from .decomp import load_decomposition
@@ -172,7 +185,11 @@ def stage_pefs(run: Run) -> None:
     if run.writes:
         save_json(data.display, run.out / "data" / "examples.json")
     for method in run.methods():
-        run.pefs(KINDS[method])
+        kind = KINDS[method]
+        if not (run.out / "pefs" / f"train_{kind}" / "dataset_fisher.safetensors").exists():
+            settings = run.pef_settings(kind)
+            run.say(f"  {kind} PEFs, batch {settings['batch_size']}: about {estimate_memory('pefs', **settings)}")
+        run.pefs(kind)
 
 
 def stage_fit(run: Run) -> None:
@@ -182,9 +199,12 @@ def stage_fit(run: Run) -> None:
     solvers = {"dnpeff": DNPEFF, "lrm_npeff": LRMNPEFF}
     for method in run.methods():
         if not (run.out / method / "metadata.json").exists():
-            fit = run.config.fit
-            decomposition = solvers[method](fit.components, seed=fit.seed).fit(run.pefs(KINDS[method]),
-                                                                                progress=run.progress)
+            fit, pefs = run.config.fit, run.pefs(KINDS[method])
+            columns = int((torch.bincount(pefs.indices.flatten().long(), minlength=pefs.space.size) > 0).sum())
+            estimate = estimate_memory(method, n_examples=len(pefs), nnz=pefs.nnz, n_columns=columns,
+                                       rank=fit.components, classes=getattr(pefs, "max_rank", 1))
+            run.say(f"  {method}: {fit.components} components over {columns:,} parameters, about {estimate}")
+            decomposition = solvers[method](fit.components, seed=fit.seed).fit(pefs, progress=run.progress)
             if run.writes:
                 decomposition.save(run.out / method)
         run.say(f"  {method}: {run.config.fit.components} components fitted")

@@ -148,3 +148,20 @@ def test_config_prints_settings_that_load_back(tmp_path, capsys):
     expected = RunConfig().with_overrides(["fit.components=7", "data.max_examples=50"])
     assert loaded == expected and loaded.fit.components == 7
     assert RunConfig().with_overrides(["data.max_examples=null"]).data.max_examples is None
+
+
+def test_a_memory_budget_picks_the_batch_size_and_the_estimates_are_printed(own_model_and_data, tmp_path, capsys):
+    from npeff_tl.memory import batch_size_for
+    from npeff_tl.pipeline import Run
+
+    root, _, _ = own_model_and_data
+    settings = ["--set", f"model.name={root / 'checkpoint'}", "--set", f"data.source={root / 'prompts.jsonl'}",
+                "--set", 'fit.methods=["dnpeff"]', "--set", "fit.components=3", "--set", "pefs.nnz=512",
+                "--set", "pefs.memory_budget_gb=0.03"]
+    assert main(["fit", "--out", str(tmp_path / "run"), *settings]) == 0
+    out = capsys.readouterr().out
+    run = Run(tmp_path / "run", progress=False)
+    sizes = {k: v for k, v in run.pef_settings("diagonal").items() if k != "batch_size"}
+    expected = batch_size_for(int(0.03 * 2**30), **sizes)
+    assert f"diagonal PEFs, batch {expected}: about " in out and 1 < expected < 256
+    assert "dnpeff: 3 components over " in out and " parameters, about " in out

@@ -189,7 +189,7 @@ def prepare(
         constant = values.double().square().sum()
         constant = float(distributed.all_reduce_sum(constant) if sharded else constant)
     else:  # ||U_i^T U_i||^2 needs the whole class x class Gram matrices: their column shares are summed first
-        grams = _example_grams(rows, cols, values.double(), row_example, row_offsets, n_examples)
+        grams = _example_grams(rows, cols, values, row_example, row_offsets, n_examples)
         constant = float((distributed.all_reduce_sum(grams) if sharded else grams).square().sum())
     to = {"device": device, "dtype": dtype}
     width = BLOCK_COLUMNS if torch.device(device).type == "cpu" else shape[1]
@@ -246,28 +246,39 @@ def _rows_of(examples: Tensor, row_offsets: Tensor) -> Tensor:
     return torch.cat([torch.arange(row_offsets[e], row_offsets[e + 1]) for e in examples.tolist()])
 
 
+GRAM_CHUNK_BYTES = 32 << 20  # the float64 outer products of one chunk of entries
+
+
+def gram_chunk_entries(classes: int) -> int:
+    """Entries per chunk of the class x class Gram computation (at least one whole example per chunk)."""
+    return max(1024, GRAM_CHUNK_BYTES // max(1, classes * classes * 8))
+
+
 def _example_grams(
     rows: Tensor, cols: Tensor, values: Tensor, row_example: Tensor, row_offsets: Tensor, n_examples: int,
-    chunk_entries: int = 1 << 20,
 ) -> Float64[Tensor, "n k k"]:
     """U_i^T U_i per example i (class x class, float64), where U_i has the rows of example i: the products of
-    the entries that share (example, column), accumulated per example, in chunks of about ``chunk_entries``."""
+    the entries that share (example, column), accumulated per example. Entries come example by example (the
+    PEFs' order); they are taken in chunks of whole examples whose outer products fill about GRAM_CHUNK_BYTES,
+    so the temporary memory follows the chunk, not the matrix."""
     example = row_example[rows]
-    cls = rows - row_offsets[example]
+    if len(example) > 1 and bool((example.diff() < 0).any()):
+        raise ValueError("the entries must come example by example")
     rank = int(row_offsets.diff().max()) if len(row_offsets) > 1 else 0
+    chunk_entries = gram_chunk_entries(rank)
     n_cols = int(cols.max()) + 1 if cols.numel() else 1
-    key = example * n_cols + cols
-    order = torch.argsort(key)  # the entries of one (example, column) are contiguous
-    cls, key, values = cls[order], key[order], values[order]
     grams = torch.zeros(n_examples, rank, rank, dtype=torch.float64)
     start = 0
-    while start < len(key):
-        stop = min(start + chunk_entries, len(key))
-        while stop < len(key) and key[stop] == key[stop - 1]:  # never split an (example, column)
-            stop += 1
-        keys, slot = torch.unique_consecutive(key[start:stop], return_inverse=True)
+    while start < len(example):
+        stop = min(start + chunk_entries, len(example))
+        if stop < len(example):  # end the chunk with a whole example
+            stop = int(torch.searchsorted(example, example[stop - 1], right=True))
+        first = int(example[start])
+        chunk_example = example[start:stop]
+        keys, slot = torch.unique((chunk_example - first) * n_cols + cols[start:stop], return_inverse=True)
+        cls = rows[start:stop] - row_offsets[chunk_example]
         z = torch.zeros(len(keys), rank, dtype=torch.float64)
-        z.index_put_((slot, cls[start:stop]), values[start:stop], accumulate=True)
-        grams.index_add_(0, keys // n_cols, z[:, :, None] * z[:, None, :])
+        z.index_put_((slot, cls), values[start:stop].double(), accumulate=True)  # per (example, column)
+        grams.index_add_(0, keys // n_cols + first, z[:, :, None] * z[:, None, :])
         start = stop
     return grams
