@@ -152,6 +152,8 @@ def estimate_decomposition_memory(
     """Peak memory of ``DNPEFF(rank).fit`` (kind "diagonal") or ``LRMNPEFF(rank).fit`` ("lowrank") on PEFs of
     ``n_examples`` x ``nnz`` stored entries whose kept columns number ``n_columns`` (at most the space size;
     the space size is a safe bound), with ``classes`` rows per example (low-rank)."""
+    if kind not in ("diagonal", "lowrank"):
+        raise ValueError(f"kind must be 'diagonal' or 'lowrank', got {kind!r}")
     f = torch.tensor([], dtype=dtype).element_size()
     E = n_examples * nnz
     rows = n_examples * (classes if kind == "lowrank" else 1)
@@ -162,8 +164,6 @@ def estimate_decomposition_memory(
     prepare = {"entries": entries, "column blocks": csr,
                "transposed CSR: sort key, order, sorted copies": E * 2 * INDEX + entries + csr,
                "column maps": 2 * n_columns * INDEX}
-    if kind not in ("diagonal", "lowrank"):
-        raise ValueError(f"kind must be 'diagonal' or 'lowrank', got {kind!r}")
     if kind == "lowrank":
         from .decomp.matrix import gram_chunk_entries
 
