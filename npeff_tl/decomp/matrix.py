@@ -159,8 +159,10 @@ def prepare(
     empty = tuple((pefs.norms <= 0).nonzero().flatten().tolist())
     if empty:
         warnings.warn(f"examples {list(empty[:20])} have zero-norm PEFs; they are left out (coefficients 0)", stacklevel=2)
-    rows, cols, values, row_offsets, size = _entries(pefs)  # the PEFs' own tensors are not copied
-    n_rows, n_examples = int(row_offsets[-1]), len(pefs)
+    normed = pefs if pefs.is_normalized else pefs.normalized()
+    rows, cols, values, row_offsets = normed.entries()  # in storage order: the CSR builders below sort them
+    n_rows, n_examples, size, metadata = int(row_offsets[-1]), len(normed), normed.space.size, normed.metadata
+    del normed  # its values live on in ``values`` only until the filtering below replaces them
     if empty:
         values = values.masked_fill(torch.isin(rows, _rows_of(torch.tensor(empty), row_offsets)), 0.0)
     if columns is None:
@@ -203,29 +205,11 @@ def prepare(
         constant=constant,
         kind=pefs.kind,
         space=pefs.space,
-        metadata={**pefs.metadata, "normalized": True},
+        metadata=metadata,
         empty_examples=empty,
         shard=shard,
         sharded=sharded,
     )
-
-
-def _entries(pefs: PEFs) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    """(row, column, normalised value) of every stored entry, the rows of each example (row_offsets) and the
-    number of columns; one row per example (diagonal) or per (example, class) (low-rank). Entries come in the
-    PEFs' order (the CSR builders sort them)."""
-    n, nnz = pefs.values.shape
-    scale = 1.0 if pefs.is_normalized else pefs._row_scale()[:, None].to(pefs.values.dtype)
-    values = (pefs.values / scale).reshape(-1)
-    cols = pefs.indices.reshape(-1).long()
-    if isinstance(pefs, DiagonalPEFs):
-        return torch.arange(n).repeat_interleave(nnz), cols, values, torch.arange(n + 1), pefs.space.size
-    row_offsets = torch.zeros(n + 1, dtype=torch.long)
-    row_offsets[1:] = pefs.ranks.long().cumsum(0)
-    classes = pefs._class_of_entry()
-    real = (classes < pefs.ranks[:, None]).reshape(-1)  # entries of padding classes are zeros; they get no row
-    rows = (row_offsets[:-1, None] + classes).reshape(-1)
-    return rows[real], cols[real], values[real], row_offsets, pefs.space.size
 
 
 def _column_blocks(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int], width: int,

@@ -183,11 +183,16 @@ class DiagonalPEFs(PEFs):
     def _row_scale(self) -> Tensor:
         return self.norms + D_NORM_EPS
 
-    def to_csr(self) -> Float[Tensor, "n size"]:
-        """A torch sparse CSR matrix [n, space.size] (column indices sorted within each row)."""
+    def entries(self) -> tuple[Int[Tensor, " e"], Int[Tensor, " e"], Float[Tensor, " e"], Int[Tensor, " n_plus_1"]]:
+        """(row, column, value) of every stored entry in storage order, and row_offsets (one row per example)."""
         n = len(self)
         rows = torch.arange(n).repeat_interleave(self.nnz)
-        return sorted_csr(rows, self.indices.reshape(-1).long(), self.values.reshape(-1), (n, self.space.size))
+        return rows, self.indices.reshape(-1).long(), self.values.reshape(-1), torch.arange(n + 1)
+
+    def to_csr(self) -> Float[Tensor, "n size"]:
+        """A torch sparse CSR matrix [n, space.size] (column indices sorted within each row)."""
+        rows, cols, values, _ = self.entries()
+        return sorted_csr(rows, cols, values, (len(self), self.space.size))
 
     def to_dense(self) -> Float[Tensor, "n size"]:
         dense = torch.zeros(len(self), self.space.size, dtype=self.values.dtype)
@@ -254,16 +259,21 @@ class LowRankPEFs(PEFs):
         entry = torch.arange(self.nnz)
         return (entry[None, None, :] >= self.col_offsets[:, 1:, None]).sum(1)
 
-    def to_csr(self) -> tuple[Float[Tensor, "rows size"], Int[Tensor, " n_plus_1"]]:
-        """(A, row_offsets): A has one row per (example, class) for the first ``ranks[i]`` classes of each
-        example; example i owns rows row_offsets[i]:row_offsets[i + 1]."""
+    def entries(self) -> tuple[Int[Tensor, " e"], Int[Tensor, " e"], Float[Tensor, " e"], Int[Tensor, " n_plus_1"]]:
+        """(row, column, value) of every stored entry of a real class, in storage order (example by example),
+        and row_offsets: one row per (example, class) for the first ``ranks[i]`` classes of each example;
+        example i owns rows row_offsets[i]:row_offsets[i + 1]."""
         row_offsets = torch.zeros(len(self) + 1, dtype=torch.long)
         row_offsets[1:] = self.ranks.long().cumsum(0)
         classes = self._class_of_entry()
         real = classes < self.ranks[:, None]  # entries of padding classes are zeros; they get no row
         rows = (row_offsets[:-1, None] + classes)[real]
-        shape = (int(row_offsets[-1]), self.space.size)
-        return sorted_csr(rows, self.indices.long()[real], self.values[real], shape), row_offsets
+        return rows, self.indices.long()[real], self.values[real], row_offsets
+
+    def to_csr(self) -> tuple[Float[Tensor, "rows size"], Int[Tensor, " n_plus_1"]]:
+        """(A, row_offsets): A has the rows of ``entries``, column indices sorted within each row."""
+        rows, cols, values, row_offsets = self.entries()
+        return sorted_csr(rows, cols, values, (int(row_offsets[-1]), self.space.size)), row_offsets
 
     def to_dense(self) -> Float[Tensor, "n k size"]:
         """The sparsified factors U_i as a dense [n, max_rank, size] tensor."""
