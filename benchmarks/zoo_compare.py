@@ -22,6 +22,7 @@ import torch
 
 import npeff_tl as nt
 from npeff_tl.baselines import ActivationKMeans, GradientClustering, SAEDictionary, evaluate_sae, train_sae
+from npeff_tl.baselines.activations import residual_hooks
 from npeff_tl.comparison import compare, label_metrics, train_ami
 
 METRICS = ("ami", "nmi", "purity_at_20", "best_match_f1", "multi_factor_recall")
@@ -54,8 +55,7 @@ def main() -> None:
     train = nt.LabeledExamples.from_dataset(data["train"])
     test = nt.LabeledExamples.from_dataset(data["test"])
     r, seeds = args.components, range(args.seeds)
-    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
-    hooks.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    hooks = residual_hooks(model)
     print(f"zoo_compare: {args.model}, {len(train)} train / {len(test)} test examples, {r} components, "
           f"{args.seeds} seeds, {args.threads} threads")
 

@@ -241,11 +241,10 @@ def stage_perturb(run: Run) -> None:
 
 def _baselines(run: Run) -> list:
     from .baselines import ActivationKMeans, GradientClustering, SAEDictionary, evaluate_sae, load_sae, train_sae
+    from .baselines.activations import residual_hooks
 
     c, model, train = run.config.compare, run.model, run.data.train
-    n_layers = model.cfg.n_layers
-    hooks = c.hooks or [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [
-        f"blocks.{n_layers - 1}.hook_resid_post"]
+    hooks = c.hooks or residual_hooks(model)
     out = []
     for width, k in zip(c.sae_widths, c.sae_k):
         candidates = []

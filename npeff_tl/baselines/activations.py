@@ -11,6 +11,12 @@ from torch import Tensor, nn
 from ..examples import Examples
 
 
+def residual_hooks(model: nn.Module) -> list[str]:
+    """The residual stream before every block and after the last: where activation baselines look by default."""
+    n_layers = model.cfg.n_layers
+    return [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+
+
 def check_hook(model: nn.Module, hook_name: str) -> None:
     known = getattr(model, "hook_dict", {})
     if hook_name not in known:
