@@ -63,11 +63,13 @@ def estimate_pefs_memory(
     seq_len: int,
     shard_size: int = 1024,
     dtype: torch.dtype | None = None,
+    activations: tuple[int, int] | None = None,
 ) -> MemoryEstimate:
     """Peak memory of ``compute_pefs`` with a store (``seq_len``: the longest sequence; one target position per
     sequence; ``dtype``: of the stored values, by default the model's). Parameters outside the adapter's linear
     maps (the ``torch.func`` path) are counted at twice their per-example gradients. Runs the model on two
-    dummy sequences to count the activations its architecture saves for backward."""
+    dummy sequences to count the activations its architecture saves for backward (``activations``: that
+    count from ``_activations``, when several estimates share it)."""
     if kind not in ("diagonal", "lowrank"):
         raise ValueError(f"kind must be 'diagonal' or 'lowrank', got {kind!r}")
     adapter = as_adapter(model)
@@ -82,8 +84,7 @@ def estimate_pefs_memory(
     d_out = sum(_output_width(name, tuple(params[name].shape)) for name in hooked
                 if not (name.rsplit(".", 1)[-1].startswith("b_") and name.replace(".b_", ".W_") in hooked))
     func = sum(numel[name] for name in space.names if name not in maps)
-    one, two = (_saved_activation_bytes(adapter, space, seq_len, n) for n in (1, 2))
-    saved, fixed = two - one, 2 * one - two  # per sequence, and what does not grow with the batch
+    saved, fixed = activations if activations is not None else _activations(adapter, space, seq_len)
     per_batch = {
         "per-example gradients (largest tensor)": k * b * largest * f,
         "diagonal of the largest tensor": b * largest * f,
@@ -103,6 +104,12 @@ def estimate_pefs_memory(
             "gradient buffers (kept to the end)": per_batch["per-example gradients (largest tensor)"]
             + per_batch["diagonal of the largest tensor"]}
     return _peak({"compute": compute, "load": load})
+
+
+def _activations(adapter, space: ParamSpace, seq_len: int) -> tuple[int, int]:
+    """(bytes saved for backward per sequence, bytes that do not grow with the batch), from 1 and 2 sequences."""
+    one, two = (_saved_activation_bytes(adapter, space, seq_len, n) for n in (1, 2))
+    return two - one, 2 * one - two
 
 
 def _saved_activation_bytes(adapter, space: ParamSpace, seq_len: int, n_sequences: int) -> int:
@@ -201,12 +208,12 @@ def estimate_memory(stage: str, **settings) -> MemoryEstimate:
 
 def batch_size_for(budget_bytes: int, **settings) -> int:
     """The largest PEF batch size (a power of two, at most 256) whose estimate fits ``budget_bytes``."""
-    best = None
-    for b in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-        if estimate_pefs_memory(batch_size=b, **settings).bytes <= budget_bytes:
-            best = b
+    activations = _activations(as_adapter(settings["model"]), settings["space"], settings["seq_len"])
+    estimates = {b: estimate_pefs_memory(batch_size=b, activations=activations, **settings)
+                 for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)}
+    best = max((b for b, estimate in estimates.items() if estimate.bytes <= budget_bytes), default=None)
     if best is None:
-        smallest = estimate_pefs_memory(batch_size=1, **settings)
+        smallest = estimates[1]
         raise ValueError(f"even batch size 1 needs about {smallest} of memory, over the budget of "
                          f"{_human(budget_bytes)}; lower nnz or choose fewer parameters")
     return best

@@ -50,6 +50,8 @@ class Run:
         self.progress = progress
         self.say = print if progress and distributed.rank() == 0 else logger.info
         self.writes = distributed.rank() == 0  # under torch.distributed, rank 0 alone writes the run's files
+        self._pef_settings: dict[str, dict] = {}
+        self._pefs: dict = {}
         saved = self.saved_config(out)
         self.timings = load_json(self.out / "timings.json") if (self.out / "timings.json").exists() else {}
         if config is None:
@@ -136,21 +138,28 @@ class Run:
         """compute_pefs's settings for ``kind``: the batch size is picked from pefs.memory_budget_gb if set."""
         from .memory import batch_size_for
 
+        if kind in self._pef_settings:
+            return self._pef_settings[kind]
         p, examples = self.config.pefs, self.data.train.examples
         nnz = min(p.nnz, self.space.size * (self.target.classes.max_classes if kind == "lowrank" else 1))
         sizes = {"model": self.model, "space": self.space, "target": self.target, "kind": kind, "nnz": nnz,
                  "n_examples": len(examples), "seq_len": int(examples.tokens.shape[1])}
         batch = p.batch_size if p.memory_budget_gb is None else batch_size_for(int(p.memory_budget_gb * 2**30),
                                                                                  **sizes)
-        return {**sizes, "batch_size": batch}
+        self._pef_settings[kind] = {**sizes, "batch_size": batch}
+        return self._pef_settings[kind]
 
     def pefs(self, kind: str):
+        """The train PEFs of ``kind``: computed (or resumed) into the store the first time, then kept."""
         from .pefs import compute_pefs
 
-        s = self.pef_settings(kind)
-        return compute_pefs(self.model, self.data.train.examples, self.space, self.target, kind, nnz=s["nnz"],
-                            batch_size=s["batch_size"], store=self.out / "pefs" / f"train_{kind}",
-                            answers=self.data.train.answers, progress=self.progress)
+        if kind not in self._pefs:
+            s = self.pef_settings(kind)
+            self._pefs[kind] = compute_pefs(
+                self.model, self.data.train.examples, self.space, self.target, kind, nnz=s["nnz"],
+                batch_size=s["batch_size"], store=self.out / "pefs" / f"train_{kind}", answers=self.data.train.answers,
+                progress=self.progress)
+        return self._pefs[kind]
 
     def decomposition(self, method: str):
         from .decomp import load_decomposition
