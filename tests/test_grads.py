@@ -2,7 +2,15 @@ import pytest
 import torch
 
 import npeff_tl.pefs.grads as grads_module
-from npeff_tl import AnswerLogProb, CrossEntropy, Examples, ParamSpace, as_adapter, per_example_grads
+from npeff_tl import (
+    AnswerLogProb,
+    CrossEntropy,
+    Examples,
+    FunctionObjective,
+    ParamSpace,
+    as_adapter,
+    per_example_grads,
+)
 from oracles import loop_grads
 
 
@@ -93,18 +101,28 @@ def test_hook_path_equals_torch_func_on_every_linear_map(model64):
     assert torch.allclose(hooks, func, rtol=1e-10, atol=1e-14)
 
 
-def test_hook_path_works_on_frozen_models_and_restores_them(tokens):
+@pytest.mark.parametrize("frozen", ["all", "some"])
+def test_hook_path_works_on_frozen_models_and_restores_them(tokens, frozen):
     from conftest import make_model
 
     model = make_model()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(frozen == "some" and i % 2 == 0)
+    flags = [p.requires_grad for p in model.parameters()]
     space = ParamSpace(model, include="blocks.*.mlp.W_*")
     objective = AnswerLogProb(torch.arange(len(tokens)) % 23)
     hooks = _grads(model, tokens, space, objective, "hooks")
     assert torch.allclose(hooks, _grads(model, tokens, space, objective, "func"), rtol=1e-10, atol=1e-14)
-    assert not any(p.requires_grad for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
     assert all(not m._forward_hooks for m in model.modules())  # no hooks left behind
+
+    def failing(logits, aux):
+        raise RuntimeError("objective failed")
+
+    with pytest.raises(RuntimeError, match="objective failed"):
+        _grads(model, tokens, space, FunctionObjective(failing, torch.zeros(len(tokens), 1)), "hooks")
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_models_without_linear_maps_fall_back_to_torch_func(tokens):

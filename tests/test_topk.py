@@ -44,9 +44,12 @@ def _rows(seed, widths, kind):
 def test_streaming_top_k_is_exact(kind, seed):
     k = 300
     pieces = _rows(seed, [40_000, 100, 7, 25_000], kind)
-    for key in (torch.square, torch.abs):
-        want_values, want_indices = _oracle(pieces, k, key)
+    for key in (torch.square, torch.abs, None):  # None: the values are the keys (non-negative rows)
+        if key is None:
+            pieces, key = [p.abs() for p in pieces], None
+        want_values, want_indices = _oracle(pieces, k, key or (lambda x: x))
         values, indices = _streamed([p.clone() for p in pieces], k, key)
+        key = key or (lambda x: x)
         assert torch.equal(key(values), key(want_values))  # same keys in the same (descending) order
         if kind != "sparse":  # no ties: the same entries too
             assert torch.equal(indices, want_indices)
@@ -54,22 +57,30 @@ def test_streaming_top_k_is_exact(kind, seed):
         assert torch.equal(values, row.gather(1, indices))  # every value sits at its index
 
 
-def test_keeping_everything_sorts_the_whole_row():
-    pieces = _rows(3, [700, 300], "normal")
-    values, indices = _streamed([p.clone() for p in pieces], 1000, torch.square)
+@pytest.mark.parametrize("key", [torch.square, None])
+def test_keeping_everything_sorts_the_whole_row(key):
+    pieces = [p.abs() for p in _rows(3, [700, 300], "normal")]
+    pieces[1][:, :50] = 0.0  # ties: kept in column order
+    values, indices = _streamed([p.clone() for p in pieces], 1000, key)
     row = torch.cat(pieces, dim=1)
+    keys = row.square() if key else row
     assert torch.equal(torch.sort(indices, dim=1).values, torch.arange(1000).expand(5, -1))
-    assert torch.equal(values.square(), row.square().sort(dim=1, descending=True).values)
+    assert torch.equal(values, row.gather(1, indices))
+    assert torch.equal(keys.gather(1, indices), keys.sort(dim=1, descending=True, stable=True).values)
+    assert torch.equal(indices[:, -50:], torch.arange(700, 750).expand(5, -1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_descending_order_matches_a_comparison_sort(dtype):
-    keys = torch.rand(4, 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+@pytest.mark.parametrize("n", [1000, 70_000])  # torch sorts long integer rows with a different (radix) kernel
+def test_descending_order_matches_a_comparison_sort(dtype, n):
+    keys = torch.rand(4, n, generator=torch.Generator().manual_seed(0)).to(dtype)
     keys[:, ::7] = 0.0
     keys[0, 3] = float("inf")
-    order = _descending(keys)
-    assert torch.equal(keys.gather(1, order), keys.sort(dim=1, descending=True).values)
-    assert torch.equal(order.sort(dim=1).values, torch.arange(1000).expand(4, -1))
+    values, order = _descending(keys)
+    want = keys.sort(dim=1, descending=True, stable=True)
+    assert torch.equal(values, want.values)
+    assert torch.equal(order, want.indices)  # ties (the zeros) in column order
+    assert torch.equal(order.sort(dim=1).values, torch.arange(n).expand(4, -1))
 
 
 def test_more_than_total_is_an_error():

@@ -1,7 +1,7 @@
 """compute_pefs: sparse per-example Fishers of a model, batched, streamed to disk and resumable.
 
-Per batch: one forward pass (no grad) gives the logits at the target positions, from which the class rule
-picks classes and weights; then ``batch_grads`` gives g_c = grad log p_c for those classes, and the factor
+Per batch: ``batch_grads`` runs the forward pass, the class rule picks classes and weights from its logits at
+the target positions, and the same pass's backward gives g_c = grad log p_c for those classes; the factor
 columns are u_c = sqrt(w_c) g_c. Norms are taken on the dense result before sparsification (float64), and the
 dataset-level diagonal Fisher (mean of the dense D-PEFs) is accumulated on the way.
 """
@@ -32,8 +32,8 @@ from .containers import (
     lowrank_gram,
     lowrank_rows,
 )
-from .grads import as_examples, batch_grads, batch_target_logits, hooked_names
-from .linear_grads import Workspace
+from .grads import as_examples, batch_grads, hooked_names
+from .workspace import Workspace
 from .objectives import ClassLogProbs
 from .topk import StreamingTopK
 
@@ -66,28 +66,33 @@ def _batch_pefs(
     """The sparse PEF rows of a batch; its dense D-PEFs are added to ``fisher_sum``.
 
     The factor columns u_c = sqrt(w_c) grad log p_c come one parameter tensor at a time; norms, the Fisher sum
-    and the running top-k are updated per tensor (no [b, k, size] copy).
+    and the running top-k are updated per tensor (no [b, k, size] copy). The rows may live in ``workspace``:
+    they are valid until the next batch.
     """
     rule = target.classes
-    with torch.no_grad():
-        logits = batch_target_logits(adapter, examples, index)
-    bad = ~torch.isfinite(logits).all(dim=-1)
-    if bad.any():
-        raise ValueError(
-            f"the model produced NaN/inf logits for examples {index[bad.cpu()].tolist()[:10]}; "
-            "check the weights (and the dtype: float16 overflows easily)"
-        )
-    selection = rule.select(logits, index.to(logits.device))
-    objective = ClassLogProbs(selection.class_ids, rule, scale=selection.weights.sqrt())  # padding: weight 0
-    pieces, _ = batch_grads(adapter, space, examples, index, objective, objective.aux, method, workspace)
+    seen = {}
+
+    def class_log_probs(logits: Float[Tensor, "b vocab"]) -> ClassLogProbs:
+        bad = ~torch.isfinite(logits).all(dim=-1)
+        if bad.any():
+            raise ValueError(
+                f"the model produced NaN/inf logits for examples {index[bad.cpu()].tolist()[:10]}; "
+                "check the weights (and the dtype: float16 overflows easily)"
+            )
+        selection = rule.select(logits, index.to(logits.device))
+        seen.update(logits=logits, selection=selection)
+        return ClassLogProbs(selection.class_ids, rule, scale=selection.weights.sqrt())  # padding: weight 0
+
+    pieces, _ = batch_grads(adapter, space, examples, index, class_log_probs, None, method, workspace)
+    logits, selection = seen["logits"], seen["selection"]
     b, k = selection.class_ids.shape
     device = logits.device
     sum_sq = torch.zeros(b, dtype=torch.float64, device=device)
     gram = torch.zeros(b, k, k, dtype=torch.float64, device=device)
     if kind == "diagonal":
-        top = StreamingTopK(b, nnz, space.size)
+        top = StreamingTopK(b, nnz, space.size, workspace=workspace)
     else:
-        top = StreamingTopK(b, nnz, space.size * target.classes.max_classes, key=torch.abs)
+        top = StreamingTopK(b, nnz, space.size * target.classes.max_classes, key=torch.abs, workspace=workspace)
     for name, factors in pieces:  # [b, k, numel]: u_c restricted to one parameter tensor
         start, stop = space.offsets[name]
         numel = stop - start
@@ -112,8 +117,6 @@ def _batch_pefs(
             "values": values, "indices": indices, "norms": gram.flatten(1).norm(dim=1),
             "col_offsets": col_offsets, "ranks": (selection.class_ids >= 0).sum(1),
         }
-    rows["values"] = rows["values"].to(dtype)
-    rows["indices"] = rows["indices"].to(torch.int32 if space.size < 2**31 else torch.int64)
     top_values, top_ids = logits.topk(min(n_top_logits, logits.shape[-1]), dim=-1)
     per_example = {
         "example_index": index,
@@ -128,7 +131,24 @@ def _batch_pefs(
     if store_logits:
         per_example["logits"] = logits.float()
     rows.update({f"per_example.{k}": v for k, v in per_example.items()})
-    return {k: v.cpu() for k, v in rows.items()}
+    return rows
+
+
+class _Rows:
+    """The rows of ``n`` examples, written batch by batch into CPU tensors allocated at the first batch (no
+    per-batch pieces to concatenate afterwards: that copy cost as much as sorting the rows). ``dtypes``:
+    the stored dtype of some fields (cast while copying)."""
+
+    def __init__(self, n: int, dtypes: dict[str, torch.dtype]):
+        self.n, self.dtypes = n, dtypes
+        self.tensors: dict[str, Tensor] = {}
+
+    def put(self, start: int, rows: dict[str, Tensor]) -> None:
+        for key, value in rows.items():
+            if key not in self.tensors:
+                dtype = self.dtypes.get(key, value.dtype)
+                self.tensors[key] = torch.empty((self.n, *value.shape[1:]), dtype=dtype)
+            self.tensors[key][start : start + len(value)] = value
 
 
 def _open_store(store, config: dict, n: int, shard_size: int) -> ShardStore | None:
@@ -223,31 +243,32 @@ def compute_pefs(
     ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
     todo = [j for j in range(len(ranges)) if not (sink and sink.is_done(j))]
     mine = set(todo[distributed.rank():: distributed.world_size()])  # finished shards are never recomputed
-    shards, fisher_sums = [], []
+    stored = {"values": dtype, "indices": torch.int32 if space.size < 2**31 else torch.int64}
+    everything = None if sink else _Rows(n, stored)  # without a store: one set of tensors for all examples
+    fisher_sums = []
     workspace = Workspace()
     with tqdm(total=sum(ranges[j][1] - ranges[j][0] for j in mine), desc=f"{kind} PEFs", unit="ex",
               disable=not progress or distributed.rank() > 0) as bar:
         for j, (shard_start, shard_stop) in enumerate(ranges):
             if j not in mine:
                 continue
-            parts = []
+            rows = everything or _Rows(shard_stop - shard_start, stored)
+            first_row = 0 if everything else shard_start
             fisher_sum = torch.zeros(space.size, dtype=torch.float64, device=adapter.device)
             for start in range(shard_start, shard_stop, batch_size):
                 index = torch.arange(start, min(start + batch_size, shard_stop))
-                rows = _batch_pefs(
+                batch = _batch_pefs(
                     adapter, space, examples, index, target, kind, nnz, dtype, n_top_logits, store_logits, method,
                     workspace, fisher_sum,
                 )
                 if answers is not None:
-                    rows["per_example.answer"] = answers[index]
-                parts.append(rows)
+                    batch["per_example.answer"] = answers[index]
+                rows.put(start - first_row, batch)
                 bar.update(len(index))
-            shard = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
             if sink:  # the partial Fisher sum first: a shard file on disk means the shard is complete
                 save_tensors({"fisher_sum": fisher_sum}, sink.shard_path(j, "fisher_sum"))
-                sink.write(j, shard)
+                sink.write(j, rows.tensors)
             else:
-                shards.append(shard)
                 fisher_sums.append(fisher_sum)
 
     distributed.barrier()  # every rank's shards are on disk
@@ -267,6 +288,6 @@ def compute_pefs(
             sink.shard_path(j, "fisher_sum").unlink()
         distributed.barrier()
         return load_pefs(store)
-    pefs = cls._from_shards(shards, space, {"config": config, "provenance": provenance})
+    pefs = cls._from_shards([everything.tensors], space, {"config": config, "provenance": provenance})
     pefs.dataset_fisher = dataset_fisher
     return pefs

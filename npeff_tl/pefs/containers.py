@@ -124,7 +124,7 @@ class PEFs(ABC):
 
     @classmethod
     def _from_shards(cls, shards: list[dict[str, Tensor]], space: ParamSpace, meta: dict[str, Any]) -> PEFs:
-        tensors = {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
+        tensors = shards[0] if len(shards) == 1 else {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
         missing = [name for name in cls._row_fields if name not in tensors]
         if missing:
             raise FormatError(f"PEF shards lack the tensors {missing}; the files are corrupt or not PEFs")

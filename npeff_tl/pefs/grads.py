@@ -25,8 +25,9 @@ from ..examples import Examples, TokensLike
 from ..params import ParamSpace
 from ..store import ShardStore, tensor_fingerprint
 from ..targets import Position
-from .linear_grads import Workspace, linear_map_grads
-from .objectives import Objective
+from .linear_grads import linear_map_grads
+from .workspace import Workspace
+from .objectives import Objective, ObjectiveFor
 
 GRADS_FORMAT = "npeff_tl.grads"
 
@@ -128,12 +129,16 @@ def batch_grads(
     space: ParamSpace,
     examples: Examples,
     index: Int[Tensor, " b"],
-    objective: Objective,
-    aux: Tensor | dict[str, Tensor],
+    objective: Objective | ObjectiveFor,
+    aux: Tensor | dict[str, Tensor] | None,
     method: str = "auto",
     workspace: Workspace | None = None,
 ) -> tuple[Iterator[tuple[str, Float[Tensor, "b k numel"]]], Float[Tensor, "b k"]]:
     """Per-example gradients of ``objective`` for examples ``index`` (``aux``: their rows of objective data).
+
+    ``objective`` may also be an ``ObjectiveFor``: a function of the batch's logits (detached, [b, vocab])
+    that returns the objective, with its aux rows for these examples; the forward pass that gives the logits
+    is then the one the gradients use (with hooks), not a second one.
 
     Returns the outputs [b, k] and an iterator of (name, [b, k, numel]) over the parameters of ``space`` in
     order, one tensor at a time so that callers reduce them without a [b, k, size] concatenation. A tensor
@@ -147,15 +152,27 @@ def batch_grads(
     device = adapter.device
     sequences, row, slot, width = sequence_grid(examples.seq_index[index])
     positions = _to_grid(examples.position[index], row, slot, len(sequences), width).to(device)
-    aux_grid = _map(aux, lambda column: _to_grid(column.to(device), row, slot, len(sequences), width))
     tokens = examples.tokens[sequences].to(device)
     row, slot = row.to(device), slot.to(device)
+    chosen: list[tuple[Objective, Tensor | dict[str, Tensor]]] = []
+
+    def objective_on_grid(logits: Tensor | None) -> tuple[Objective, Tensor | dict[str, Tensor]]:
+        """The objective and its aux on the [seqs, width] grid, chosen once (``logits``: [seqs, width, vocab])."""
+        if not chosen:
+            picked = objective if isinstance(objective, Objective) else objective(logits[row, slot])
+            rows = aux if picked is objective else picked.aux
+            chosen.append((picked, _map(rows, lambda c: _to_grid(c.to(device), row, slot, len(sequences), width))))
+        return chosen[0]
+
     if hooked:
         hooked_grads, outputs = linear_map_grads(
-            adapter, hooked, tokens, positions, aux_grid, objective, row, slot, workspace or Workspace()
+            adapter, hooked, tokens, positions, objective_on_grid, row, slot, workspace or Workspace()
         )
     if rest:
-        jac, outputs = _func_grads(adapter, rest, tokens, positions, aux_grid, objective)
+        if not chosen and not isinstance(objective, Objective):
+            with torch.no_grad():
+                objective_on_grid(adapter.target_logits(tokens, positions))
+        jac, outputs = _func_grads(adapter, rest, tokens, positions, *reversed(objective_on_grid(None)))
     k = outputs.shape[-1]
     if width == 1:  # one example per sequence, in order: views, no copies
         func_grads = {name: jac[name].reshape(len(sequences), k, -1) for name in rest}

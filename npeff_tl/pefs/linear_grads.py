@@ -10,8 +10,7 @@ large allocations are slow). Which parameters qualify is the adapter's call (``M
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -20,21 +19,7 @@ from torch import Tensor, nn
 
 from ..adapters import LinearMap, ModelAdapter
 from .objectives import Objective
-
-
-class Workspace:
-    """Buffers reused from batch to batch, one per role, grown when a larger one is asked for."""
-
-    def __init__(self):
-        self._buffers: dict[tuple, Tensor] = {}
-
-    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        numel = math.prod(shape)
-        key = (role, dtype, torch.device(device))
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < numel:
-            self._buffers[key] = buffer = torch.empty(numel, dtype=dtype, device=device)
-        return buffer[:numel].view(shape)
+from .workspace import Workspace
 
 
 @contextmanager
@@ -54,16 +39,18 @@ def _recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[tuple]
 
 
 @contextmanager
-def _requiring_grad(params: list[nn.Parameter]) -> Iterator[None]:
-    """Make ``params`` require grad for a while (frozen models too), so their outputs enter the graph."""
-    frozen = [p for p in params if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
+def _requiring_grad_only(adapter: ModelAdapter, params: list[nn.Parameter]) -> Iterator[None]:
+    """Make ``params``, and no other parameter of the model, require grad for a while (frozen models too):
+    their outputs enter the graph, and what runs before the first of them is not recorded for backward."""
+    wanted = {id(p) for p in params}
+    flipped = [p for p in adapter.named_parameters().values() if p.requires_grad != (id(p) in wanted)]
+    for p in flipped:
+        p.requires_grad_(not p.requires_grad)
     try:
         yield
     finally:
-        for p in frozen:
-            p.requires_grad_(False)
+        for p in flipped:
+            p.requires_grad_(not p.requires_grad)
 
 
 def _with_head_axis(t: Tensor, axis: int) -> Tensor:
@@ -76,23 +63,25 @@ def linear_map_grads(
     names: list[str],
     tokens: Int[Tensor, "seqs pos"],
     positions: Int[Tensor, "seqs width"],
-    aux_grid,
-    objective: Objective,
+    objective_on_grid: Callable[[Tensor], tuple[Objective, Tensor | dict[str, Tensor]]],
     row: Int[Tensor, " b"],
     slot: Int[Tensor, " b"],
     workspace: Workspace,
 ) -> tuple[Iterator[tuple[str, Float[Tensor, "b k numel"]]], Float[Tensor, "seqs width k"]]:
-    """Per-example gradients of ``objective`` for the parameters ``names`` (all in ``adapter.linear_maps()``).
+    """Per-example gradients of an objective for the parameters ``names`` (all in ``adapter.linear_maps()``).
 
-    Example e is target slot ``slot[e]`` of sequence ``row[e]``. Returns the objective's outputs and an
+    ``objective_on_grid`` gives the objective and its aux on the [seqs, width] grid of target slots from the
+    logits there (detached). Example e is target slot ``slot[e]`` of sequence ``row[e]``. Returns the objective's outputs and an
     iterator of (name, [b, k, numel]) in the order of ``names``; each tensor lives in a reused buffer and is
     valid until the next one is produced.
     """
     maps: dict[str, LinearMap] = {name: adapter.linear_maps()[name] for name in names}
     params = adapter.named_parameters()
     modules = list({c.module: None for m in maps.values() for c in (m.output, m.input) if c is not None})
-    with torch.enable_grad(), _requiring_grad([params[name] for name in names]), _recording(modules) as calls:
-        outputs = objective(adapter.target_logits(tokens, positions), aux_grid)  # [seqs, width, k]
+    with torch.enable_grad(), _requiring_grad_only(adapter, [params[name] for name in names]), _recording(modules) as calls:
+        logits = adapter.target_logits(tokens, positions)
+        objective, aux_grid = objective_on_grid(logits.detach())
+        outputs = objective(logits, aux_grid)  # [seqs, width, k]
     for module, seen in calls.items():
         if len(seen) != 1:
             raise RuntimeError(

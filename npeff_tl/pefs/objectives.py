@@ -28,6 +28,12 @@ class Objective(ABC):
         """The objective values (last dimension ``n_outputs``) from logits and per-example aux rows."""
 
 
+ObjectiveFor = Callable[[Tensor], Objective]
+"""Picks a batch's objective from its logits at the target positions (detached, [b, vocab]); the objective's
+``aux`` holds the rows of those b examples. PEFs use one to choose classes from the forward pass they
+differentiate."""
+
+
 def _gather(log_probs: Tensor, ids: Tensor) -> Tensor:
     return log_probs.gather(-1, ids.long().clamp(min=0))
 

@@ -15,19 +15,29 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .workspace import Workspace
+
 _SAMPLE_FRACTION = 32  # one entry in 32 estimates a piece's threshold
 _MARGIN = 1.5  # aim for 1.5 k entries above the estimate (its error is a few percent)
 
 
 class StreamingTopK:
     """The ``k`` entries of largest ``key(value)`` (>= 0) per row of ``total`` columns, over pieces added
-    with their column offsets."""
+    with their column offsets. ``key=None``: the values themselves (then they must be >= 0).
 
-    def __init__(self, rows: int, k: int, total: int, key=lambda values: values):
+    With ``workspace``, keeping everything (k == total) fills and sorts a reused buffer: the result is then
+    valid until the next ``StreamingTopK`` on that workspace.
+    """
+
+    def __init__(self, rows: int, k: int, total: int, key=None, workspace: Workspace | None = None):
         if k > total:
             raise ValueError(f"cannot keep {k} of {total} entries")
-        self.rows, self.k, self.total, self.key = rows, k, total, key
+        self.rows, self.k, self.total = rows, k, total
+        self.key = key or (lambda values: values)
+        self._values_are_keys = key is None
+        self._workspace = workspace or Workspace()
         self._dense: Tensor | None = None  # with k == total: the whole row, filled in place
+        self._filled = 0
         self._keys: list[Tensor] = []
         self._values: list[Tensor] = []
         self._indices: list[Tensor] = []
@@ -40,8 +50,9 @@ class StreamingTopK:
         n = values.shape[1]
         if self.k == self.total:  # everything is kept: no selection, only the final sort
             if self._dense is None:
-                self._dense = torch.zeros(self.rows, self.total, dtype=values.dtype, device=values.device)
+                self._dense = self._workspace.get("top-k rows", (self.rows, self.total), values.dtype, values.device)
             self._dense[:, offset : offset + n] = values
+            self._filled += n
             return
         keys = self.key(values)
         if n <= 4 * self.k:  # small piece: keep what could matter
@@ -62,11 +73,16 @@ class StreamingTopK:
     def result(self) -> tuple[Float[Tensor, "rows k"], Int[Tensor, "rows k"]]:
         """(values, column indices), sorted by descending key."""
         if self._dense is not None:
-            order = _descending(self.key(self._dense))
+            if self._filled != self.total:
+                raise RuntimeError(f"keeping all {self.total} columns, but {self._filled} were added")
+            order = self._workspace.get("top-k order", (self.rows, self.total), torch.long, self._dense.device)
+            if self._values_are_keys:
+                return _descending(self._dense, in_place=True, order=order)
+            _, order = _descending(self.key(self._dense), in_place=True, order=order)
             return self._dense.gather(1, order), order
         self._compact()
-        order = _descending(self._keys[0])
-        return self._values[0].gather(1, order), self._indices[0].gather(1, order)
+        keys, order = _descending(self._keys[0])
+        return (keys if self._values_are_keys else self._values[0].gather(1, order)), self._indices[0].gather(1, order)
 
     def _above_threshold(self, keys: Tensor) -> tuple[Tensor, Tensor]:
         """Columns of each row above the row's threshold, padded to a common width, and which are real."""
@@ -108,13 +124,24 @@ class StreamingTopK:
             self._floor = keys.amin(1)
 
 
-def _descending(keys: Float[Tensor, "rows n"]) -> Int[Tensor, "rows n"]:
-    """The order that sorts each row by descending key (keys >= 0).
+def _descending(
+    keys: Float[Tensor, "rows n"], *, in_place: bool = False, order: Int[Tensor, "rows n"] | None = None
+) -> tuple[Float[Tensor, "rows n"], Int[Tensor, "rows n"]]:
+    """Each row sorted by descending key (keys >= 0; ties in column order), and the order that does it.
+    ``in_place``: ``keys`` may be overwritten (float32: it becomes the sorted keys); ``order``: where to write it.
 
-    Float32 and narrower: per row, a radix sort of the int32 codes 0x7FFFFFFF - bits (the bits of
-    non-negative floats order like the floats), several times faster than a comparison sort.
+    Float32 and narrower: per row, a radix sort of the int32 codes 0x7FFFFFFF - bits = bits ^ 0x7FFFFFFF
+    (the bits of non-negative floats order like the floats), several times faster than a comparison sort;
+    the sorted keys are decoded from the sorted codes, so no gather is needed.
     """
     if keys.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return keys.sort(dim=1, descending=True, stable=True).indices
-    codes = 0x7FFFFFFF - keys.float().view(torch.int32)
-    return torch.stack([row.sort(stable=True).indices for row in codes]) if len(codes) else codes.long()
+        return keys.sort(dim=1, descending=True, stable=True)
+    if in_place and keys.dtype == torch.float32:
+        codes = keys.view(torch.int32).bitwise_xor_(0x7FFFFFFF)
+    else:
+        codes = keys.float().view(torch.int32).bitwise_xor(0x7FFFFFFF)
+    if order is None:
+        order = torch.empty(codes.shape, dtype=torch.long, device=codes.device)
+    for row in range(len(codes)):
+        torch.sort(codes[row], stable=True, out=(codes[row], order[row]))
+    return codes.bitwise_xor_(0x7FFFFFFF).view(torch.float32).to(keys.dtype), order
