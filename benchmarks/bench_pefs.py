@@ -6,12 +6,13 @@ Setting: diagonal PEFs, top-4 classes, nnz 65536 (capped at the space size), seq
 MLP weights selected. Models built from configs with random weights: "tiny" (2 layers, d_model 64) and
 "gpt2-width" (2 layers, d_model 768, 12 heads, d_mlp 3072, d_vocab 50257).
 
-Baselines (same process, same thread count):
+Baselines (same process, same thread count; the three are interleaved round by round, 5 rounds for tiny and 3
+for gpt2-width, and each speedup is the median of the per-round ratios):
 - naive: per example, a batch-1 ``model(tokens)`` forward, then per class one ``torch.autograd.grad`` over the
   selected parameters (retain_graph), squared, weighted by p_c, summed, then top-nnz.
 - floor: one batched forward (unembedding only the target position, as ours does) plus K batched backward
   passes of the per-class summed log-probs, weight gradients aggregated over the batch: no per-example
-  separation, no top-k. Nothing that produces per-example Fishers can be faster than this.
+  separation, no top-k: what the gradients alone cost, computed the ordinary way.
 
 Last line: bench_pefs: tiny_speedup_vs_naive=<a> speedup_vs_naive=<x> fraction_of_floor=<y> peak_rss_mb=<z>
 (x, y, z for the gpt2-width model; z is the peak RSS of compute_pefs on 4x the examples, with the ratio to
@@ -94,9 +95,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def median_rate(fn, model, space, tokens, repeats: int) -> float:
-    fn(model, space, tokens[:BATCH])  # warm-up (first-call allocations, lazy imports)
-    return statistics.median(fn(model, space, tokens) for _ in range(repeats))
+def interleaved_rates(fns: dict, model, space, tokens: dict, repeats: int) -> list[dict[str, float]]:
+    """Examples/s of each function in ``repeats`` rounds, the functions interleaved within a round, so that a
+    change of machine load hits all of them alike (``tokens``: the examples each one runs on)."""
+    for name, fn in fns.items():
+        fn(model, space, tokens[name][:BATCH])  # warm-up (first-call allocations, lazy imports)
+    return [{name: fn(model, space, tokens[name]) for name, fn in fns.items()} for _ in range(repeats)]
+
+
+def medians(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
+
+
+def median_ratio(rounds: list[dict[str, float]], a: str, b: str) -> float:
+    return statistics.median(r[a] / r[b] for r in rounds)
 
 
 def main() -> None:
@@ -105,34 +117,33 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer examples and repeats (smoke test)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    repeats = 1 if args.quick else 3
+    repeats = 1 if args.quick else 5
     print(f"bench_pefs: torch {torch.__version__}, {args.threads} threads, K={K}, nnz={NNZ}, seq={SEQ}, batch={BATCH}")
+    fns = {"ours": ours, "naive": naive, "floor": floor}
 
     model, space = build("tiny")
     tokens = tokens_for(model, 64 if args.quick else 256)
-    tiny = {name: median_rate(fn, model, space, tokens, repeats) for name, fn in
-            [("ours", ours), ("naive", naive), ("floor", floor)]}
-    print("tiny:       " + "  ".join(f"{k} {v:8.1f} ex/s" for k, v in tiny.items()))
+    tiny = interleaved_rates(fns, model, space, dict.fromkeys(fns, tokens), repeats)
+    print("tiny:       " + "  ".join(f"{k} {v:8.1f} ex/s" for k, v in medians(tiny).items()))
 
     model, space = build("gpt2-width")
     n = BATCH if args.quick else 2 * BATCH
     ours(model, space, tokens_for(model, BATCH))  # warm-up
     rss_before = peak_rss_mb()
-    rate = ours(model, space, tokens_for(model, n, seed=1))
+    ours(model, space, tokens_for(model, n, seed=1))
     rss_1x = peak_rss_mb()
     ours(model, space, tokens_for(model, 4 * n, seed=2))
     rss_4x = peak_rss_mb()
-    big = {
-        "ours": statistics.median([rate] + [ours(model, space, tokens_for(model, n, seed=1)) for _ in range(repeats - 1)]),
-        "naive": median_rate(naive, model, space, tokens_for(model, BATCH // 2 if args.quick else BATCH), repeats),
-        "floor": median_rate(floor, model, space, tokens_for(model, n), repeats),
-    }
-    print(f"gpt2-width: space {space.size:,} params; " + "  ".join(f"{k} {v:6.2f} ex/s" for k, v in big.items()))
+    big_tokens = {"ours": tokens_for(model, n, seed=1), "floor": tokens_for(model, n, seed=1),
+                  "naive": tokens_for(model, BATCH // 2 if args.quick else BATCH, seed=1)}
+    big = interleaved_rates(fns, model, space, big_tokens, max(1, repeats - 2))
+    print(f"gpt2-width: space {space.size:,} params; " + "  ".join(f"{k} {v:6.2f} ex/s" for k, v in medians(big).items()))
     print(f"gpt2-width: peak RSS {rss_before:.0f} MB after warm-up, {rss_1x:.0f} MB after {n} examples, "
           f"{rss_4x:.0f} MB after {4 * n} examples (4x / 1x = {rss_4x / rss_1x:.2f})")
-    print(f"bench_pefs: tiny_speedup_vs_naive={tiny['ours'] / tiny['naive']:.2f} "
-          f"speedup_vs_naive={big['ours'] / big['naive']:.2f} fraction_of_floor={big['ours'] / big['floor']:.2f} "
-          f"peak_rss_mb={rss_4x:.0f}")
+    print("(speedups: medians of the per-round ratios)")
+    print(f"bench_pefs: tiny_speedup_vs_naive={median_ratio(tiny, 'ours', 'naive'):.2f} "
+          f"speedup_vs_naive={median_ratio(big, 'ours', 'naive'):.2f} "
+          f"fraction_of_floor={median_ratio(big, 'ours', 'floor'):.2f} peak_rss_mb={rss_4x:.0f}")
 
 
 if __name__ == "__main__":
