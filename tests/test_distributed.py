@@ -1,6 +1,6 @@
-"""torch.distributed (gloo on CPU, launched with torchrun): PEF stores are identical whatever the number of
-ranks, D-NPEFF / LRM-NPEFF factors agree with one process within 1e-4, and a run whose rank died resumes
-without recomputing finished shards."""
+"""torch.distributed (gloo on CPU, launched with torchrun): PEF stores, D-NPEFF / LRM-NPEFF factors and refitted
+coefficients are identical whatever the number of ranks (one thread per process), and a run whose rank died
+resumes without recomputing finished shards."""
 
 import json
 import os
@@ -66,13 +66,11 @@ def test_decompositions_agree_with_one_process(runs, n):
     multi = load_tensors(runs / f"ranks{n}" / "result.safetensors")
     for key in ("dnpeff.kept", "lrm.kept"):
         assert torch.equal(single[key], multi[key])
-    for key in ("dnpeff.W", "dnpeff.H", "refit.W", "dnpeff.loss", "planted.W", "planted.G", "lrm.loss"):
-        assert _relative(single[key], multi[key]) < 1e-4, key
-    # LRM-NPEFF on the tiny model's PEFs is ill-posed (W drifts along directions the loss barely sees): the
-    # ranks' different summation order (1e-7) grows to ~1e-3 in W while the loss agrees to ~1e-6. On planted
-    # PEFs, whose minimum is well defined, the factors agree within 1e-4 (above).
-    for key in ("lrm.W", "lrm.G"):
-        assert _relative(single[key], multi[key]) < 1e-2, key
+    # The products add fixed column blocks' shares in float64 and round once, so even LRM-NPEFF on the tiny
+    # model's PEFs, whose accept/reject steps turn a last-bit difference into ~1e-3 in W, takes the same path.
+    for key in ("dnpeff.W", "dnpeff.H", "refit.W", "dnpeff.loss", "lrm.W", "lrm.G", "lrm.loss", "planted.W",
+                "planted.G"):
+        assert torch.equal(single[key], multi[key]), (key, _relative(single[key], multi[key]))
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

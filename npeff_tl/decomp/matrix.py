@@ -26,7 +26,17 @@ from ..store import tensor_fingerprint
 COMPATIBILITY_KEYS = ("target", "model")  # what PEFs must share with a decomposition fit on other PEFs
 
 
-BLOCK_COLUMNS = 8192  # columns per block of A on CPU: a block's rows of the dense factor stay in cache
+BLOCK_COLUMNS = 8192  # the widest block of A on CPU: a block's rows of the dense factor stay in cache
+MIN_BLOCKS = 64  # the fewest blocks: up to this many ranks share any matrix
+
+
+def block_width(n_columns: int, device: torch.device) -> int:
+    """Columns per block of A: a function of the matrix and the device type, never of the number of ranks,
+    so that every split of the columns over ranks is a split of the same blocks. A multiple of 16, so that a
+    block's rows of a float32 factor in 64-byte aligned storage start 64-byte aligned on every rank (BLAS
+    results can depend on alignment). On GPUs, MIN_BLOCKS blocks (no cache to fit)."""
+    width = 16 * -(-n_columns // (16 * MIN_BLOCKS))
+    return min(BLOCK_COLUMNS, width) if device.type == "cpu" else width
 
 
 @dataclass(frozen=True)
@@ -37,8 +47,11 @@ class PEFMatrix:
     of X, ~4x faster on CPU than one CSR) and as one CSR of its transpose (for A^T @ Y).
 
     Under torch.distributed (``prepare(..., shard_columns=True)``), each rank holds the kept columns
-    ``shard`` (a contiguous range, balanced by non-zeros) and the factors' matching rows; ``times`` and
-    ``gram`` all-reduce their partial sums, so every rank gets the full products; ``t_times`` stays local."""
+    ``shard`` (whole blocks, balanced by non-zeros) and the factors' matching rows; ``times`` and ``gram``
+    all-reduce their partial sums, so every rank gets the full products; ``t_times`` stays local. The blocks
+    do not depend on the number of ranks, and the products add the blocks' shares in float64 and round once,
+    so they come out the same (bar a rounding tie) however the blocks are split: iterative fits that amplify
+    the last bit (LRM-NPEFF's accept/reject steps) follow the same path in any number of processes."""
 
     blocks: tuple[tuple[int, Tensor], ...]  # (first local column, CSR [rows, block width])
     At: Float[Tensor, "m_local rows"]
@@ -62,12 +75,17 @@ class PEFMatrix:
         return C[:, self.shard[0] : self.shard[1]]
 
     def gather(self, C: Float[Tensor, "r m_local"]) -> Float[Tensor, "r m"]:
-        """The full factor from every rank's columns."""
-        return distributed.all_gather_rows(C.T.contiguous()).T.contiguous() if self.sharded else C
+        """The full factor from every rank's columns (contiguous either way: reductions over a row then run in
+        the same order in any number of processes)."""
+        return distributed.all_gather_rows(C.T.contiguous()).T.contiguous() if self.sharded else C.contiguous()
 
     def gram(self, Xt: Float[Tensor, "m_local r"]) -> Float[Tensor, "r r"]:
-        """X X^T for a factor held transposed, summed over the ranks' columns."""
-        return self.sum(Xt.T @ Xt)
+        """X X^T for a factor held transposed, summed over the ranks' columns (the blocks' shares in float64)."""
+        out = torch.zeros(Xt.shape[1], Xt.shape[1], dtype=torch.float64, device=Xt.device)
+        for start, block in self.blocks:
+            part = Xt[start : start + block.shape[1]]
+            out += part.T @ part
+        return self.sum(out).to(Xt.dtype)
 
     def total(self) -> float:
         """The sum of all entries of A, float64."""
@@ -96,11 +114,11 @@ class PEFMatrix:
         return out.index_add_(0, self.row_example, per_row)
 
     def times(self, X: Float[Tensor, "m_local r"]) -> Float[Tensor, "rows r"]:
-        """A @ X (X: this rank's rows of the factor; summed over ranks)."""
-        out = torch.zeros(self.n_rows, X.shape[1], dtype=X.dtype, device=X.device)
+        """A @ X (X: this rank's rows of the factor; the blocks' products added in float64, over ranks too)."""
+        out = torch.zeros(self.n_rows, X.shape[1], dtype=torch.float64, device=X.device)
         for start, block in self.blocks:
-            out.addmm_(block, X[start : start + block.shape[1]])
-        return self.sum(out)
+            out += block @ X[start : start + block.shape[1]]
+        return self.sum(out).to(X.dtype)
 
     def t_times(self, Y: Float[Tensor, "rows r"]) -> Float[Tensor, "m_local r"]:
         """A^T @ Y (this rank's columns)."""
@@ -176,10 +194,14 @@ def prepare(
             raise ValueError(f"columns must be increasing indices in [0, {size})")
     if kept.numel() == 0:
         raise ValueError(f"no parameter appears in {min_nnz_per_column} or more examples; lower min_nnz_per_column")
-    shard, sharded = (0, int(kept.numel())), shard_columns and distributed.active()
-    if sharded:
-        weights = torch.bincount(cols, minlength=size)[kept]
-        shard = distributed.balanced_ranges(weights, distributed.world_size())[distributed.rank()]
+    m = int(kept.numel())
+    width = block_width(m, torch.device(device))
+    shard, sharded = (0, m), shard_columns and distributed.active()
+    if sharded:  # whole blocks per rank, balanced by their non-zeros
+        per_block = torch.zeros(-(-m // width), dtype=torch.long)
+        per_block.index_add_(0, torch.arange(m) // width, torch.bincount(cols, minlength=size)[kept])
+        first, last = distributed.balanced_ranges(per_block, distributed.world_size())[distributed.rank()]
+        shard = (first * width, min(last * width, m))
     new_index = torch.full((size,), -1, dtype=torch.long)
     new_index[kept[shard[0] : shard[1]]] = torch.arange(shard[1] - shard[0])
     keep = new_index[cols] >= 0
@@ -194,7 +216,6 @@ def prepare(
         grams = _example_grams(rows, cols, values, row_example, row_offsets, n_examples)
         constant = float((distributed.all_reduce_sum(grams) if sharded else grams).square().sum())
     to = {"device": device, "dtype": dtype}
-    width = BLOCK_COLUMNS if torch.device(device).type == "cpu" else shape[1]
     blocks = _column_blocks(rows, cols, values, shape, width, to)
     return PEFMatrix(
         blocks=blocks,
