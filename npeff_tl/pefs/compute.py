@@ -56,7 +56,6 @@ def _batch_pefs(
     target: Target,
     kind: str,
     nnz: int,
-    dtype: torch.dtype,
     n_top_logits: int,
     store_logits: bool,
     method: str,
@@ -258,8 +257,8 @@ def compute_pefs(
             for start in range(shard_start, shard_stop, batch_size):
                 index = torch.arange(start, min(start + batch_size, shard_stop))
                 batch = _batch_pefs(
-                    adapter, space, examples, index, target, kind, nnz, dtype, n_top_logits, store_logits, method,
-                    workspace, fisher_sum,
+                    adapter, space, examples, index, target, kind, nnz, n_top_logits, store_logits, method, workspace,
+                    fisher_sum,
                 )
                 if answers is not None:
                     batch["per_example.answer"] = answers[index]
