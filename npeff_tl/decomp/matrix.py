@@ -27,15 +27,15 @@ COMPATIBILITY_KEYS = ("target", "model")  # what PEFs must share with a decompos
 
 
 BLOCK_COLUMNS = 8192  # the widest block of A on CPU: a block's rows of the dense factor stay in cache
-MIN_BLOCKS = 64  # the fewest blocks: up to this many ranks share any matrix
+TARGET_BLOCKS = 64  # blocks per matrix, so up to this many ranks share it (fewer blocks under 1,024 columns)
 
 
 def block_width(n_columns: int, device: torch.device) -> int:
     """Columns per block of A: a function of the matrix and the device type, never of the number of ranks,
     so that every split of the columns over ranks is a split of the same blocks. A multiple of 16, so that a
     block's rows of a float32 factor in 64-byte aligned storage start 64-byte aligned on every rank (BLAS
-    results can depend on alignment). On GPUs, MIN_BLOCKS blocks (no cache to fit)."""
-    width = 16 * -(-n_columns // (16 * MIN_BLOCKS))
+    results can depend on alignment). On GPUs, no cap on the width (no cache to fit)."""
+    width = 16 * -(-n_columns // (16 * TARGET_BLOCKS))
     return min(BLOCK_COLUMNS, width) if device.type == "cpu" else width
 
 
