@@ -169,10 +169,12 @@ def batch_grads(
             adapter, hooked, tokens, positions, objective_on_grid, row, slot, workspace or Workspace()
         )
     if rest:
-        if not chosen and not isinstance(objective, Objective):
+        logits = None
+        if not chosen and not isinstance(objective, Objective):  # no hook pass to choose from: a forward pass
             with torch.no_grad():
-                objective_on_grid(adapter.target_logits(tokens, positions))
-        jac, outputs = _func_grads(adapter, rest, tokens, positions, *reversed(objective_on_grid(None)))
+                logits = adapter.target_logits(tokens, positions)
+        picked, aux_grid = objective_on_grid(logits)
+        jac, outputs = _func_grads(adapter, rest, tokens, positions, aux_grid, picked)
     k = outputs.shape[-1]
     if width == 1:  # one example per sequence, in order: views, no copies
         func_grads = {name: jac[name].reshape(len(sequences), k, -1) for name in rest}
