@@ -59,15 +59,6 @@ def all_gather_rows(x: Tensor) -> Tensor:
     return torch.cat([part[: int(c)] for part, c in zip(parts, counts.tolist())])
 
 
-def broadcast_object(obj, src: int = 0):
-    """``obj`` from rank ``src`` on every rank."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def balanced_ranges(weights: Int64[Tensor, " m"], parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous ranges covering ``range(len(weights))`` with about equal total weight each (the
     columns of a matrix split by their non-zeros, not by their count)."""
