@@ -209,7 +209,7 @@ def stage_fit(run: Run) -> None:
     for method in run.methods():
         if not (run.out / method / "metadata.json").exists():
             fit, pefs = run.config.fit, run.pefs(KINDS[method])
-            columns = int((torch.bincount(pefs.indices.flatten().long(), minlength=pefs.space.size) > 0).sum())
+            columns = int((torch.bincount(pefs.indices.flatten(), minlength=pefs.space.size) > 0).sum())
             estimate = estimate_memory(method, n_examples=len(pefs), nnz=pefs.nnz, n_columns=columns,
                                        rank=fit.components, classes=getattr(pefs, "max_rank", 1))
             run.say(f"  {method}: {fit.components} components over {columns:,} parameters, about {estimate}")
