@@ -2,7 +2,7 @@
 # One entry point for people and CI. Each command sets up ./.venv on first use (idempotent: it reinstalls
 # only when pyproject.toml or constraints.txt change), then runs:
 #   ./run.sh demo [ARGS...]   the main job (npeff-tl demo) on the embedded default model, no downloads
-#   ./run.sh test [ARGS...]   the test suite (pytest), offline
+#   ./run.sh test [ARGS...]   the test suite (pytest), offline, one worker per core (-n 0: in this process)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -29,6 +29,6 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
     demo) setup; exec "$VENV/bin/npeff-tl" demo "$@" ;;
-    test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+    test) setup; exec "$VENV/bin/python" -m pytest -n auto --dist worksteal "$@" ;;
     *) echo "usage: ./run.sh demo [ARGS...] | ./run.sh test [PYTEST ARGS...]" >&2; exit 2 ;;
 esac
