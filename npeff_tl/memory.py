@@ -11,6 +11,7 @@ the terms so that a surprise can be traced.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from .adapters import as_adapter
 from .params import ParamSpace
+from .pefs.linear_grads import requiring_grad_only
 from .targets import Target
 
 FLOAT64 = 8
@@ -116,8 +118,6 @@ def _saved_activation_bytes(adapter, space: ParamSpace, seq_len: int, n_sequence
     """Bytes autograd saves for backward in one forward pass of ``n_sequences`` sequences of ``seq_len``
     tokens, counted with saved-tensor hooks (the model's own parameters excluded): what the model's
     architecture keeps, whatever it is."""
-    from .pefs.linear_grads import _requiring_grad_only
-
     params = adapter.named_parameters()
     own = {(p.data_ptr(), p.numel()) for p in params.values()}
     seen: dict[tuple[int, int], int] = {}
@@ -128,7 +128,7 @@ def _saved_activation_bytes(adapter, space: ParamSpace, seq_len: int, n_sequence
 
     tokens = torch.zeros(n_sequences, seq_len, dtype=torch.long, device=adapter.device)
     positions = torch.full((n_sequences, 1), seq_len - 1, dtype=torch.long, device=adapter.device)
-    with torch.enable_grad(), _requiring_grad_only(adapter, [params[n] for n in space.names]), \
+    with torch.enable_grad(), requiring_grad_only(adapter, [params[n] for n in space.names]), \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         adapter.target_logits(tokens, positions)
     return sum(size for key, size in seen.items() if key not in own)
@@ -142,7 +142,7 @@ def _output_width(name: str, shape: tuple[int, ...]) -> int:
     if len(shape) == 3:
         return shape[0] * shape[2]
     if name.rsplit(".", 1)[-1].startswith("b_"):
-        return int(torch.tensor(shape).prod())
+        return math.prod(shape)
     return shape[-1]
 
 

@@ -39,7 +39,7 @@ def _recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[tuple]
 
 
 @contextmanager
-def _requiring_grad_only(adapter: ModelAdapter, params: list[nn.Parameter]) -> Iterator[None]:
+def requiring_grad_only(adapter: ModelAdapter, params: list[nn.Parameter]) -> Iterator[None]:
     """Make ``params``, and no other parameter of the model, require grad for a while (frozen models too):
     their outputs enter the graph, and what runs before the first of them is not recorded for backward."""
     wanted = {id(p) for p in params}
@@ -71,14 +71,15 @@ def linear_map_grads(
     """Per-example gradients of an objective for the parameters ``names`` (all in ``adapter.linear_maps()``).
 
     ``objective_on_grid`` gives the objective and its aux on the [seqs, width] grid of target slots from the
-    logits there (detached). Example e is target slot ``slot[e]`` of sequence ``row[e]``. Returns the objective's outputs and an
-    iterator of (name, [b, k, numel]) in the order of ``names``; each tensor lives in a reused buffer and is
-    valid until the next one is produced.
+    logits there (detached). Example e is target slot ``slot[e]`` of sequence ``row[e]``. Returns the
+    objective's outputs and an iterator of (name, [b, k, numel]) in the order of ``names``; each tensor lives
+    in a reused buffer and is valid until the next one is produced.
     """
     maps: dict[str, LinearMap] = {name: adapter.linear_maps()[name] for name in names}
     params = adapter.named_parameters()
     modules = list({c.module: None for m in maps.values() for c in (m.output, m.input) if c is not None})
-    with torch.enable_grad(), _requiring_grad_only(adapter, [params[name] for name in names]), _recording(modules) as calls:
+    selected = [params[name] for name in names]
+    with torch.enable_grad(), requiring_grad_only(adapter, selected), _recording(modules) as calls:
         logits = adapter.target_logits(tokens, positions)
         objective, aux_grid = objective_on_grid(logits.detach())
         outputs = objective(logits, aux_grid)  # [seqs, width, k]
