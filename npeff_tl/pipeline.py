@@ -29,7 +29,7 @@ import torch
 
 from . import distributed
 from .config import RunConfig
-from .memory import estimate_memory
+from .memory import batch_size_for, estimate_memory
 from .store import load_json, load_tensors, save_json, save_tensors
 
 logger = logging.getLogger(__name__)
@@ -136,8 +136,6 @@ class Run:
 
     def pef_settings(self, kind: str) -> dict:
         """compute_pefs's settings for ``kind``: the batch size is picked from pefs.memory_budget_gb if set."""
-        from .memory import batch_size_for
-
         if kind in self._pef_settings:
             return self._pef_settings[kind]
         p, examples = self.config.pefs, self.data.train.examples
