@@ -1,18 +1,20 @@
 """One rank of the torch.distributed tests (launched by tests/test_distributed.py through torchrun, gloo on CPU).
 
     python -m torch.distributed.run --nproc_per_node N tests/distributed_worker.py OUT [--die-after-shards K]
-                                    [--only-pefs]
+                                    [--only-pefs] [--late-rank R]
 
 Computes diagonal and low-rank PEFs of a tiny model into OUT/pefs_{kind}, fits D-NPEFF and LRM-NPEFF to them
 and LRM-NPEFF to planted low-rank PEFs, fits coefficients of the PEFs again, and (rank 0) saves the factors to
 OUT/result.safetensors. Every shard a rank
 writes is listed in OUT/written_rank{r}.txt. ``--die-after-shards K``: rank 1 exits hard after writing K
-shards, as a crashed rank would.
+shards, as a crashed rank would. ``--late-rank R``: rank R looks at the store's finished shards 3 s later than
+the others, as a rank slowed down by a busy machine would.
 """
 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--die-after-shards", type=int)
     parser.add_argument("--only-pefs", action="store_true")
+    parser.add_argument("--late-rank", type=int)
     args = parser.parse_args()
     out = Path(args.out)
     distributed.init_from_env("gloo")
@@ -52,6 +55,14 @@ def main() -> None:
                 os._exit(17)
 
     ShardStore.write = write
+    original_is_done = ShardStore.is_done
+
+    def is_done(self, j):
+        if rank == args.late_rank and j == 0:
+            time.sleep(3)
+        return original_is_done(self, j)
+
+    ShardStore.is_done = is_done
 
     model = make_model(torch.float32, seed=3)
     tokens = torch.randint(0, 23, (N_EXAMPLES, 9), generator=torch.Generator().manual_seed(5))

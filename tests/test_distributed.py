@@ -97,6 +97,19 @@ def test_a_run_whose_rank_died_resumes_without_recomputing(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_rank_that_starts_late_still_gets_its_own_shards(tmp_path):
+    """Ranks agree on the unfinished shards before any of them writes one: a late rank must not find its
+    shards' neighbours finished and shift the share-out (a shard nobody computes, or one computed twice)."""
+    out = tmp_path / "late"
+    _torchrun(2, out, "--late-rank", "1", "--only-pefs")
+    assert _written(out) == sorted((f"pefs_{k}", j) for k in KINDS for j in range(-(-29 // 4)))  # each once
+    reference = tmp_path / "reference"
+    _torchrun(1, reference, "--only-pefs")
+    for kind in KINDS:
+        a, b = _store(reference / f"pefs_{kind}"), _store(out / f"pefs_{kind}")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_command_line_runs_pefs_and_fit_on_every_rank_then_goes_on_in_one(own_model_and_data, tmp_path):
     """`torchrun -m npeff_tl.cli --distributed perturb`: PEFs and fits on 2 ranks, selectivity on rank 0; the
     artifacts match a one-process run's."""

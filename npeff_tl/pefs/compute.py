@@ -241,6 +241,7 @@ def compute_pefs(
     shard_size = sink.shard_size if sink else shard_size
     ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
     todo = [j for j in range(len(ranges)) if not (sink and sink.is_done(j))]
+    distributed.barrier()  # every rank lists the unfinished shards before any rank finishes one
     mine = set(todo[distributed.rank():: distributed.world_size()])  # finished shards are never recomputed
     stored = {"values": dtype, "indices": torch.int32 if space.size < 2**31 else torch.int64}
     everything = None if sink else _Rows(n, stored)  # without a store: one set of tensors for all examples
