@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from npeff_tl.pefs.topk import StreamingTopK, _descending
+from npeff_tl.pefs.topk import StreamingTopK, sort_descending
 
 
 def _oracle(pieces, k, key):
@@ -76,7 +76,7 @@ def test_descending_order_matches_a_comparison_sort(dtype, n):
     keys = torch.rand(4, n, generator=torch.Generator().manual_seed(0)).to(dtype)
     keys[:, ::7] = 0.0
     keys[0, 3] = float("inf")
-    values, order = _descending(keys)
+    values, order = sort_descending(keys)
     want = keys.sort(dim=1, descending=True, stable=True)
     assert torch.equal(values, want.values)
     assert torch.equal(order, want.indices)  # ties (the zeros) in column order

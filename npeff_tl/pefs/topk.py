@@ -77,11 +77,11 @@ class StreamingTopK:
                 raise RuntimeError(f"keeping all {self.total} columns, but {self._filled} were added")
             order = self._workspace.get("top-k order", (self.rows, self.total), torch.long, self._dense.device)
             if self._values_are_keys:
-                return _descending(self._dense, in_place=True, order=order)
-            _, order = _descending(self.key(self._dense), in_place=True, order=order)
+                return sort_descending(self._dense, in_place=True, order=order)
+            _, order = sort_descending(self.key(self._dense), in_place=True, order=order)
             return self._dense.gather(1, order), order
         self._compact()
-        keys, order = _descending(self._keys[0])
+        keys, order = sort_descending(self._keys[0])
         return (keys if self._values_are_keys else self._values[0].gather(1, order)), self._indices[0].gather(1, order)
 
     def _above_threshold(self, keys: Tensor) -> tuple[Tensor, Tensor]:
@@ -124,17 +124,18 @@ class StreamingTopK:
             self._floor = keys.amin(1)
 
 
-def _descending(
+def sort_descending(
     keys: Float[Tensor, "rows n"], *, in_place: bool = False, order: Int[Tensor, "rows n"] | None = None
 ) -> tuple[Float[Tensor, "rows n"], Int[Tensor, "rows n"]]:
     """Each row sorted by descending key (keys >= 0; ties in column order), and the order that does it.
     ``in_place``: ``keys`` may be overwritten (float32: it becomes the sorted keys); ``order``: where to write it.
 
-    Float32 and narrower: per row, a radix sort of the int32 codes 0x7FFFFFFF - bits = bits ^ 0x7FFFFFFF
-    (the bits of non-negative floats order like the floats), several times faster than a comparison sort;
-    the sorted keys are decoded from the sorted codes, so no gather is needed.
+    On CPU, float32 and narrower: per row, torch's radix sort (1-D integer tensors only) of the int32 codes
+    0x7FFFFFFF - bits = bits ^ 0x7FFFFFFF (the bits of non-negative floats order like the floats), several
+    times faster than a comparison sort; the sorted keys are decoded from the sorted codes, so no gather is
+    needed. Elsewhere one sort of the whole matrix (on a GPU, a segmented sort of all rows at once).
     """
-    if keys.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if keys.dtype not in (torch.float32, torch.float16, torch.bfloat16) or keys.device.type != "cpu":
         return keys.sort(dim=1, descending=True, stable=True)
     if in_place and keys.dtype == torch.float32:
         codes = keys.view(torch.int32).bitwise_xor_(0x7FFFFFFF)
