@@ -17,6 +17,11 @@ for gpt2-width, and each speedup is the median of the per-round ratios):
 Last line: bench_pefs: tiny_speedup_vs_naive=<a> speedup_vs_naive=<x> fraction_of_floor=<y> peak_rss_mb=<z>
 (x, y, z for the gpt2-width model; z is the peak RSS of compute_pefs on 4x the examples, with the ratio to
 the peak on 1x printed above it).
+
+``--breakdown`` adds, on the tiny model, two parts of ours timed alone and interleaved with the others:
+"gradients" (the per-example gradients and diagonals of each batch, as ours computes them, without norms,
+sort or storage) and "sort" (the descending sort of each batch's rows, as ours does it when nnz is the whole
+space, on random values): how far ours could get if everything else were free.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ import warnings
 import torch
 
 import npeff_tl as nt
-from npeff_tl.pefs.grads import as_examples, batch_target_logits
+from npeff_tl.pefs.grads import as_examples, batch_grads, batch_target_logits
+from npeff_tl.pefs.objectives import ClassLogProbs
+from npeff_tl.pefs.topk import sort_descending
+from npeff_tl.pefs.workspace import Workspace
 
 K, NNZ, SEQ, BATCH = 4, 65536, 32, 16
 
@@ -91,6 +99,40 @@ def floor(model, space, tokens) -> float:
     return len(tokens) / (time.perf_counter() - start)
 
 
+def gradients(model, space, tokens) -> float:
+    """Examples/s of the per-example gradients and D-PEF diagonals alone (breakdown of ours)."""
+    adapter, examples, rule, workspace = nt.as_adapter(model), as_examples(tokens), nt.TopK(K), Workspace()
+    diagonal = torch.empty(BATCH, space.size)
+    start = time.perf_counter()
+    for first in range(0, len(tokens), BATCH):
+        index = torch.arange(first, min(first + BATCH, len(tokens)))
+
+        def objective(logits):
+            chosen = rule.select(logits, index)
+            return ClassLogProbs(chosen.class_ids, rule, scale=chosen.weights.sqrt())
+
+        pieces, _ = batch_grads(adapter, space, examples, index, objective, None, workspace=workspace)
+        for name, factors in pieces:
+            d = diagonal[: len(index), slice(*space.offsets[name])]
+            torch.mul(factors[:, 0], factors[:, 0], out=d)
+            for c in range(1, K):
+                d.addcmul_(factors[:, c], factors[:, c])
+    return len(tokens) / (time.perf_counter() - start)
+
+
+def sort(model, space, tokens) -> float:
+    """Examples/s of the descending sort of full D-PEF rows alone, batch by batch (breakdown of ours)."""
+    rows = torch.rand(BATCH, space.size, generator=torch.Generator().manual_seed(0)).square()
+    order = torch.empty(rows.shape, dtype=torch.long)
+    elapsed = 0.0
+    for _ in range(0, len(tokens), BATCH):
+        keys = rows.clone()
+        start = time.perf_counter()
+        sort_descending(keys, in_place=True, order=order)
+        elapsed += time.perf_counter() - start
+    return len(tokens) / elapsed
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -115,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for all runs")
     parser.add_argument("--quick", action="store_true", help="fewer examples and repeats (smoke test)")
+    parser.add_argument("--breakdown", action="store_true", help="also time parts of ours alone on the tiny model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else 5
@@ -123,8 +166,12 @@ def main() -> None:
 
     model, space = build("tiny")
     tokens = tokens_for(model, 64 if args.quick else 256)
-    tiny = interleaved_rates(fns, model, space, dict.fromkeys(fns, tokens), repeats)
+    parts = {"gradients": gradients, "sort": sort} if args.breakdown else {}
+    tiny = interleaved_rates(fns | parts, model, space, dict.fromkeys(fns | parts, tokens), repeats)
     print("tiny:       " + "  ".join(f"{k} {v:8.1f} ex/s" for k, v in medians(tiny).items()))
+    if parts:
+        print("tiny breakdown, time per example relative to naive's (10x naive = 0.100): "
+              + "  ".join(f"{k} {1 / median_ratio(tiny, k, 'naive'):.3f}" for k in ("ours", *parts)))
 
     model, space = build("gpt2-width")
     n = BATCH if args.quick else 2 * BATCH
