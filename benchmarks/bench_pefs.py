@@ -35,6 +35,7 @@ import warnings
 import torch
 
 import npeff_tl as nt
+from npeff_tl.pefs.compute import fisher_diagonal
 from npeff_tl.pefs.grads import as_examples, batch_grads, batch_target_logits
 from npeff_tl.pefs.objectives import ClassLogProbs
 from npeff_tl.pefs.topk import sort_descending
@@ -113,10 +114,7 @@ def gradients(model, space, tokens) -> float:
 
         pieces, _ = batch_grads(adapter, space, examples, index, objective, None, workspace=workspace)
         for name, factors in pieces:
-            d = diagonal[: len(index), slice(*space.offsets[name])]
-            torch.mul(factors[:, 0], factors[:, 0], out=d)
-            for c in range(1, K):
-                d.addcmul_(factors[:, c], factors[:, c])
+            fisher_diagonal(factors, diagonal[: len(index), slice(*space.offsets[name])])
     return len(tokens) / (time.perf_counter() - start)
 
 

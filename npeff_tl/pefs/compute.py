@@ -48,6 +48,14 @@ def _sum_squares(x: Float[Tensor, "b n"], chunk: int = 1024) -> Float64[Tensor, 
     return parts + torch.linalg.vector_norm(x[:, whole:], dim=-1).double().square()
 
 
+def fisher_diagonal(factors: Float[Tensor, "b k n"], out: Float[Tensor, "b n"]) -> Float[Tensor, "b n"]:
+    """The D-PEF entries f = sum_c u_c^2 of factor columns ``factors[:, c]``, written into ``out``."""
+    torch.mul(factors[:, 0], factors[:, 0], out=out)
+    for c in range(1, factors.shape[1]):
+        out.addcmul_(factors[:, c], factors[:, c])
+    return out
+
+
 def _batch_pefs(
     adapter: ModelAdapter,
     space: ParamSpace,
@@ -95,9 +103,7 @@ def _batch_pefs(
     for name, factors in pieces:  # [b, k, numel]: u_c restricted to one parameter tensor
         start, stop = space.offsets[name]
         numel = stop - start
-        diagonal = torch.mul(factors[:, 0], factors[:, 0], out=workspace.get("diagonal", (b, numel), factors.dtype, device))
-        for c in range(1, k):
-            diagonal.addcmul_(factors[:, c], factors[:, c])  # f = sum_c u_c^2
+        diagonal = fisher_diagonal(factors, workspace.get("diagonal", (b, numel), factors.dtype, device))
         fisher_sum[start:stop] += diagonal.sum(0)  # b terms in the working dtype; across batches in float64
         if kind == "diagonal":
             sum_sq += _sum_squares(diagonal)

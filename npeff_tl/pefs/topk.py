@@ -128,7 +128,8 @@ def sort_descending(
     keys: Float[Tensor, "rows n"], *, in_place: bool = False, order: Int[Tensor, "rows n"] | None = None
 ) -> tuple[Float[Tensor, "rows n"], Int[Tensor, "rows n"]]:
     """Each row sorted by descending key (keys >= 0; ties in column order), and the order that does it.
-    ``in_place``: ``keys`` may be overwritten (float32: it becomes the sorted keys); ``order``: where to write it.
+    ``in_place``: ``keys`` may be overwritten (float32 on CPU: it becomes the sorted keys); ``order``: where to
+    write the order on the radix path below (otherwise a new tensor is returned).
 
     On CPU, float32 and narrower: per row, torch's radix sort (1-D integer tensors only) of the int32 codes
     0x7FFFFFFF - bits = bits ^ 0x7FFFFFFF (the bits of non-negative floats order like the floats), several
