@@ -38,6 +38,20 @@ def _written(out: Path) -> list[tuple[str, int]]:
     return sorted((name, int(j)) for name, j in lines)
 
 
+def _assert_same_pef_stores(a: Path, b: Path) -> None:
+    for kind in KINDS:
+        x, y = _store(a / f"pefs_{kind}"), _store(b / f"pefs_{kind}")
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def one_rank_pefs(tmp_path_factory) -> Path:
+    """The PEF stores of the job in one process (the reference for the runs with --only-pefs)."""
+    out = tmp_path_factory.mktemp("one_rank_pefs")
+    _torchrun(1, out, "--only-pefs")
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same job with 1, 2 and 3 ranks."""
@@ -78,7 +92,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / a.double().norm())
 
 
-def test_a_run_whose_rank_died_resumes_without_recomputing(tmp_path):
+def test_a_run_whose_rank_died_resumes_without_recomputing(tmp_path, one_rank_pefs):
     out = tmp_path / "crash"
     crashed = _torchrun(2, out, "--die-after-shards", "2", "--only-pefs", check=False)
     assert crashed.returncode != 0
@@ -90,24 +104,16 @@ def test_a_run_whose_rank_died_resumes_without_recomputing(tmp_path):
     after = set(_written(out))
     assert not before & after  # finished shards were not computed again
     assert before | after == {(f"pefs_{k}", j) for k in KINDS for j in range(-(-29 // 4))}
-    reference = tmp_path / "reference"
-    _torchrun(1, reference, "--only-pefs")
-    for kind in KINDS:
-        a, b = _store(reference / f"pefs_{kind}"), _store(out / f"pefs_{kind}")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_pef_stores(one_rank_pefs, out)
 
 
-def test_a_rank_that_starts_late_still_gets_its_own_shards(tmp_path):
+def test_a_rank_that_starts_late_still_gets_its_own_shards(tmp_path, one_rank_pefs):
     """Ranks agree on the unfinished shards before any of them writes one: a late rank must not find its
     shards' neighbours finished and shift the share-out (a shard nobody computes, or one computed twice)."""
     out = tmp_path / "late"
     _torchrun(2, out, "--late-rank", "1", "--only-pefs")
     assert _written(out) == sorted((f"pefs_{k}", j) for k in KINDS for j in range(-(-29 // 4)))  # each once
-    reference = tmp_path / "reference"
-    _torchrun(1, reference, "--only-pefs")
-    for kind in KINDS:
-        a, b = _store(reference / f"pefs_{kind}"), _store(out / f"pefs_{kind}")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_pef_stores(one_rank_pefs, out)
 
 
 def test_the_command_line_runs_pefs_and_fit_on_every_rank_then_goes_on_in_one(own_model_and_data, tmp_path):
