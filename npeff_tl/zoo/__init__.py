@@ -1,10 +1,15 @@
-"""The zoo: small HookedTransformers trained on synthetic tasks whose per-example strategy is known.
+"""The zoo: small HookedTransformers with examples whose mechanisms are labelled.
 
-``model, data = npeff_tl.zoo.load("tasks-2l")`` gives a model (weights shipped in the package; no downloads)
-and a ``datasets.DatasetDict`` with splits "train" and "test" and columns ``tokens``, ``target_pos``,
-``answer``, ``strategy``, ``strategies`` and ``text``: the model's prediction at ``target_pos`` should be
-``answer``. ``npeff_tl.zoo.list()`` names the entries; each has a JSON card (config, tasks, seeds, per-strategy
-test accuracy, training command). ``python -m npeff_tl.zoo.train NAME`` regenerates an entry.
+Two kinds of entry. Task models (``tasks-2l``, ``tasks-3l``) are trained on synthetic tasks whose per-example
+strategy is known by construction. Field models (``pycode-4l``) are language models trained on real text, the
+source of Python's standard library, with next-token examples from held-out files labelled by rules on the
+text (``field_data.py``).
+
+``model, data = npeff_tl.zoo.load(NAME)`` gives a model (weights shipped in the package; no downloads) and a
+``datasets.DatasetDict`` with splits "train" and "test" and columns ``tokens``, ``target_pos``, ``answer``,
+``strategy``, ``strategies`` and ``text``: the token at ``target_pos + 1`` of the text, the one the model
+predicts at ``target_pos``, is ``answer``. ``npeff_tl.zoo.list()`` names the entries; each has a JSON card
+(config, seeds, accuracy, training command). ``python -m npeff_tl.zoo.train NAME`` regenerates an entry.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .field import FieldEntry
 from .tasks import TASKS, VOCAB, generate
 from .tokenizer import load_tokenizer
 
@@ -52,12 +58,26 @@ class ZooEntry:
                 device=str(device), seed=self.seed, model_name=self.name,
             )
 
+    def build_model(self, device: str | torch.device = "cpu"):
+        """An untrained model of this entry with the zoo tokenizer attached."""
+        from transformer_lens import HookedTransformer
 
-ENTRIES = {
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return HookedTransformer(self.config(device), tokenizer=load_tokenizer())
+
+    def dataset(self, n_train: int, n_test: int):
+        """``n_train`` / ``n_test`` examples per task, deterministic in the entry's seeds; test prompts never
+        repeat a train prompt."""
+        return _task_dataset(self, n_train, n_test)
+
+
+ENTRIES: dict[str, ZooEntry | FieldEntry] = {
     e.name: e
     for e in [
         ZooEntry("tasks-2l", n_layers=2),
         ZooEntry("tasks-3l", n_layers=3, seed=1, data_seed=1),
+        FieldEntry("pycode-4l"),
     ]
 }
 
@@ -67,27 +87,26 @@ def list() -> builtins.list[str]:  # noqa: A001 - the issue's public name
     return [name for name in ENTRIES if (MODELS_DIR / name / "model.safetensors").exists()]
 
 
-def entry(name: str) -> ZooEntry:
+def entry(name: str) -> ZooEntry | FieldEntry:
     if name not in ENTRIES:
         raise ValueError(f"unknown zoo model {name!r}; available: {builtins.list(ENTRIES)}")
     return ENTRIES[name]
 
 
 def build_model(name: str, device: str | torch.device = "cpu"):
-    """An untrained model of entry ``name`` with the zoo tokenizer attached."""
-    from transformer_lens import HookedTransformer
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return HookedTransformer(entry(name).config(device), tokenizer=load_tokenizer())
+    """An untrained model of entry ``name`` with its tokenizer attached."""
+    return entry(name).build_model(device)
 
 
 def dataset(name: str, n_train: int = 256, n_test: int = 128):
-    """The examples of entry ``name``'s tasks: ``n_train`` / ``n_test`` per task, deterministic in its seed.
-    Test prompts never repeat a train prompt."""
+    """The examples of entry ``name``: ``n_train`` / ``n_test`` per task (task models) or per mechanism
+    category (field models), deterministic."""
+    return entry(name).dataset(n_train, n_test)
+
+
+def _task_dataset(e: ZooEntry, n_train: int, n_test: int):
     from datasets import Dataset, DatasetDict
 
-    e = entry(name)
     ids = {word: i for i, word in enumerate(VOCAB)}
     train = generate(builtins.list(e.tasks), n_train, seed=2 * e.data_seed, table_seed=e.table_seed)
     seen = {tuple(row["words"]) for row in train}

@@ -1,9 +1,10 @@
 """Train a zoo entry from scratch, deterministically: ``python -m npeff_tl.zoo.train NAME [--out DIR]``.
 
-One thread, seeded initialisation and a seeded stream of fresh training examples (never the test split).
-The loss is the cross-entropy of the answer at each prompt's last position. Writes ``model.safetensors`` and
-``card.json`` (config, tasks, seeds, settings, per-strategy test accuracy, the command) into the entry's
-package directory or ``--out``.
+Task models: one thread, seeded initialisation and a seeded stream of fresh training examples (never the test
+split); the loss is the cross-entropy of the answer at each prompt's last position. Field models: a language
+model on the stdlib's training files (``field.py``). Either way it writes ``model.safetensors`` and
+``card.json`` (config, data, seeds, settings, held-out figures, the command) into the entry's package
+directory or ``--out``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from tqdm.auto import tqdm
 from ..examples import Examples
 from ..interventions import accuracy as example_accuracy
 from ..store import save_json, save_tensors, versions
-from . import MODELS_DIR, build_model, dataset, entry
+from . import MODELS_DIR, FieldEntry, build_model, dataset, entry
+from .field import train_field
 from .tasks import VOCAB, generate
-from .tokenizer import TOKENIZER_DIR, build_tokenizer
+from .corpus import Corpus
+from .tokenizer import TOKENIZER_DIR, build_code_tokenizer, build_tokenizer
 
 
 def batch_tensors(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +51,9 @@ def train(name: str, out: Path | None = None, progress: bool = True, steps: int 
     e = entry(name)
     if steps is not None:
         e = dataclasses.replace(e, steps=steps)
+    directory = Path(out) if out is not None else MODELS_DIR / name
+    if isinstance(e, FieldEntry):
+        return train_field(e, directory, progress)
     torch.set_num_threads(1)  # bitwise-repeatable CPU training
     if not (TOKENIZER_DIR / "tokenizer.json").exists():
         build_tokenizer()
@@ -76,7 +82,6 @@ def train(name: str, out: Path | None = None, progress: bool = True, steps: int 
     seconds = time.perf_counter() - start
     model.eval()
     acc = accuracy(model, dataset(name)["test"])
-    directory = Path(out) if out is not None else MODELS_DIR / name
     directory.mkdir(parents=True, exist_ok=True)
     save_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
     card = {
@@ -101,11 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m npeff_tl.zoo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", help="zoo entry to train")
     parser.add_argument("--out", type=Path, help="write here instead of the package directory")
-    parser.add_argument("--tokenizer", action="store_true", help="only rebuild the shipped tokenizer")
+    parser.add_argument("--tokenizer", action="store_true", help="only rebuild the shipped word-level tokenizer")
+    parser.add_argument("--code-tokenizer", action="store_true",
+                        help="only rebuild the field models' BPE tokenizer from this Python's stdlib")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.tokenizer:
         build_tokenizer()
+        return 0
+    if args.code_tokenizer:
+        build_code_tokenizer(Corpus.from_stdlib("train").texts())
         return 0
     if args.name is None:
         parser.error("give a zoo entry name")
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"npeff_tl.zoo.train: error: {error}", file=sys.stderr)
         return 2
-    print({k: card[k] for k in ("name", "test_accuracy", "training")})
+    print({k: card[k] for k in ("name", "test_accuracy", "heldout_loss_per_token", "training") if k in card})
     return 0
 
 
