@@ -39,6 +39,14 @@ def _rows(seed, widths, kind):
     return pieces
 
 
+def test_a_few_entries_from_pieces_too_small_to_sample():
+    for k in (1, 2, 5):  # pieces over 4 k entries but with fewer sampled entries than the estimate needs
+        pieces = _rows(k, [6, 25, 31, 33, 200], "normal")
+        values, indices = _streamed([p.clone() for p in pieces], k, torch.abs)
+        want_values, want_indices = _oracle(pieces, k, torch.abs)
+        assert torch.equal(values, want_values) and torch.equal(indices, want_indices)
+
+
 @pytest.mark.parametrize("kind", ["normal", "heavy-tailed", "later-pieces-larger", "sparse", "skewed"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_streaming_top_k_is_exact(kind, seed):

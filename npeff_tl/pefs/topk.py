@@ -21,6 +21,11 @@ _SAMPLE_FRACTION = 32  # one entry in 32 estimates a piece's threshold
 _MARGIN = 1.5  # aim for 1.5 k entries above the estimate (its error is a few percent)
 
 
+def _sample_rank(k: int) -> int:
+    """The rank in a piece's sample whose key estimates the piece's threshold for keeping k."""
+    return math.ceil(_MARGIN * k / _SAMPLE_FRACTION)
+
+
 class StreamingTopK:
     """The ``k`` entries of largest ``key(value)`` (>= 0) per row of ``total`` columns, over pieces added
     with their column offsets. ``key=None``: the values themselves (then they must be >= 0).
@@ -55,7 +60,7 @@ class StreamingTopK:
             self._filled += n
             return
         keys = self.key(values)
-        if n <= 4 * self.k:  # small piece: keep what could matter
+        if n <= 4 * self.k or n // _SAMPLE_FRACTION < _sample_rank(self.k):  # small piece: keep what could matter
             chosen = keys.topk(self.k, dim=1, sorted=False).indices if n > self.k else None
             valid = None
         else:
@@ -88,7 +93,7 @@ class StreamingTopK:
         """Columns of each row above the row's threshold, padded to a common width, and which are real."""
         n = keys.shape[1]
         sample = torch.randint(n, (n // _SAMPLE_FRACTION,), generator=torch.Generator().manual_seed(n))
-        rank = math.ceil(_MARGIN * self.k / _SAMPLE_FRACTION)
+        rank = _sample_rank(self.k)
         estimate = keys[:, sample.to(keys.device)].topk(rank, dim=1, sorted=False).values.amin(1)
         floor = self._floor if self._floor is not None else torch.full_like(estimate, -math.inf)
         columns = []
