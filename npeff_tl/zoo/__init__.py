@@ -130,11 +130,11 @@ def _task_dataset(e: ZooEntry, n_train: int, n_test: int):
     return DatasetDict({"train": Dataset.from_dict(columns(train)), "test": Dataset.from_dict(columns(test))})
 
 
-def load_model(name: str, device: str | torch.device = "cpu"):
-    """Zoo entry ``name``'s model with its shipped weights, in eval mode."""
+def load_model(name: str, device: str | torch.device = "cpu", directory: Path | None = None):
+    """Zoo entry ``name``'s model with its shipped weights (or those in ``directory``), in eval mode."""
     from safetensors.torch import load_file
 
-    path = MODELS_DIR / entry(name).name / "model.safetensors"
+    path = (MODELS_DIR / entry(name).name if directory is None else Path(directory)) / "model.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no weights for zoo model {name!r} at {path}; run `python -m npeff_tl.zoo.train {name}`")
     model = build_model(name, device)

@@ -65,6 +65,12 @@ class FieldEntry:
             warnings.simplefilter("ignore", DeprecationWarning)
             return HookedTransformer(self.config(device), tokenizer=load_code_tokenizer())
 
+    def dataset(self, n_train: int, n_test: int):
+        """The shipped field examples: the first ``n_train`` / ``n_test`` of each stratum (``field_data.py``)."""
+        from .field_data import load_field_dataset
+
+        return load_field_dataset(n_train, n_test)
+
 
 def token_stream(tokenizer, texts: list[str]) -> Int[Tensor, " n"]:
     """The texts as one stream of token ids, each text preceded by the end-of-text token (as GPT-2 separates
@@ -98,13 +104,14 @@ def evaluate(model, windows: Int[Tensor, "w n_ctx_plus_1"], batch_size: int = 64
 
 def fit(entry: FieldEntry, train_stream: Int[Tensor, " n"], progress: bool = True):
     """The model of ``entry`` trained on ``train_stream`` (in eval mode), and the training figures for the card."""
+    threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(entry.threads)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # with 2 threads, some CPU backward kernels add in a varying order
     try:
         return _fit(entry, train_stream, progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
 
 
 def _fit(entry: FieldEntry, train_stream: Int[Tensor, " n"], progress: bool):
@@ -176,5 +183,32 @@ def train_field(entry: FieldEntry, directory: Path, progress: bool = True) -> di
         "command": f"python -m npeff_tl.zoo.train {entry.name}",
         "versions": versions(),
     }
+    save_json(card, directory / "card.json")
+    return card
+
+
+CHECK_PER_STRATUM = 8  # the card's check slice: the first 8 test examples of each stratum
+
+
+def check_loss(model) -> float:
+    """The model's mean loss (nats) on the card's check slice of the shipped field dataset: a figure any machine
+    can reproduce offline, whatever its Python's standard library."""
+    from .field_data import load_field_dataset, stratum_figures
+
+    figures = stratum_figures(model, load_field_dataset(1, CHECK_PER_STRATUM)["test"])
+    return sum(f["loss"] * f["examples"] for f in figures.values()) / sum(f["examples"] for f in figures.values())
+
+
+def record_strata(directory: Path, model) -> dict:
+    """Add to the card in ``directory`` the model's accuracy and mean loss per stratum of the field dataset (both
+    splits, every example) and its loss on the check slice; returns the card."""
+    from ..store import load_json, save_json
+    from .field_data import PER_STRATUM, load_field_dataset, stratum_figures
+
+    data = load_field_dataset(PER_STRATUM, PER_STRATUM)
+    card = load_json(directory / "card.json")
+    card["field_dataset"] = {split: stratum_figures(model, data[split]) for split in ("train", "test")}
+    card["check"] = {"slice": f"the first {CHECK_PER_STRATUM} test examples of each stratum of the field dataset",
+                     "loss": check_loss(model)}
     save_json(card, directory / "card.json")
     return card

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from ..examples import Examples
 from ..interventions import accuracy as example_accuracy
 from ..store import save_json, save_tensors, versions
-from . import MODELS_DIR, FieldEntry, build_model, dataset, entry
-from .field import train_field
+from . import MODELS_DIR, FieldEntry, build_model, dataset, entry, load_model
+from .field import record_strata, train_field
+from .field_data import build_field_data
 from .tasks import VOCAB, generate
 from .corpus import Corpus
 from .tokenizer import TOKENIZER_DIR, build_code_tokenizer, build_tokenizer
@@ -53,7 +54,8 @@ def train(name: str, out: Path | None = None, progress: bool = True, steps: int 
         e = dataclasses.replace(e, steps=steps)
     directory = Path(out) if out is not None else MODELS_DIR / name
     if isinstance(e, FieldEntry):
-        return train_field(e, directory, progress)
+        train_field(e, directory, progress)
+        return record_strata(directory, load_model(name, directory=directory))
     torch.set_num_threads(1)  # bitwise-repeatable CPU training
     if not (TOKENIZER_DIR / "tokenizer.json").exists():
         build_tokenizer()
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", action="store_true", help="only rebuild the shipped word-level tokenizer")
     parser.add_argument("--code-tokenizer", action="store_true",
                         help="only rebuild the field models' BPE tokenizer from this Python's stdlib")
+    parser.add_argument("--field-data", action="store_true",
+                        help="only rebuild the field dataset from this Python's stdlib (with the shipped tokenizer)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.tokenizer:
@@ -116,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.code_tokenizer:
         build_code_tokenizer(Corpus.from_stdlib("train").texts())
+        return 0
+    if args.field_data:
+        build_field_data(progress=not args.quiet)
         return 0
     if args.name is None:
         parser.error("give a zoo entry name")

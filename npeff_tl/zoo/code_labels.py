@@ -1,0 +1,156 @@
+"""Mechanism labels for next-token examples in Python source, from the text alone.
+
+An example is a context window of BPE tokens and the token that follows it (the target). Rules decide which
+mechanisms predicting the target needs; an example may carry several labels, or none. The rules read the
+text through Python's own ``tokenize`` module (names, numbers, strings, comments, brackets, logical lines),
+so they describe the *text*: they say what a good predictor must do, not what the model does inside.
+
+- ``induction``: the target copies what followed the current token at its most recent earlier occurrence in
+  the window, and bigram statistics of the training text do not predict it (P(target | current) below
+  ``INDUCTION_MAX_BIGRAM``).
+- ``close_bracket``: the target closes a bracket opened inside the window.
+- ``close_string``: the target ends a string literal opened inside the window.
+- ``indent`` / ``dedent``: the target is the newline (with indentation) that leads into the next statement, and
+  that statement is indented deeper / shallower than the current one.
+- ``attribute``: the target starts the name after a ``.``.
+- ``keyword``: the target is a keyword that starts a statement (``def``, ``return``, ``if``, ...).
+- ``continuation``: the target continues a name or number already begun (a multi-token identifier or number).
+- ``prose``: the target is inside a comment or a triple-quoted string (docstrings): English, not code.
+"""
+
+from __future__ import annotations
+
+import io
+import keyword
+import re
+import tokenize
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+CATEGORIES = ("induction", "close_bracket", "close_string", "indent", "dedent", "attribute", "keyword",
+              "continuation", "prose")
+INDUCTION_MAX_BIGRAM = 0.05
+_OPENERS = {")": "(", "]": "[", "}": "{"}
+_STATEMENT_BOUNDARIES = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING)
+_BLANKS = re.compile(r"[ \t]*")
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """Per character of one source text, what Python's tokenizer says about it (-1 / False where nothing)."""
+
+    text: str
+    opener_of: list[int]  # at a closing bracket: the offset of the bracket it closes
+    string_start_of: list[int]  # at the last character of a string literal: the literal's first offset
+    attribute_start: list[bool]  # first character of a name that follows "."
+    keyword_start: list[bool]  # first character of a keyword that starts a statement
+    inside_word: list[bool]  # strictly inside a name or number (not its first character)
+    prose: list[bool]  # inside a comment after "#", or inside a triple-quoted string's body
+    statement_indent: list[int]  # at the first character of a statement: its column
+    current_indent: list[int]  # the column of the last statement that starts at or before the character
+
+    @classmethod
+    def of(cls, text: str) -> SourceFacts:
+        """Facts of ``text``; raises ``ValueError`` if Python cannot tokenize it."""
+        n = len(text) + 1
+        facts = cls(text, [-1] * n, [-1] * n, [False] * n, [False] * n, [False] * n, [False] * n, [-1] * n, [-1] * n)
+        line_starts = [0]
+        for line in text.splitlines(keepends=True):
+            line_starts.append(line_starts[-1] + len(line))
+
+        def offset(row_col: tuple[int, int]) -> int:
+            return line_starts[row_col[0] - 1] + row_col[1]
+
+        stack: list[int] = []
+        previous = None
+        at_statement_start = True
+        try:
+            tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+        except (tokenize.TokenError, IndentationError, SyntaxError) as error:
+            raise ValueError(f"Python cannot tokenize this text: {error}") from None
+        for token in tokens:
+            start, end = offset(token.start), offset(token.end)
+            if token.type == tokenize.OP and token.string in "([{":
+                stack.append(start)
+            elif token.type == tokenize.OP and token.string in _OPENERS and stack:
+                facts.opener_of[start] = stack.pop()
+            elif token.type == tokenize.STRING:
+                facts.string_start_of[end - 1] = start
+                quote = token.string.lstrip("rRbBuUfF")[:3]
+                if quote in ('"""', "'''"):
+                    body = start + len(token.string) - len(token.string.lstrip("rRbBuUfF")) + 3
+                    facts.prose[body: end - 3] = [True] * max(0, end - 3 - body)
+            elif token.type == tokenize.COMMENT:
+                facts.prose[start + 1: end] = [True] * (end - start - 1)
+            elif token.type in (tokenize.NAME, tokenize.NUMBER):
+                facts.inside_word[start + 1: end] = [True] * (end - start - 1)
+                if token.type == tokenize.NAME:
+                    if previous is not None and previous.type == tokenize.OP and previous.string == ".":
+                        facts.attribute_start[start] = True
+                    if at_statement_start and keyword.iskeyword(token.string):
+                        facts.keyword_start[start] = True
+            if at_statement_start and token.type not in (*_STATEMENT_BOUNDARIES, tokenize.NL, tokenize.COMMENT,
+                                                          tokenize.ENDMARKER):
+                facts.statement_indent[start] = token.start[1]
+            if token.type in _STATEMENT_BOUNDARIES:
+                at_statement_start = True
+            elif token.type not in (tokenize.NL, tokenize.COMMENT):
+                at_statement_start = False
+            if token.type not in (tokenize.NL, tokenize.COMMENT):
+                previous = token
+        for c in range(n):
+            facts.current_indent[c] = facts.statement_indent[c] if facts.statement_indent[c] >= 0 else (
+                facts.current_indent[c - 1] if c else -1)
+        return facts
+
+
+def target_labels(
+    facts: SourceFacts,
+    ids: Sequence[int],
+    spans: Sequence[tuple[int, int]],
+    target: int,
+    window: int,
+    bigram_prob: Callable[[int, int], float],
+) -> frozenset[str]:
+    """The labels of predicting token ``target`` of a tokenized text from the ``window`` tokens before it.
+
+    Args:
+        facts: ``SourceFacts.of(text)``.
+        ids, spans: the text's token ids and their character spans [start, end) (spans may be empty for
+            special tokens).
+        target: index of the predicted token; the context is tokens ``target - window .. target - 1``.
+        bigram_prob: P(b | a) under the training text's bigram statistics.
+    """
+    if not window <= target < len(ids):
+        raise ValueError(f"target {target} needs {window} tokens before it among {len(ids)}")
+    first = target - window
+    context_start = next((spans[i][0] for i in range(first, target) if spans[i][1] > spans[i][0]), spans[target][0])
+    start, end = spans[target]
+    chars = range(start, end)
+    labels = set()
+    current, following = ids[target - 1], ids[target]
+    earlier = next((q for q in range(target - 2, first - 1, -1) if ids[q] == current), None)
+    if earlier is not None and ids[earlier + 1] == following and bigram_prob(current, following) < INDUCTION_MAX_BIGRAM:
+        labels.add("induction")
+    if any(context_start <= facts.opener_of[c] < start for c in chars):
+        labels.add("close_bracket")
+    if any(context_start <= facts.string_start_of[c] < start for c in chars):
+        labels.add("close_string")
+    if any(facts.attribute_start[c] for c in chars):
+        labels.add("attribute")
+    if any(facts.keyword_start[c] for c in chars):
+        labels.add("keyword")
+    if end > start and facts.inside_word[start]:
+        labels.add("continuation")
+    if end > start and facts.prose[start]:
+        labels.add("prose")
+    newline = facts.text.rfind("\n", start, end)
+    if newline >= 0:
+        code = _BLANKS.match(facts.text, newline + 1).end()
+        before = facts.current_indent[start]
+        if facts.statement_indent[code] >= 0 and before >= 0:
+            if facts.statement_indent[code] > before:
+                labels.add("indent")
+            elif facts.statement_indent[code] < before:
+                labels.add("dedent")
+    return frozenset(labels)
