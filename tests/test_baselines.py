@@ -60,6 +60,40 @@ def test_gradient_clustering(zoo):
     _restores_and_changes(clusters, model, test)
 
 
+def _unit_answer_grads(model, examples, space, index):
+    """Unit gradients of the answers' log-probabilities, one plain backward per example."""
+    params = [model.get_parameter(n) for n in space.names]
+    rows = []
+    for i in index:
+        log_probs = model(examples.examples.tokens[i:i + 1])[0, int(examples.examples.position[i])].log_softmax(-1)
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(log_probs[examples.answers[i]], params)]))
+    grads = torch.stack(rows).double()
+    return grads / grads.norm(dim=1, keepdim=True)
+
+
+def test_gradient_clustering_through_a_count_sketch(zoo):
+    from npeff_tl.baselines.gradient_clustering import CountSketch
+
+    model, train, test = zoo
+    clusters = GradientClustering(model, train, n_clusters=7, seed=0, sketch_dim=2**14)
+    size = clusters.space.size
+    dense = torch.zeros(2**14, size, dtype=torch.float64)  # the sketch as the matrix it stands for
+    dense[clusters.sketch.bucket, torch.arange(size)] = clusters.sketch.sign
+    unit = _unit_answer_grads(model, train, clusters.space, range(len(train)))
+    sketched = unit @ dense.T
+    sketched = sketched / sketched.norm(dim=1, keepdim=True)
+    assert torch.allclose(clusters.train_coefficients, (sketched @ clusters.means.T).clamp(min=0), atol=1e-5)
+    for j in range(7):  # interventions move along the members' mean unit gradient in the full space
+        mean = unit[clusters.labels == j].mean(0)
+        assert torch.allclose(clusters.direction(j), mean / mean.norm(), atol=1e-6)
+    assert _ami_above_chance(clusters, test) > 0.05
+    _restores_and_changes(clusters, model, test)
+    x, y = torch.randn(2, 100_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x, y = x / x.norm(), (x + y) / (x + y).norm()
+    s = CountSketch(100_000, 2**16, seed=3)(torch.stack([x, y]))
+    assert abs(float(s[0] @ s[1]) - float(x @ y)) < 0.02 and abs(float(s[0].norm()) - 1) < 0.02
+
+
 def test_activation_kmeans(zoo):
     from sklearn.cluster import KMeans
 

@@ -4,8 +4,14 @@ Per-example gradients of the answer's log-probability (``per_example_grads``) ov
 LayerNorm and embeddings, L2-normalised; cosine similarity C, affinity 1 - arccos(C)/pi; spectral clustering on
 the precomputed affinity. Coefficients of any example are its gradient's cosine with each cluster's mean
 (normalised) gradient, clipped at 0, so the argmax is the nearest cluster mean; the intervention perturbs the
-parameters along the cluster's mean gradient direction. Memory: the n x size normalised gradients (float32)
-and the n x n affinity.
+parameters along the cluster's mean gradient direction.
+
+Memory: n x size normalised gradients (float32) and the n x n affinity. Above ``SKETCH_ABOVE`` parameters the
+gradients are compared through a seeded count sketch of ``SKETCH_DIM`` entries instead (each parameter adds
+its gradient, with a random sign, to one random entry): inner products are kept in expectation, with an error
+of about 1/sqrt(SKETCH_DIM) on a cosine, and memory is n x SKETCH_DIM. Coefficients are then cosines of
+sketches; the intervention directions, in the full space, take one more gradient pass over the training
+examples when first needed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from ..interventions import target_log_probs
 from ..params import ParamSpace
 from ..pefs import AnswerLogProb, per_example_grads
 
+SKETCH_ABOVE = 2**20
+SKETCH_DIM = 2**16
+
 def default_space(model: nn.Module) -> ParamSpace:
     """Every parameter but LayerNorm and embedding ones (TL names: ``embed.W_E``, ``pos_embed.W_pos``, ``*.ln*.w``)."""
     names = [n for n, _ in model.named_parameters()
@@ -36,12 +45,15 @@ class GradientClustering(ParameterDictionary):
         n_clusters: number of clusters (components).
         space: the parameters (default: all but LayerNorm and embeddings).
         batch_size: examples per gradient batch.
-        seed: seeds spectral clustering.
+        seed: seeds spectral clustering and the sketch.
+        sketch_dim: compare gradients through a count sketch of this many entries (default: ``SKETCH_DIM`` for
+            spaces over ``SKETCH_ABOVE`` parameters, else none: exact cosines).
     """
 
     def __init__(self, model: nn.Module, train: LabeledExamples | Examples, n_clusters: int, *,
                  space: ParamSpace | None = None, name: str = "gradient_clustering", batch_size: int = 16,
-                 seed: int = 0, max_relative_magnitude: float = 1.0, progress: bool = False):
+                 seed: int = 0, max_relative_magnitude: float = 1.0, sketch_dim: int | None = None,
+                 progress: bool = False):
         from sklearn.cluster import SpectralClustering
 
         self.model, self.train, self.name = model, as_labeled(train), name
@@ -50,28 +62,36 @@ class GradientClustering(ParameterDictionary):
         if not 2 <= n_clusters <= len(self.train):
             raise ValueError(f"n_clusters must be between 2 and the number of examples ({len(self.train)}), "
                              f"got {n_clusters}")
-        grads = self._unit_grads(self.train, progress)
-        cosine = (grads @ grads.T).double().clamp(-1, 1)
+        if sketch_dim is None and self.space.size > SKETCH_ABOVE:
+            sketch_dim = SKETCH_DIM
+        self.sketch = None if sketch_dim is None else CountSketch(self.space.size, sketch_dim, seed)
+        rows = self._rows(self.train, progress)  # unit gradients, or their sketches
+        cosine = (rows @ rows.T).double().clamp(-1, 1)
         affinity = 1 - torch.arccos(cosine) / torch.pi
         clustering = SpectralClustering(n_clusters, affinity="precomputed", random_state=seed)
         self.labels = torch.as_tensor(clustering.fit_predict(affinity.numpy()))
-        means = torch.stack([grads[self.labels == c].double().mean(0) for c in range(n_clusters)])
-        self.means = means / torch.linalg.vector_norm(means, dim=1, keepdim=True).clamp(min=1e-300)
-        self._train_coefficients = self._coefficients_of(grads)
+        self.means = _unit_rows(torch.stack([rows[self.labels == c].double().mean(0) for c in range(n_clusters)]))
+        self._directions = None if self.sketch else self.means  # full-space mean gradients, computed when needed
+        self._train_coefficients = self._coefficients_of(rows)
 
-    def _unit_grads(self, examples: LabeledExamples, progress: bool) -> Float[Tensor, "n size"]:
+    def _unit_grads(self, examples: LabeledExamples, progress: bool):
+        """(start, stop, unit gradients [b, size] in float64) per batch of ``examples``."""
         answers = examples.answers
         if answers is None:  # the model's own answers
             answers = target_log_probs(self.model, examples.examples).argmax(-1)
-        out = torch.empty(len(examples), self.space.size, dtype=torch.float32)
         for block in per_example_grads(self.model, examples.examples, self.space, AnswerLogProb(answers),
                                        batch_size=self.batch_size, progress=progress):
-            g = block.grads[:, 0].double()
-            out[block.start:block.stop] = (g / torch.linalg.vector_norm(g, dim=1, keepdim=True).clamp(min=1e-300)).float().cpu()
+            yield block.start, block.stop, _unit_rows(block.grads[:, 0].double()).cpu()
+
+    def _rows(self, examples: LabeledExamples, progress: bool) -> Float[Tensor, "n d"]:
+        """The examples' unit gradients (float32), or with a sketch their sketches, renormalised."""
+        out = torch.empty(len(examples), self.sketch.dim if self.sketch else self.space.size, dtype=torch.float32)
+        for start, stop, unit in self._unit_grads(examples, progress):
+            out[start:stop] = (_unit_rows(self.sketch(unit)) if self.sketch else unit).float()
         return out
 
-    def _coefficients_of(self, grads: Float[Tensor, "n size"]) -> Float[Tensor, "n r"]:
-        return (grads.double() @ self.means.T).clamp(min=0)
+    def _coefficients_of(self, rows: Float[Tensor, "n d"]) -> Float[Tensor, "n r"]:
+        return (rows.double() @ self.means.T).clamp(min=0)
 
     @property
     def n_components(self) -> int:
@@ -82,14 +102,43 @@ class GradientClustering(ParameterDictionary):
         return self._train_coefficients
 
     def coefficients(self, examples: LabeledExamples | Examples) -> Float[Tensor, "n r"]:
-        return self._coefficients_of(self._unit_grads(as_labeled(examples), progress=False))
+        out = torch.empty(len(examples), self.n_components, dtype=torch.float64)
+        for start, stop, unit in self._unit_grads(as_labeled(examples), progress=False):
+            out[start:stop] = self._coefficients_of(_unit_rows(self.sketch(unit)) if self.sketch else unit)
+        return out
 
     def direction(self, j: int) -> Float[Tensor, " size"]:
-        return self.means[j]
+        if self._directions is None:  # sketched: the clusters' mean unit gradients in the full space
+            sums = torch.zeros(self.n_components, self.space.size, dtype=torch.float64)
+            for start, stop, unit in self._unit_grads(self.train, progress=False):
+                sums.index_add_(0, self.labels[start:stop], unit)
+            self._directions = _unit_rows(sums)
+        return self._directions[j]
 
     def support(self, j: int) -> Tensor:
-        return self.means[j] != 0
+        return self.direction(j) != 0
 
     def describe(self) -> str:
         return (f"gradient clustering: {self.n_components} spectral clusters of answer gradients over "
                 f"{self.space.size:,} parameters, fitted to {len(self.train)} examples")
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp(min=1e-300)
+
+
+class CountSketch:
+    """A seeded linear map R^size -> R^dim: entry j goes, with a random sign, to a random one of ``dim`` entries.
+    E[<S x, S y>] = <x, y>, with a variance of about |x|^2 |y|^2 / dim."""
+
+    def __init__(self, size: int, dim: int, seed: int = 0):
+        if dim < 1:
+            raise ValueError(f"the sketch needs dim >= 1, got {dim}")
+        generator = torch.Generator().manual_seed(seed)
+        self.dim = dim
+        self.bucket = torch.randint(dim, (size,), generator=generator)
+        self.sign = torch.randint(2, (size,), generator=generator, dtype=torch.float64) * 2 - 1
+
+    def __call__(self, x: Float[Tensor, "b size"]) -> Float[Tensor, "b dim"]:
+        out = torch.zeros(x.shape[0], self.dim, dtype=x.dtype, device=x.device)
+        return out.index_add_(1, self.bucket.to(x.device), x * self.sign.to(x.device, x.dtype))
