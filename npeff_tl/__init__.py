@@ -36,6 +36,7 @@ from .pefs import (
     Objective,
     PEFs,
     compute_pefs,
+    fisher_traces,
     load_pefs,
     per_example_grads,
 )
@@ -55,7 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HookedTransformerAdapter", "ModelAdapter", "as_adapter", "Examples", "ParamSpace",
     "AnswerLogProb", "ClassLogProbs", "CrossEntropy", "FunctionObjective", "Objective", "GradBlock",
-    "DiagonalPEFs", "LowRankPEFs", "PEFs", "compute_pefs", "load_pefs", "per_example_grads",
+    "DiagonalPEFs", "LowRankPEFs", "PEFs", "compute_pefs", "fisher_traces", "load_pefs", "per_example_grads",
     "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "zoo", "baselines",
     "DNPEFF", "LRMNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
     "Component", "Readout", "ParameterPerturbation", "kl_divergence", "lrm_direction", "perturb", "random_direction",

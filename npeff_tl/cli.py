@@ -30,12 +30,16 @@ STAGE_HELP = {
 
 def _print_summary(summary: dict) -> None:
     print(f"\n{summary['model']}: {summary['n_examples']} examples, {summary['seconds']:.0f} s from scratch")
-    keys = ("ami", "purity_at_20", "multi_factor_recall", "median_selectivity", "median_strategy_selectivity")
-    print(f"{'method':>20} " + " ".join(f"{k:>27}" for k in keys))
+    columns = {"ami": "AMI", "purity_at_20": "purity@20", "multi_factor_recall": "mf recall",
+               "median_selectivity": "selectivity", "median_strategy_selectivity": "strategy sel.",
+               "median_norm_selectivity": "norm. sel.", "median_norm_strategy_selectivity": "norm. strategy"}
+    print(f"{'method':>24} " + " ".join(f"{label:>14}" for label in columns.values()))
     rows = list(summary["methods"].items()) + [(f"control: {k}", v) for k, v in summary["controls"].items()]
     for name, figures in rows:
-        cells = ("-" if figures.get(k) is None else f"{figures[k]:.4g}" for k in keys)
-        print(f"{name:>20} " + " ".join(f"{c:>27}" for c in cells))
+        cells = ("-" if figures.get(k) is None else f"{figures[k]:.4g}" for k in columns)
+        print(f"{name:>24} " + " ".join(f"{c:>14}" for c in cells))
+    print("(selectivity columns: medians over components; normalised: divided by the Fisher-trace ratio of the "
+          "two sets, so a random direction scores about 1)")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -43,18 +47,23 @@ def _demo(args: argparse.Namespace) -> None:
     from .pipeline import run_all
     from .sources import ZOO_PREFIX
 
-    if args.per_task * 7 < 220:
-        raise ValueError(f"--per-task {args.per_task} leaves too few held-out examples for selectivity (top 20 + "
-                         "baseline 200); use --per-task 32 or more")
+    from . import zoo
+
     config = RunConfig()
     config.model.name = args.model if args.model.startswith(ZOO_PREFIX) else ZOO_PREFIX + args.model
+    name = config.model.name.removeprefix(ZOO_PREFIX)
+    zoo.entry(name)  # an unknown name fails before anything runs
+    groups = len(set(zoo.dataset(name, 1, 1)["test"]["strategy"]))  # tasks or strata
+    needed = config.perturb.n_top + config.perturb.n_baseline
+    if args.per_task * groups < needed:
+        raise ValueError(f"--per-task {args.per_task} leaves too few held-out examples for selectivity (top "
+                         f"{config.perturb.n_top} + baseline {config.perturb.n_baseline} from {groups} example groups); "
+                         f"use --per-task {-(-needed // groups)} or more")
     config.data.per_task = args.per_task
     config.fit.components = args.components
     config.compare.sae_widths = [args.components, 128]
     config.compare.sae_steps = args.sae_steps
-    from . import zoo
-
-    zoo.entry(config.model.name.removeprefix(ZOO_PREFIX))  # an unknown name fails before anything runs
+    config.compare.oracle_hooks = args.oracle_hooks
     out = args.out or tempfile.mkdtemp(prefix="npeff-tl-demo-")
     summary = run_all(out, config, progress=not args.quiet)
     if summary is not None:  # None on the ranks other than 0 of a distributed run
@@ -124,10 +133,15 @@ def _parser() -> argparse.ArgumentParser:
                                "report.html, on a zoo model.")
     demo.add_argument("--out", help="directory for all artifacts (re-running reuses finished stages); default: a "
                                     "new temporary directory")
-    demo.add_argument("--model", default="tasks-2l", help="zoo model (default tasks-2l; see npeff_tl.zoo.list())")
-    demo.add_argument("--per-task", type=int, default=64, help="train and test examples per task (default 64)")
+    demo.add_argument("--model", default="tasks-2l", help="zoo model (default tasks-2l, the fast one; pycode-4l is "
+                                                          "the language model of Python code; see npeff_tl.zoo.list())")
+    demo.add_argument("--per-task", type=int, default=64, help="train and test examples per task or, for a field "
+                                                               "model, per stratum of labels (default 64)")
     demo.add_argument("--components", type=int, default=16, help="components per dictionary (default 16)")
     demo.add_argument("--sae-steps", type=int, default=1000, help="SAE training steps (default 1000)")
+    demo.add_argument("--oracle-hooks", action="store_true",
+                      help="also SAE and k-means rows whose hook is chosen with the labels (an oracle advantage; "
+                           "by default their hook is the middle residual stream, chosen without labels)")
     demo.add_argument("--quiet", action="store_true", help="no progress output")
     demo.set_defaults(handler=_demo)
 

@@ -6,7 +6,8 @@ F1 of any component's argmax cluster for it); multi-factor recall (the share of 
 strategies whose two largest components map to two of them, a component mapping to the label most frequent
 among its top training examples). Between dictionaries: Hungarian matching of components on the correlation
 of their coefficients over the examples. By interventions (optional): median coefficient and strategy
-selectivity (``measure_selectivity``), with the random-direction controls of parameter-space dictionaries.
+selectivity (``measure_selectivity``), raw and normalised by the sets' Fisher traces, with the
+random-direction controls of parameter-space dictionaries.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .dictionaries import Dictionary, as_labeled, top_of
+from .dictionaries import Dictionary, ParameterDictionary, as_labeled, top_of
 from .examples import Examples, LabeledExamples
-from .selectivity import SelectivityConfig, SelectivityResult, measure_selectivity
+from .selectivity import FIGURES, SelectivityConfig, SelectivityResult, measure_selectivity
 from .store import atomic_directory, save_json, versions
 
 COMPARISON_FORMAT = "npeff_tl.comparison"
@@ -152,13 +153,16 @@ def compare(
     selectivity: SelectivityConfig | bool = False,
     selectivity_components: int | None = None,
     measured: Mapping[str, SelectivityResult] | None = None,
+    fisher_traces: Float[Tensor, " n"] | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
 ):
     """A table (pandas DataFrame), one row per dictionary (and per control when selectivity is measured), with
     the label metrics on ``examples``, the mean matched coefficient correlation with every other dictionary
     (``matched_corr_<name>``), each dictionary's own figures (e.g. SAE evaluations) and, with ``selectivity``
-    (True or a ``SelectivityConfig``), median coefficient and strategy selectivity. With ``out``, the table is
+    (True or a ``SelectivityConfig``), median coefficient and strategy selectivity, raw and normalised (each
+    parameter-space dictionary by the Fisher traces over its own space; the others, which act on activations,
+    by ``fisher_traces``, default: those over the first parameter-space dictionary's space). With ``out``, the table is
     saved there as comparison.csv and comparison.json, and each selectivity result in selectivity/<name>/.
     ``labels`` / ``factors`` give (or replace) the examples' strategy labels and per-example factor lists.
     ``selectivity_components`` caps the components measured per dictionary (those with the largest total
@@ -195,17 +199,20 @@ def compare(
                 if selectivity_components is not None and d.n_components > selectivity_components:
                     mass = torch.as_tensor(d.train_coefficients).double().sum(0)
                     components = mass.topk(selectivity_components).indices.sort().values.tolist()
+                traces = None
+                if not isinstance(d, ParameterDictionary):
+                    if fisher_traces is None:
+                        fisher_traces = _parameter_traces(dictionaries, examples, config)
+                    traces = fisher_traces
                 result = results[d.name] = measure_selectivity(d, examples, components=components,
                                                                coefficients=coefficients[d.name], config=config,
-                                                               progress=progress)
+                                                               fisher_traces=traces, progress=progress)
             medians = result.medians()
-            row["median_selectivity"] = medians[d.name]["selectivity"]
-            row["median_strategy_selectivity"] = medians[d.name]["strategy_selectivity"]
+            row.update({f"median_{key}": medians[d.name][key] for key in FIGURES})
             rows.append(row)
             for control in result.methods[1:]:
                 rows.append({"method": f"{d.name}/{control}", "description": f"control for {d.name}: {control}",
-                             "median_selectivity": medians[control]["selectivity"],
-                             "median_strategy_selectivity": medians[control]["strategy_selectivity"]})
+                             **{f"median_{key}": medians[control][key] for key in FIGURES}})
         else:
             rows.append(row)
     table = pd.DataFrame(rows)
@@ -218,6 +225,15 @@ def compare(
             for name, result in results.items():
                 result.save(tmp / "selectivity" / name)
     return table
+
+
+def _parameter_traces(dictionaries: Sequence[Dictionary], examples: LabeledExamples,
+                      config: SelectivityConfig) -> Tensor | None:
+    """Fisher traces of the examples over the first parameter-space dictionary's space (None without one)."""
+    for d in dictionaries:
+        if isinstance(d, ParameterDictionary):
+            return d.fisher_traces(examples, config.trace_classes)
+    return None
 
 
 def _mean(values: Sequence[float]) -> float:

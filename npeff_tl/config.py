@@ -86,13 +86,18 @@ class PerturbConfig:
 
 @dataclass
 class CompareConfig:
-    """Baselines next to NPEFF: TopK SAEs (one per width, the hook chosen on the train split), gradient clustering,
-    activation k-means; the comparison on the test split, with selectivity where a dictionary can intervene."""
+    """Baselines next to NPEFF: TopK SAEs (one per width), gradient clustering, activation k-means; the comparison
+    on the test split, with selectivity where a dictionary can intervene. SAEs and k-means look at ``hook``,
+    chosen without labels (default: the residual stream entering the middle block). With ``oracle_hooks``, each
+    also gets a row ``<name>_oracle_hook`` whose hook is chosen among ``hooks`` by train-split AMI against the
+    labels: an advantage NPEFF never gets, reported as such."""
 
     sae_widths: list[int] = field(default_factory=lambda: [16, 128])
     sae_k: list[int] = field(default_factory=lambda: [4, 8])
     sae_steps: int = 1000
-    hooks: list[str] = field(default_factory=list)  # default: every blocks.{l}.hook_resid_pre and the last resid_post
+    hook: str = ""  # default: blocks.{n_layers // 2}.hook_resid_pre
+    oracle_hooks: bool = False
+    hooks: list[str] = field(default_factory=list)  # oracle candidates; default: every hook_resid_pre, last resid_post
     gradient_clustering: bool = True
     activation_kmeans: bool = True
     selectivity: bool = True

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Float64, Int
 from torch import Tensor, nn
 
 from .adapters import as_adapter
@@ -31,8 +31,8 @@ from .interventions import (
     sign_pattern,
 )
 from .params import ParamSpace
-from .pefs import PEFs, compute_pefs
-from .targets import Target
+from .pefs import PEFs, compute_pefs, fisher_traces
+from .targets import ClassRule, Target
 
 
 @runtime_checkable
@@ -99,6 +99,7 @@ class ParameterDictionary(ABC):
     train: LabeledExamples
     space: ParamSpace
     max_relative_magnitude: float = 1.0
+    batch_size: int = 16  # examples per batch of gradient work
 
     @abstractmethod
     def direction(self, j: int) -> Float[Tensor, " size"]:
@@ -117,6 +118,12 @@ class ParameterDictionary(ABC):
     def magnitude_bounds(self, j: int) -> tuple[float, float]:
         norm = float(torch.linalg.vector_norm(self.space.gather(as_adapter(self.model)).double()))
         return 0.05 * norm, self.max_relative_magnitude * norm
+
+    def fisher_traces(self, examples: LabeledExamples | Examples, classes: ClassRule) -> Float64[Tensor, " n"]:
+        """tr F_i over this dictionary's space per example, under the class rule ``classes`` (what normalised
+        selectivity divides by)."""
+        return fisher_traces(self.model, as_labeled(examples).examples, self.space, classes,
+                             batch_size=self.batch_size)
 
 
 class NPEFFDictionary(ParameterDictionary):
@@ -178,6 +185,7 @@ class NPEFFDictionary(ParameterDictionary):
         self._directions: dict[int, Tensor] = {}
         self.mixes: dict[int, float] = {}  # the mixing weight used per D-NPEFF component
         self._coefficients: dict[str, Tensor] = {}
+        self._traces: dict[str, Tensor] = {}  # tr F_i of the examples whose coefficients were computed
         self._train_probe: KLProbe | None = None  # the training examples' original predictions, for the mix
 
     @property
@@ -195,7 +203,16 @@ class NPEFFDictionary(ParameterDictionary):
             pefs = compute_pefs(self.model, examples, self.space, self.target, self.decomposition.kind,
                                 nnz=self.nnz, batch_size=self.batch_size, progress=False)
             self._coefficients[key] = self.decomposition.fit_coefficients(pefs, progress=False)
+            self._traces[key] = pefs.per_example["fisher_trace"]
         return self._coefficients[key]
+
+    def fisher_traces(self, examples: LabeledExamples | Examples, classes: ClassRule) -> Float64[Tensor, " n"]:
+        """As ``ParameterDictionary.fisher_traces``; free for examples whose coefficients were computed with the
+        same class rule (their PEFs recorded them)."""
+        key = as_labeled(examples).examples.fingerprint()
+        if classes == self.target.classes and key in self._traces:
+            return self._traces[key]
+        return super().fisher_traces(examples, classes)
 
     def support(self, j: int) -> Tensor:
         return self.decomposition.full(j).cpu() != 0

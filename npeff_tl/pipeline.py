@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 STAGES = ("pefs", "fit", "perturb", "compare", "report")
 DISTRIBUTED_STAGES = ("pefs", "fit")  # under torch.distributed, every rank takes part; rank 0 alone does the rest
 KINDS = {"dnpeff": "diagonal", "lrm_npeff": "lowrank"}
-FIGURES = ("ami", "nmi", "purity_at_20", "multi_factor_recall", "median_selectivity", "median_strategy_selectivity")
+FIGURES = ("ami", "nmi", "purity_at_20", "multi_factor_recall", "median_selectivity", "median_strategy_selectivity",
+           "median_norm_selectivity", "median_norm_strategy_selectivity")
 # Which settings each stage's artifacts depend on: a directory refuses other settings for a finished stage.
 DEPENDS = {"pefs": ("model", "data", "pefs"), "fit": ("fit",), "perturb": ("perturb",), "compare": ("compare",)}
 
@@ -221,11 +222,13 @@ def _selectivity_config(run: Run):
     from .selectivity import SelectivityConfig
 
     p = run.config.perturb
-    return SelectivityConfig(n_top=p.n_top, n_baseline=p.n_baseline, kl_targets=tuple(p.kl_targets), seed=p.seed)
+    return SelectivityConfig(n_top=p.n_top, n_baseline=p.n_baseline, kl_targets=tuple(p.kl_targets), seed=p.seed,
+                             trace_classes=run.target.classes)  # the test PEFs' own traces: no extra passes
 
 
-def _measure(run: Run, dictionary) -> None:
-    """Held-out selectivity of ``dictionary``'s components with the most training mass, saved once."""
+def _measure(run: Run, dictionary, fisher_traces=None) -> None:
+    """Held-out selectivity of ``dictionary``'s components with the most training mass, saved once
+    (``fisher_traces``: for dictionaries that act on activations, the traces to normalise by)."""
     from .selectivity import measure_selectivity
 
     path = run.out / "selectivity" / dictionary.name
@@ -235,8 +238,8 @@ def _measure(run: Run, dictionary) -> None:
     mass = torch.as_tensor(dictionary.train_coefficients).double().sum(0)
     components = mass.topk(min(run.config.perturb.components, len(mass))).indices.sort().values.tolist()
     measure_selectivity(dictionary, run.data.test, components=components,
-                        coefficients=run.coefficients(dictionary.name)["test"], config=_selectivity_config(run),
-                        progress=run.progress).save(path)
+                        coefficients=run.coefficients(dictionary.name)["test"], fisher_traces=fisher_traces,
+                        config=_selectivity_config(run), progress=run.progress).save(path)
 
 
 def stage_perturb(run: Run) -> None:
@@ -247,37 +250,48 @@ def stage_perturb(run: Run) -> None:
 
 
 def _baselines(run: Run) -> list:
+    """The baseline dictionaries: SAEs and k-means at the label-free hook (and, with compare.oracle_hooks, at
+    the hook chosen with labels), gradient clustering."""
     from .baselines import ActivationKMeans, GradientClustering, SAEDictionary, evaluate_sae, load_sae, train_sae
-    from .baselines.activations import residual_hooks
+    from .baselines.activations import middle_hook, residual_hooks
 
     c, model, train = run.config.compare, run.model, run.data.train
-    hooks = c.hooks or residual_hooks(model)
+    hook = c.hook or middle_hook(model)
+    oracle = (c.hooks or residual_hooks(model)) if c.oracle_hooks else []
+    if oracle and train.labels is None:
+        raise ValueError("compare.oracle_hooks chooses a hook with the examples' labels, but they have none; "
+                         "turn it off or give labels")
+
+    def sae_at(hook_name: str, width: int, k: int, name: str):
+        path = run.out / "saes" / f"{width}_{hook_name}"
+        sae = (load_sae(path) if (path / "cfg.json").exists() else
+               train_sae(model, train, hook_name, width, k=k, steps=c.sae_steps, seed=c.seed, out=path, progress=False))
+        return SAEDictionary(model, sae, train, name=name)
+
     out = []
     for width, k in zip(c.sae_widths, c.sae_k):
-        candidates = []
-        for hook in hooks:
-            path = run.out / "saes" / f"{width}_{hook}"
-            sae = (load_sae(path) if (path / "cfg.json").exists() else
-                   train_sae(model, train, hook, width, k=k, steps=c.sae_steps, seed=c.seed, out=path, progress=False))
-            candidates.append(SAEDictionary(model, sae, train, name=f"sae_{width}"))
-        chosen = _choose(candidates, train)
-        chosen.evaluation = evaluate_sae(model, chosen.sae, run.data.test)
-        out.append(chosen)
-        run.say(f"  sae_{width}: TopK k={k} at {chosen.hook_name}")
+        rows = [sae_at(hook, width, k, f"sae_{width}")]
+        if oracle:
+            rows.append(_with_labels([sae_at(h, width, k, f"sae_{width}_oracle_hook") for h in oracle], train))
+        for d in rows:
+            d.evaluation = evaluate_sae(model, d.sae, run.data.test)
+            run.say(f"  {d.name}: TopK k={k} at {d.hook_name}")
+        out += rows
     r = run.config.fit.components
     if c.gradient_clustering:
         out.append(GradientClustering(model, train, r, seed=c.seed))
     if c.activation_kmeans:
-        out.append(_choose([ActivationKMeans(model, train, hook, r, seed=c.seed) for hook in hooks], train))
+        out.append(ActivationKMeans(model, train, hook, r, seed=c.seed))
+        if oracle:
+            out.append(_with_labels([ActivationKMeans(model, train, h, r, seed=c.seed,
+                                                      name="activation_kmeans_oracle_hook") for h in oracle], train))
     return out
 
 
-def _choose(candidates: list, train):
-    """The candidate (one per hook) with the best AMI on the train split; without labels, the last hook's."""
+def _with_labels(candidates: list, train):
+    """The candidate (one per hook) with the best AMI against the labels on the train split: an oracle choice."""
     from .comparison import train_ami
 
-    if train.labels is None:
-        return candidates[-1]
     return max(candidates, key=train_ami)
 
 
@@ -286,12 +300,17 @@ def stage_compare(run: Run) -> None:
     from .comparison import compare
     from .selectivity import load_selectivity
 
+    from .dictionaries import ParameterDictionary
+
     dictionaries = run.npeff_dictionaries + _baselines(run)
     if not (run.out / "comparison" / "comparison.json").exists():
+        traces = None  # over the run's space, for the baselines that act on activations
         for d in dictionaries:
             run.save_coefficients(d)
             if run.config.compare.selectivity or d in run.npeff_dictionaries:
-                _measure(run, d)
+                if not isinstance(d, ParameterDictionary) and traces is None and run.npeff_dictionaries:
+                    traces = run.npeff_dictionaries[0].fisher_traces(run.data.test, run.target.classes)
+                _measure(run, d, None if isinstance(d, ParameterDictionary) else traces)
         measured = {d.name: load_selectivity(run.out / "selectivity" / d.name) for d in dictionaries
                     if (run.out / "selectivity" / d.name / "selectivity.json").exists()}
         compare(dictionaries, run.data.test, measured=measured, out=run.out / "comparison", progress=run.progress)
@@ -331,6 +350,7 @@ def run_all(out: str | Path, config: RunConfig | None = None, progress: bool = T
 def write_summary(run: Run) -> dict:
     """summary.json from the comparison: per method the figures of FIGURES, per control the medians pooled
     over the NPEFF methods' components; ``seconds`` is the sum of the stages' first-run times."""
+    from .selectivity import FIGURES as SELECTIVITY_FIGURES
     from .selectivity import load_selectivity
 
     rows = {row["method"]: row for row in load_json(run.out / "comparison" / "comparison.json")["rows"]}
@@ -342,9 +362,8 @@ def write_summary(run: Run) -> dict:
             result = load_selectivity(run.out / "selectivity" / name)
             first = result.settings["kl_targets"][0]
             records += [r for r in result.records if r["method"] == control and r["kl_target"] == first]
-        controls[control] = {key: _median([r[figure] for r in records])
-                             for key, figure in (("median_selectivity", "selectivity"),
-                                                 ("median_strategy_selectivity", "strategy_selectivity"))}
+        controls[control] = {f"median_{figure}": _median([r.get(figure) for r in records])
+                             for figure in SELECTIVITY_FIGURES}
     summary = {"model": run.model_name, "n_examples": len(run.data.train) + len(run.data.test),
                "seconds": round(sum(t for k, t in run.timings.items() if k != "report"), 1), "methods": methods,
                "controls": controls}

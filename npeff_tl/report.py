@@ -25,9 +25,10 @@ N_EXAMPLES_SHOWN = 8
 MAX_COMPONENTS_SHOWN = 32  # per dictionary (wide SAEs have many features)
 TABLE_FIGURES = {"n_components": "components", "ami": "AMI", "nmi": "NMI", "purity_at_20": "purity@20",
                  "multi_factor_recall": "multi-factor recall", "median_selectivity": "median selectivity",
-                 "median_strategy_selectivity": "median strategy selectivity"}
-HIGHER_IS_BETTER = {"ami", "nmi", "purity_at_20", "multi_factor_recall", "median_selectivity",
-                    "median_strategy_selectivity"}
+                 "median_strategy_selectivity": "median strategy selectivity",
+                 "median_norm_selectivity": "median normalised selectivity",
+                 "median_norm_strategy_selectivity": "median normalised strategy selectivity"}
+HIGHER_IS_BETTER = set(TABLE_FIGURES) - {"n_components"}
 
 
 def write_report(out: str | os.PathLike) -> Path:
@@ -127,7 +128,9 @@ class _Report:
                 '<p class="note">Coefficient selectivity: mean KL on a component\'s 20 highest held-out examples '
                 'divided by mean KL on 200 other held-out examples, with the perturbation scaled so the top set '
                 'moves by the first KL target. Strategy selectivity: mean KL on held-out examples of the '
-                'component\'s strategy divided by that on all others. Controls are random directions of the same '
+                'component\'s strategy divided by that on all others. Normalised: each ratio divided by the ratio of '
+                'the two sets\' mean Fisher traces (a random step moves an example in proportion to its trace, so a '
+                'random direction scores about 1). Controls are random directions of the same '
                 'norm (anywhere, or on the component\'s support) at the same magnitudes.</p>')
 
     # -- comparison table -----------------------------------------------------------------------------------
@@ -164,13 +167,15 @@ class _Report:
             return ""
         plots = []
         for key, title in (("selectivity", "coefficient selectivity"),
-                           ("strategy_selectivity", "strategy selectivity")):
+                           ("strategy_selectivity", "strategy selectivity"),
+                           ("norm_selectivity", "normalised coefficient selectivity"),
+                           ("norm_strategy_selectivity", "normalised strategy selectivity")):
             rows = []
             for result in self.selectivity.values():
                 first = result.settings["kl_targets"][0]
                 for method in result.methods:
                     values = [r[key] for r in result.records
-                              if r["method"] == method and r["kl_target"] == first and r[key] is not None]
+                              if r["method"] == method and r["kl_target"] == first and r.get(key) is not None]
                     if values:
                         rows.append((method if method in self.selectivity else f"{result.methods[0]}/{method}",
                                      values))
@@ -304,10 +309,12 @@ def _ordered(items: dict, order: list[str]) -> dict:
 def _selectivity_table(records: dict) -> str:
     if not records:
         return ""
-    rows = "".join(f'<tr><td class="name">{_e(m)}</td><td>{_fmt(r.get("selectivity"))}</td>'
-                   f'<td>{_fmt(r.get("strategy_selectivity"))}</td></tr>' for m, r in records.items())
+    keys = ("selectivity", "strategy_selectivity", "norm_selectivity", "norm_strategy_selectivity")
+    rows = "".join(f'<tr><td class="name">{_e(m)}</td>' + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in keys)
+                   + "</tr>" for m, r in records.items())
     return ('<h3>selectivity (this component and its controls)</h3><table><thead><tr><th class="name">method</th>'
-            f'<th>coefficient</th><th>strategy</th></tr></thead><tbody>{rows}</tbody></table>')
+            '<th>coefficient</th><th>strategy</th><th>normalised coefficient</th><th>normalised strategy</th>'
+            f'</tr></thead><tbody>{rows}</tbody></table>')
 
 
 def _readout(readout) -> str:

@@ -11,7 +11,12 @@ the parameter step) is searched so that the mean KL over the component's top hel
   frequent among its top training examples, and the ratio is the mean KL over held-out examples of that strategy
   over the mean KL over held-out examples of all other strategies (the larger over the two signs);
 - a component x strategy matrix of mean KL and of accuracy drop (at the first KL target, at the sign with the
-  larger coefficient selectivity).
+  larger coefficient selectivity);
+- normalised coefficient and strategy selectivity: each ratio divided by the ratio of the two sets' mean
+  Fisher traces (tr F_i over the parameter space). A random step of norm m moves example i by about
+  m^2 tr F_i / (2 size) nats, so the raw ratio of a random direction is the trace ratio, whatever the sets
+  (confident examples have small traces and are hard to move); normalised, it is about 1 by construction, and
+  a component's figure says how much more it moves its own examples than their sensitivity explains.
 
 It works on any ``Dictionary`` (NPEFF, SAEs, clusterings), through its coefficients and interventions. For
 dictionaries that perturb parameters, controls get the same procedure at the same magnitudes: a random
@@ -37,10 +42,12 @@ from .dictionaries import Dictionary, ParameterDictionary, draw_baseline, mean_r
 from .examples import LabeledExamples
 from .interventions import KLProbe, calibrate_magnitude, perturb, random_direction
 from .store import atomic_directory, load_json, load_tensors, save_json, save_tensors, versions
+from .targets import ClassRule, TopK
 
 logger = logging.getLogger(__name__)
 
 CONTROLS = ("random", "random_support")
+FIGURES = ("selectivity", "strategy_selectivity", "norm_selectivity", "norm_strategy_selectivity")
 SELECTIVITY_FORMAT = "npeff_tl.selectivity"
 
 
@@ -61,6 +68,8 @@ class SelectivityConfig:
             ``magnitude_bounds``; a sign whose KL target is out of reach is left out: its figures are None).
         batch_size: examples per forward pass.
         seed: seeds the baselines and the control directions.
+        trace_classes: the class rule of the Fisher traces that normalised selectivity divides by (when the
+            traces are not given to ``measure_selectivity``).
     """
 
     n_top: int = 20
@@ -73,6 +82,7 @@ class SelectivityConfig:
     max_search_steps: int = 40
     batch_size: int = 64
     seed: int = 0
+    trace_classes: ClassRule = TopK(4)
 
     def __post_init__(self):
         for name in ("n_top", "n_baseline", "n_top_train", "max_search_steps", "batch_size"):
@@ -94,7 +104,9 @@ class SelectivityResult:
     ``records`` rows have: method ("dnpeff" / "lrm_npeff" / a control), component, kl_target, strategy, and per
     sign (suffix ``_plus`` / ``_minus``) magnitude, top_kl, baseline_kl, selectivity, strategy_selectivity,
     calibrated; then selectivity and strategy_selectivity (the larger over the signs), sign (of the larger
-    coefficient selectivity) and, for D-NPEFF, mix.
+    coefficient selectivity), trace_ratio and strategy_trace_ratio (mean Fisher trace of the top set over the
+    baseline's, of the strategy's examples over the others'), norm_selectivity and norm_strategy_selectivity
+    (the ratios divided by them; None without traces) and, for D-NPEFF, mix.
     """
 
     records: list[dict]
@@ -109,13 +121,13 @@ class SelectivityResult:
         return list(dict.fromkeys(r["method"] for r in self.records))
 
     def medians(self, kl_target: float | None = None) -> dict[str, dict[str, float | None]]:
-        """Per method: median coefficient and strategy selectivity over components, at ``kl_target`` (default:
-        the first target). None where nothing was measured."""
+        """Per method: median coefficient and strategy selectivity over components, raw and normalised, at
+        ``kl_target`` (default: the first target). None where nothing was measured."""
         kl_target = self.settings["kl_targets"][0] if kl_target is None else kl_target
         out = {}
         for method in self.methods:
             rows = [r for r in self.records if r["method"] == method and r["kl_target"] == kl_target]
-            out[method] = {key: _median([r[key] for r in rows]) for key in ("selectivity", "strategy_selectivity")}
+            out[method] = {key: _median([r.get(key) for r in rows]) for key in FIGURES}
         return out
 
     def to_frame(self):
@@ -159,6 +171,7 @@ def measure_selectivity(
     *,
     components: Sequence[int] | None = None,
     coefficients: Float[Tensor, "n_heldout r"] | None = None,
+    fisher_traces: Float[Tensor, " n_heldout"] | None = None,
     config: SelectivityConfig = SelectivityConfig(),
     progress: bool = True,
 ) -> SelectivityResult:
@@ -171,6 +184,9 @@ def measure_selectivity(
             labels (needed for strategy selectivity and the matrices).
         components: which components (default all).
         coefficients: the held-out coefficients if already computed (default: ``dictionary.coefficients``).
+        fisher_traces: tr F_i of the held-out examples, for normalised selectivity (default: computed over a
+            parameter-space dictionary's space with ``config.trace_classes``; without them, dictionaries that
+            act on activations get no normalised figures).
     """
     r = dictionary.n_components
     if len(heldout) < config.n_top + config.n_baseline:
@@ -188,6 +204,12 @@ def measure_selectivity(
                     batch_size=config.batch_size)
     parameter_space = isinstance(dictionary, ParameterDictionary)
     controls = config.controls if parameter_space else ()
+    if fisher_traces is None and parameter_space:
+        fisher_traces = dictionary.fisher_traces(heldout, config.trace_classes)
+    traces = None if fisher_traces is None else torch.as_tensor(fisher_traces).double().cpu()
+    if traces is not None and traces.shape != (len(heldout),):
+        raise ValueError(f"fisher_traces has shape {tuple(traces.shape)}; give one trace per held-out example "
+                         f"({len(heldout)})")
 
     records: list[dict] = []
     methods = [dictionary.name, *controls]
@@ -204,6 +226,10 @@ def measure_selectivity(
         strategy = None
         if train_labels is not None and strategies:
             strategy = Counter(train_labels[i] for i in top_train.tolist()).most_common(1)[0][0]
+        trace_ratios = {"trace_ratio": None, "strategy_trace_ratio": None}
+        if traces is not None:
+            trace_ratios = {"trace_ratio": mean_ratio(traces[top], traces[baseline]),
+                            "strategy_trace_ratio": _strategy_ratio(traces, masks.get(strategy))}
         start, limit = dictionary.magnitude_bounds(j)
         makers: dict[str, Callable[[int, float], object]] = {
             dictionary.name: lambda sign, m, j=j: dictionary.intervention(j, m, sign)}
@@ -230,6 +256,10 @@ def measure_selectivity(
                           **(extra if name == dictionary.name else dict.fromkeys(extra))}
                 figures, best = _at_magnitudes(probe, make, magnitudes, top, baseline, masks.get(strategy))
                 record.update(figures)
+                record.update(trace_ratios)
+                record["norm_selectivity"] = _divided(figures["selectivity"], trace_ratios["trace_ratio"])
+                record["norm_strategy_selectivity"] = _divided(figures["strategy_selectivity"],
+                                                               trace_ratios["strategy_trace_ratio"])
                 record["calibrated_plus"], record["calibrated_minus"] = (
                     (found[1][2], found[-1][2]) if name == dictionary.name else (None, None))
                 records.append(record)
@@ -238,7 +268,8 @@ def measure_selectivity(
                     for col, mask in enumerate(masks.values()):
                         kl_matrix[name][row, col] = kl[mask].mean()
                         accuracy_drop[name][row, col] = probe.correct[mask].mean() - correct[mask].mean()
-    settings = {**asdict(config), "method": dictionary.name, "n_heldout": len(heldout), "n_train": len(dictionary.train),
+    settings = {**asdict(config), "trace_classes": config.trace_classes.to_dict(), "method": dictionary.name,
+                "fisher_traces": traces is not None, "n_heldout": len(heldout), "n_train": len(dictionary.train),
                 "description": dictionary.describe()}
     return SelectivityResult(records, strategies, components, kl_matrix, accuracy_drop, settings)
 
@@ -271,6 +302,13 @@ def _strategy_ratio(kl: Tensor, mask: Tensor | None) -> float | None:
     if mask is None or not mask.any() or mask.all():
         return None
     return mean_ratio(kl[mask], kl[~mask])
+
+
+def _divided(ratio: float | None, trace_ratio: float | None) -> float | None:
+    """A selectivity over the trace ratio of its two sets (None when either is missing or not finite)."""
+    if ratio is None or trace_ratio is None or not math.isfinite(trace_ratio) or trace_ratio <= 0:
+        return None
+    return ratio / trace_ratio
 
 
 def _order(x: float | None) -> float:

@@ -8,7 +8,9 @@ import torch
 
 from npeff_tl.cli import main
 
-FIGURES = {"ami", "nmi", "purity_at_20", "multi_factor_recall", "median_selectivity", "median_strategy_selectivity"}
+SELECTIVITY = {"median_selectivity", "median_strategy_selectivity", "median_norm_selectivity",
+               "median_norm_strategy_selectivity"}
+FIGURES = {"ami", "nmi", "purity_at_20", "multi_factor_recall"} | SELECTIVITY
 METHODS = {"dnpeff", "lrm_npeff", "sae_4", "sae_128", "gradient_clustering", "activation_kmeans"}
 
 
@@ -20,7 +22,7 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path, capsys):
     assert set(summary["methods"]) == METHODS
     assert all(set(m) == FIGURES for m in summary["methods"].values())
     assert set(summary["controls"]) == {"random", "random_support"}
-    assert set(summary["controls"]["random"]) == {"median_selectivity", "median_strategy_selectivity"}
+    assert set(summary["controls"]["random"]) == SELECTIVITY
     assert summary["methods"]["dnpeff"]["median_selectivity"] > summary["controls"]["random"]["median_selectivity"]
     for artifact in ("pefs/train_diagonal", "pefs/train_lowrank", "dnpeff", "lrm_npeff", "comparison/comparison.csv",
                      "report.html"):

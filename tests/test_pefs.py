@@ -7,7 +7,7 @@ import torch
 import npeff_tl.pefs.compute as compute_module
 from npeff_tl import (
     Candidates, DiagonalPEFs, Examples, FormatError, LowRankPEFs, ParamSpace, Sampled, Target, Threshold, TopK,
-    compute_pefs, load_pefs,
+    compute_pefs, fisher_traces, load_pefs,
 )
 from oracles import dense_fishers
 
@@ -40,6 +40,10 @@ def test_pefs_equal_the_explicit_expectation(model64, tokens, space, rule):
     assert torch.allclose(low.norms, fisher.flatten(1).norm(dim=1), rtol=1e-9)
     assert torch.allclose(diag.norms, dense_diag.norm(dim=1), rtol=1e-9)
     assert torch.allclose(diag.dataset_fisher, dense_diag.mean(0), rtol=1e-9, atol=1e-15)
+    traces = torch.diagonal(fisher, dim1=1, dim2=2).sum(1)  # tr F_i of the dense PEF
+    for pefs in (low, diag):
+        assert torch.allclose(pefs.per_example["fisher_trace"], traces, rtol=1e-9)
+    assert torch.allclose(fisher_traces(model64, tokens, space, rule, batch_size=3), traces, rtol=1e-9)
     assert torch.equal(low.ranks, (low.per_example["class_ids"] >= 0).sum(1))
     if isinstance(rule, Threshold):
         assert len(set(low.ranks.tolist())) > 1, "the threshold rule should give examples of different ranks"

@@ -1,6 +1,7 @@
 """Selectivity: the D-NPEFF perturbation against the spec's formula, the magnitude search, and the whole
 measurement on a zoo model, re-derived record by record from plain KL computations."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -110,6 +111,46 @@ def test_a_record_is_what_plain_kl_computations_give(measured):
         assert record["selectivity" + suffix] == pytest.approx(ratios[-1], rel=1e-6)
         assert record["strategy_selectivity" + suffix] == pytest.approx(strategy_ratio, rel=1e-6)
     assert record["selectivity"] == pytest.approx(max(ratios), rel=1e-6)
+
+
+def test_normalised_figures_divide_by_the_sets_fisher_trace_ratio(measured):
+    result, heldout, coefficients, config = measured.result, measured.heldout, measured.coefficients, measured.config
+    traces = nt.fisher_traces(measured.model, heldout.examples, measured.dec.space, nt.TopK(4))
+    for record in result.records:
+        j = record["component"]
+        top = coefficients[:, j].topk(config.n_top).indices
+        rest = torch.tensor([i for i in range(len(heldout)) if i not in set(top.tolist())])
+        baseline = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(j))[: config.n_baseline]]
+        in_strategy = torch.tensor([s == record["strategy"] for s in heldout.labels])
+        ratio = float(traces[top].mean() / traces[baseline].mean())
+        strategy_ratio = float(traces[in_strategy].mean() / traces[~in_strategy].mean())
+        assert record["trace_ratio"] == pytest.approx(ratio, rel=1e-9)
+        assert record["strategy_trace_ratio"] == pytest.approx(strategy_ratio, rel=1e-9)
+        assert record["norm_selectivity"] == pytest.approx(record["selectivity"] / ratio, rel=1e-9)
+        assert record["norm_strategy_selectivity"] == pytest.approx(record["strategy_selectivity"] / strategy_ratio,
+                                                                    rel=1e-9)
+
+
+def test_random_directions_score_about_one_once_normalised(measured):
+    """Averaged over random directions (one direction alone is noisy: a PEF has rank <= 4 here), a random step's
+    KL ratio between a component's two sets is their Fisher-trace ratio: normalised, about 1; raw, far from it."""
+    model, heldout, coefficients, config = measured.model, measured.heldout, measured.coefficients, measured.config
+    space = measured.dec.space
+    steps = [nt.perturb(model, nt.random_direction(space, seed=100 + s), space, 0.05) for s in range(24)]
+    kl = torch.stack([nt.kl_divergence(model, heldout.examples, step) for step in steps]).mean(0)
+    normalised, raw = [], []
+    for record in (r for r in measured.result.records if r["method"] == "random"):
+        j = record["component"]
+        top = coefficients[:, j].topk(config.n_top).indices
+        rest = torch.tensor([i for i in range(len(heldout)) if i not in set(top.tolist())])
+        baseline = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(j))[: config.n_baseline]]
+        in_strategy = torch.tensor([s == record["strategy"] for s in heldout.labels])
+        for sets, trace_ratio in (((top, baseline), record["trace_ratio"]),
+                                  ((in_strategy, ~in_strategy), record["strategy_trace_ratio"])):
+            raw.append(float(kl[sets[0]].mean() / kl[sets[1]].mean()))
+            normalised.append(raw[-1] / trace_ratio)
+    assert all(0.67 <= x <= 1.5 for x in normalised), normalised
+    assert max(abs(math.log(x)) for x in raw) > 1.0, raw  # without the normalisation some are off by e^1 or more
 
 
 def test_the_strategy_matrices_are_per_strategy_means(measured):

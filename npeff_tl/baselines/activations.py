@@ -11,8 +11,15 @@ from torch import Tensor, nn
 from ..examples import Examples
 
 
+def middle_hook(model: nn.Module) -> str:
+    """Where activation baselines (SAEs, k-means) look by default, chosen without labels: the residual stream
+    entering the middle block (``blocks.{n_layers // 2}.hook_resid_pre``)."""
+    return f"blocks.{model.cfg.n_layers // 2}.hook_resid_pre"
+
+
 def residual_hooks(model: nn.Module) -> list[str]:
-    """The residual stream before every block and after the last: where activation baselines look by default."""
+    """The residual stream before every block and after the last: the candidates when a hook is chosen with
+    labels (an oracle advantage, reported as such)."""
     n_layers = model.cfg.n_layers
     return [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
 

@@ -2,8 +2,9 @@
 
 Per batch: ``batch_grads`` runs the forward pass, the class rule picks classes and weights from its logits at
 the target positions, and the same pass's backward gives g_c = grad log p_c for those classes; the factor
-columns are u_c = sqrt(w_c) g_c. Norms are taken on the dense result before sparsification (float64), and the
-dataset-level diagonal Fisher (mean of the dense D-PEFs) is accumulated on the way.
+columns are u_c = sqrt(w_c) g_c. Norms and traces (tr F_i, the sum of the dense D-PEF) are taken on the dense
+result before sparsification (float64), and the dataset-level diagonal Fisher (mean of the dense D-PEFs) is
+accumulated on the way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..adapters import ModelAdapter, as_adapter
 from ..examples import Examples, TokensLike
 from ..params import ParamSpace
 from ..store import ShardStore, load_tensors, save_tensors, tensor_fingerprint, versions
-from ..targets import Target
+from ..targets import ClassRule, Target, TopK
 from .containers import (
     PEFS_FORMAT,
     DiagonalPEFs,
@@ -95,6 +96,7 @@ def _batch_pefs(
     b, k = selection.class_ids.shape
     device = logits.device
     sum_sq = torch.zeros(b, dtype=torch.float64, device=device)
+    trace = torch.zeros(b, dtype=torch.float64, device=device)
     gram = torch.zeros(b, k, k, dtype=torch.float64, device=device)
     if kind == "diagonal":
         top = StreamingTopK(b, nnz, space.size, workspace=workspace)
@@ -105,6 +107,7 @@ def _batch_pefs(
         numel = stop - start
         diagonal = fisher_diagonal(factors, workspace.get("diagonal", (b, numel), factors.dtype, device))
         fisher_sum[start:stop] += diagonal.sum(0)  # b terms in the working dtype; across batches in float64
+        trace += diagonal.sum(1, dtype=torch.float64)
         if kind == "diagonal":
             sum_sq += _sum_squares(diagonal)
             top.add(diagonal, start)
@@ -130,6 +133,7 @@ def _batch_pefs(
         "class_ids": selection.class_ids,
         "class_probs": selection.probs,
         "class_weights": selection.weights,
+        "fisher_trace": trace,
         "top_logit_ids": top_ids,
         "top_logit_values": top_values.float(),
     }
@@ -297,3 +301,20 @@ def compute_pefs(
     pefs = cls._from_shards([everything.tensors], space, {"config": config, "provenance": provenance})
     pefs.dataset_fisher = dataset_fisher
     return pefs
+
+
+def fisher_traces(
+    model: nn.Module | ModelAdapter,
+    examples: Examples | TokensLike,
+    space: ParamSpace,
+    classes: ClassRule = TopK(4),
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Float64[Tensor, " n_examples"]:
+    """tr F_i over ``space`` per example (the sum of its dense D-PEF) under the class rule ``classes``: how
+    sensitive the example's prediction is to the space's parameters as a whole. A random step of norm m moves
+    example i by about m^2 tr F_i / (2 size) nats of KL, which is what normalised selectivity divides out."""
+    pefs = compute_pefs(model, examples, space, Target(classes=classes), "diagonal", nnz=1, batch_size=batch_size,
+                        progress=progress)
+    return pefs.per_example["fisher_trace"]

@@ -2,7 +2,7 @@
 
 Both keep, per example, ``nnz`` (value, flat parameter index) pairs over a ParamSpace, the norm of the dense
 PEF before sparsification, and a table of per-example data (class ids and probabilities, target position,
-answer, top logits). They save as a directory of safetensors shards plus ``metadata.json``; ``compute_pefs``
+answer, top logits, ``fisher_trace``: tr F_i of the dense PEF). They save as a directory of safetensors shards plus ``metadata.json``; ``compute_pefs``
 writes the same format incrementally, so one loader reads both.
 
 - ``DiagonalPEFs``: f_i = sum_c w_c g_c^2, the ``nnz`` largest entries in descending order (so a prefix of
