@@ -185,7 +185,6 @@ class NPEFFDictionary(ParameterDictionary):
         self._directions: dict[int, Tensor] = {}
         self.mixes: dict[int, float] = {}  # the mixing weight used per D-NPEFF component
         self._coefficients: dict[str, Tensor] = {}
-        self._traces: dict[str, Tensor] = {}  # tr F_i of the examples whose coefficients were computed
         self._train_probe: KLProbe | None = None  # the training examples' original predictions, for the mix
 
     @property
@@ -203,16 +202,7 @@ class NPEFFDictionary(ParameterDictionary):
             pefs = compute_pefs(self.model, examples, self.space, self.target, self.decomposition.kind,
                                 nnz=self.nnz, batch_size=self.batch_size, progress=False)
             self._coefficients[key] = self.decomposition.fit_coefficients(pefs, progress=False)
-            self._traces[key] = pefs.per_example["fisher_trace"]
         return self._coefficients[key]
-
-    def fisher_traces(self, examples: LabeledExamples | Examples, classes: ClassRule) -> Float64[Tensor, " n"]:
-        """As ``ParameterDictionary.fisher_traces``; free for examples whose coefficients were computed with the
-        same class rule (their PEFs recorded them)."""
-        key = as_labeled(examples).examples.fingerprint()
-        if classes == self.target.classes and key in self._traces:
-            return self._traces[key]
-        return super().fisher_traces(examples, classes)
 
     def support(self, j: int) -> Tensor:
         return self.decomposition.full(j).cpu() != 0

@@ -9,6 +9,7 @@ goes on where it stopped. ``run_all`` is the main job (``npeff-tl demo``). Layou
     data/examples.json               train/test examples as string tokens, target positions, answers, labels
     pefs/train_{diagonal,lowrank}/   PEF stores of the train split
     {dnpeff,lrm_npeff}/              decompositions
+    data/test_fisher_traces.safetensors  the test examples' Fisher traces (normalised selectivity)
     coefficients/{method}.safetensors  train and test coefficients of every dictionary
     selectivity/{method}/            held-out selectivity with controls (perturb), and of the baselines (compare)
     saes/{width}_{hook}/             SAE-Lens SAEs
@@ -175,6 +176,18 @@ class Run:
         return [NPEFFDictionary(self.model, self.decomposition(m), self.data.train, self.target,
                                 self.pefs(KINDS[m]), name=m, seed=self.config.fit.seed) for m in self.methods()]
 
+    @cached_property
+    def test_traces(self) -> torch.Tensor:
+        """tr F_i over the run's space of the test examples, for normalised selectivity; computed once and saved."""
+        from .pefs import fisher_traces
+
+        path = self.out / "data" / "test_fisher_traces.safetensors"
+        if not path.exists():
+            rule = _selectivity_config(self).trace_classes
+            save_tensors({"fisher_trace": fisher_traces(self.model, self.data.test.examples, self.space, rule,
+                                                        batch_size=self.config.pefs.batch_size)}, path)
+        return load_tensors(path)["fisher_trace"]
+
     def save_coefficients(self, dictionary) -> None:
         path = self.out / "coefficients" / f"{dictionary.name}.safetensors"
         if not path.exists():
@@ -222,23 +235,27 @@ def _selectivity_config(run: Run):
     from .selectivity import SelectivityConfig
 
     p = run.config.perturb
-    return SelectivityConfig(n_top=p.n_top, n_baseline=p.n_baseline, kl_targets=tuple(p.kl_targets), seed=p.seed,
-                             trace_classes=run.target.classes)  # the test PEFs' own traces: no extra passes
+    return SelectivityConfig(n_top=p.n_top, n_baseline=p.n_baseline, kl_targets=tuple(p.kl_targets), seed=p.seed)
 
 
-def _measure(run: Run, dictionary, fisher_traces=None) -> None:
-    """Held-out selectivity of ``dictionary``'s components with the most training mass, saved once
-    (``fisher_traces``: for dictionaries that act on activations, the traces to normalise by)."""
+def _measure(run: Run, dictionary) -> None:
+    """Held-out selectivity of ``dictionary``'s components with the most training mass, saved once. Normalised
+    by the test examples' Fisher traces over the run's space, computed once for every dictionary that perturbs
+    that space or acts on activations (gradient clustering perturbs a space of its own, and takes its own)."""
+    from .dictionaries import ParameterDictionary
+
     from .selectivity import measure_selectivity
 
     path = run.out / "selectivity" / dictionary.name
     if (path / "selectivity.json").exists():
         return
     run.save_coefficients(dictionary)
+    own_space = isinstance(dictionary, ParameterDictionary) and dictionary.space != run.space
+    traces = None if own_space else run.test_traces
     mass = torch.as_tensor(dictionary.train_coefficients).double().sum(0)
     components = mass.topk(min(run.config.perturb.components, len(mass))).indices.sort().values.tolist()
     measure_selectivity(dictionary, run.data.test, components=components,
-                        coefficients=run.coefficients(dictionary.name)["test"], fisher_traces=fisher_traces,
+                        coefficients=run.coefficients(dictionary.name)["test"], fisher_traces=traces,
                         config=_selectivity_config(run), progress=run.progress).save(path)
 
 
@@ -300,17 +317,12 @@ def stage_compare(run: Run) -> None:
     from .comparison import compare
     from .selectivity import load_selectivity
 
-    from .dictionaries import ParameterDictionary
-
     dictionaries = run.npeff_dictionaries + _baselines(run)
     if not (run.out / "comparison" / "comparison.json").exists():
-        traces = None  # over the run's space, for the baselines that act on activations
         for d in dictionaries:
             run.save_coefficients(d)
             if run.config.compare.selectivity or d in run.npeff_dictionaries:
-                if not isinstance(d, ParameterDictionary) and traces is None and run.npeff_dictionaries:
-                    traces = run.npeff_dictionaries[0].fisher_traces(run.data.test, run.target.classes)
-                _measure(run, d, None if isinstance(d, ParameterDictionary) else traces)
+                _measure(run, d)
         measured = {d.name: load_selectivity(run.out / "selectivity" / d.name) for d in dictionaries
                     if (run.out / "selectivity" / d.name / "selectivity.json").exists()}
         compare(dictionaries, run.data.test, measured=measured, out=run.out / "comparison", progress=run.progress)

@@ -13,7 +13,7 @@ the parameter step) is searched so that the mean KL over the component's top hel
 - a component x strategy matrix of mean KL and of accuracy drop (at the first KL target, at the sign with the
   larger coefficient selectivity);
 - normalised coefficient and strategy selectivity: each ratio divided by the ratio of the two sets' mean
-  Fisher traces (tr F_i over the parameter space). A random step of norm m moves example i by about
+  Fisher traces (tr F_i over the parameter space, of the whole predictive distribution). A random step of norm m moves example i by about
   m^2 tr F_i / (2 size) nats, so the raw ratio of a random direction is the trace ratio, whatever the sets
   (confident examples have small traces and are hard to move); normalised, it is about 1 by construction, and
   a component's figure says how much more it moves its own examples than their sensitivity explains.
@@ -42,7 +42,7 @@ from .dictionaries import Dictionary, ParameterDictionary, draw_baseline, mean_r
 from .examples import LabeledExamples
 from .interventions import KLProbe, calibrate_magnitude, perturb, random_direction
 from .store import atomic_directory, load_json, load_tensors, save_json, save_tensors, versions
-from .targets import ClassRule, TopK
+from .targets import ClassRule, TopKWithTail
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ class SelectivityConfig:
         batch_size: examples per forward pass.
         seed: seeds the baselines and the control directions.
         trace_classes: the class rule of the Fisher traces that normalised selectivity divides by (when the
-            traces are not given to ``measure_selectivity``).
+            traces are not given to ``measure_selectivity``). The KL is taken over the whole vocabulary, so the
+            default estimates the whole distribution's Fisher: the top 4 classes exactly, the tail by 12 draws
+            (``TopKWithTail``); a top-k trace alone misses most of an uncertain prediction's Fisher.
     """
 
     n_top: int = 20
@@ -82,7 +84,7 @@ class SelectivityConfig:
     max_search_steps: int = 40
     batch_size: int = 64
     seed: int = 0
-    trace_classes: ClassRule = TopK(4)
+    trace_classes: ClassRule = TopKWithTail(4, 12)
 
     def __post_init__(self):
         for name in ("n_top", "n_baseline", "n_top_train", "max_search_steps", "batch_size"):

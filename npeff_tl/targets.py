@@ -10,6 +10,10 @@ g_c = grad log p_c:
 - ``Threshold(tau, max_k)``: tokens with p_c >= tau, at most max_k (and at least min_k), w_c = p_c.
 - ``Candidates(token_ids)``: a fixed token set with the softmax restricted to it, w_c = p_c restricted.
 - ``Sampled(k, seed)``: k Monte-Carlo draws y ~ p (seeded per example), w_c = (times drawn) / k.
+- ``TopKWithTail(k, tail_samples, seed)``: the k most probable tokens exactly (w_c = p_c) and the rest of the
+  distribution by ``tail_samples`` draws from it (w_c = tail mass x (times drawn) / tail_samples): an unbiased
+  estimate of the Fisher over the whole vocabulary, with low variance both for confident predictions (the tail
+  is small) and for spread-out ones (the tail is sampled, not dropped).
 """
 
 from __future__ import annotations
@@ -156,16 +160,55 @@ class Sampled(ClassRule):
         ids = torch.full((batch, self.k), -1, dtype=torch.long)
         weights = torch.zeros(batch, self.k, dtype=torch.float64)
         for row, example in enumerate(example_ids.tolist()):
-            # One generator per example: the draws do not depend on batching, sharding or device.
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + example) % 2**63)
-            draws = torch.multinomial(probs[row], self.k, replacement=True, generator=generator)
-            classes, counts = draws.unique(return_counts=True)
-            order = counts.argsort(descending=True, stable=True)
-            ids[row, : len(classes)] = classes[order]
-            weights[row, : len(classes)] = counts[order].double() / self.k
+            classes, shares = _draws(probs[row], self.k, self.seed, example)
+            ids[row, : len(classes)] = classes
+            weights[row, : len(classes)] = shares
         chosen_probs = torch.where(ids >= 0, probs.gather(-1, ids.clamp(min=0)), 0.0)
         device = logits.device
         return ClassSelection(ids.to(device), weights.to(device), chosen_probs.to(device))
+
+
+@dataclass(frozen=True)
+class TopKWithTail(ClassRule):
+    k: int = 4
+    tail_samples: int = 12
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k < 1 or self.tail_samples < 1:
+            raise ValueError(f"TopKWithTail needs k >= 1 and tail_samples >= 1, got k={self.k}, "
+                             f"tail_samples={self.tail_samples}")
+
+    @property
+    def max_classes(self) -> int:
+        return self.k + self.tail_samples
+
+    def select(self, logits, example_ids):
+        _check_vocab(logits, self.k)
+        probs = _full_probs(logits).cpu()
+        top_probs, top_ids = probs.topk(self.k, dim=-1)
+        tail = probs.scatter(1, top_ids, 0.0)
+        mass = tail.sum(1)
+        ids = torch.full((len(probs), self.tail_samples), -1, dtype=torch.long)
+        weights = torch.zeros(len(probs), self.tail_samples, dtype=torch.float64)
+        for row, example in enumerate(example_ids.tolist()):
+            if mass[row] > 0:
+                classes, shares = _draws(tail[row] / mass[row], self.tail_samples, self.seed, example)
+                ids[row, : len(classes)] = classes
+                weights[row, : len(classes)] = mass[row] * shares
+        tail_probs = torch.where(ids >= 0, probs.gather(-1, ids.clamp(min=0)), 0.0)
+        device = logits.device
+        return ClassSelection(torch.cat([top_ids, ids], 1).to(device), torch.cat([top_probs, weights], 1).to(device),
+                              torch.cat([top_probs, tail_probs], 1).to(device))
+
+
+def _draws(probs: Float[Tensor, " vocab"], n: int, seed: int, example: int) -> tuple[Tensor, Tensor]:
+    """``n`` draws from ``probs`` with replacement: the distinct classes, most drawn first, and the share of draws
+    each got. One generator per example, so the draws do not depend on batching, sharding or device."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + example) % 2**63)
+    classes, counts = torch.multinomial(probs, n, replacement=True, generator=generator).unique(return_counts=True)
+    order = counts.argsort(descending=True, stable=True)
+    return classes[order], counts[order].double() / n
 
 
 def _check_vocab(logits: Tensor, k: int) -> None:

@@ -85,3 +85,25 @@ def test_rule_is_recorded():
         "position": "per_example",
         "classes": {"rule": "Threshold", "tau": 0.05, "max_k": 8, "min_k": 1},
     }
+
+
+def test_top_k_with_tail_estimates_the_whole_distribution_without_bias():
+    from npeff_tl import TopKWithTail
+
+    probs = torch.tensor([[0.6, 0.2, 0.1, 0.05, 0.03, 0.02], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    logits = probs.log()
+    selection = TopKWithTail(2, 4, seed=0).select(logits, torch.arange(2))
+    assert selection.class_ids[0, :2].tolist() == [0, 1]
+    assert torch.allclose(selection.weights[:, :2], probs.topk(2).values)  # the head exactly
+    assert torch.allclose(selection.weights[0, 2:].sum(), torch.tensor(0.2, dtype=torch.float64))  # the tail's mass
+    assert set(selection.class_ids[0, 2:].tolist()) - {-1} <= {2, 3, 4, 5}  # tail draws never repeat the head
+    assert float(selection.weights[1, 2:].sum()) == 0 and (selection.class_ids[1, 2:] == -1).all()  # no tail
+    # unbiased: over many seeds, sum_c w_c f(c) averages to E_p[f] for any f
+    f = torch.tensor([3.0, -1.0, 7.0, 2.0, 11.0, -5.0], dtype=torch.float64)
+    estimates = []
+    for seed in range(400):
+        s = TopKWithTail(2, 4, seed=seed).select(logits[:1], torch.arange(1))
+        estimates.append(float((s.weights * torch.where(s.class_ids >= 0, f[s.class_ids.clamp(min=0)], 0.0)).sum()))
+    assert sum(estimates) / len(estimates) == pytest.approx(float(probs[0] @ f), rel=0.02)
+    with pytest.raises(ValueError, match="tail_samples >= 1"):
+        TopKWithTail(2, 0)

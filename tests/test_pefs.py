@@ -7,7 +7,7 @@ import torch
 import npeff_tl.pefs.compute as compute_module
 from npeff_tl import (
     Candidates, DiagonalPEFs, Examples, FormatError, LowRankPEFs, ParamSpace, Sampled, Target, Threshold, TopK,
-    compute_pefs, fisher_traces, load_pefs,
+    TopKWithTail, compute_pefs, fisher_traces, load_pefs,
 )
 from oracles import dense_fishers
 
@@ -26,7 +26,8 @@ def _oracle(model, tokens, pefs, space, rule=None):
                          candidates)
 
 
-@pytest.mark.parametrize("rule", [TopK(3), Threshold(0.09, max_k=4), Candidates([3, 5, 8]), Sampled(5, seed=2)])
+@pytest.mark.parametrize("rule", [TopK(3), Threshold(0.09, max_k=4), Candidates([3, 5, 8]), Sampled(5, seed=2),
+                                  TopKWithTail(2, 4, seed=1)])
 def test_pefs_equal_the_explicit_expectation(model64, tokens, space, rule):
     target = Target("last", rule)
     joint = space.size * rule.max_classes

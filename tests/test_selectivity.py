@@ -115,7 +115,7 @@ def test_a_record_is_what_plain_kl_computations_give(measured):
 
 def test_normalised_figures_divide_by_the_sets_fisher_trace_ratio(measured):
     result, heldout, coefficients, config = measured.result, measured.heldout, measured.coefficients, measured.config
-    traces = nt.fisher_traces(measured.model, heldout.examples, measured.dec.space, nt.TopK(4))
+    traces = nt.fisher_traces(measured.model, heldout.examples, measured.dec.space, config.trace_classes)
     for record in result.records:
         j = record["component"]
         top = coefficients[:, j].topk(config.n_top).indices
