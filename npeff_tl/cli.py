@@ -49,17 +49,18 @@ def _demo(args: argparse.Namespace) -> None:
 
     from . import zoo
 
-    config = RunConfig()
-    config.model.name = args.model if args.model.startswith(ZOO_PREFIX) else ZOO_PREFIX + args.model
-    name = config.model.name.removeprefix(ZOO_PREFIX)
-    zoo.entry(name)  # an unknown name fails before anything runs
+    name = args.model.removeprefix(ZOO_PREFIX)
+    entry = zoo.entry(name)  # an unknown name fails before anything runs
+    config = RunConfig().with_overrides(list(entry.demo))
+    config.model.name = ZOO_PREFIX + name
+    per_task = args.per_task or config.data.per_task
     groups = len(set(zoo.dataset(name, 1, 1)["test"]["strategy"]))  # tasks or strata
     needed = config.perturb.n_top + config.perturb.n_baseline
-    if args.per_task * groups < needed:
-        raise ValueError(f"--per-task {args.per_task} leaves too few held-out examples for selectivity (top "
+    if per_task * groups < needed:
+        raise ValueError(f"--per-task {per_task} leaves too few held-out examples for selectivity (top "
                          f"{config.perturb.n_top} + baseline {config.perturb.n_baseline} from {groups} example groups); "
                          f"use --per-task {-(-needed // groups)} or more")
-    config.data.per_task = args.per_task
+    config.data.per_task = per_task
     config.fit.components = args.components
     config.compare.sae_widths = [args.components, 128]
     config.compare.sae_steps = args.sae_steps
@@ -135,8 +136,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "new temporary directory")
     demo.add_argument("--model", default="tasks-2l", help="zoo model (default tasks-2l, the fast one; pycode-4l is "
                                                           "the language model of Python code; see npeff_tl.zoo.list())")
-    demo.add_argument("--per-task", type=int, default=64, help="train and test examples per task or, for a field "
-                                                               "model, per stratum of labels (default 64)")
+    demo.add_argument("--per-task", type=int, help="train and test examples per task or, for a field model, per "
+                                                   "stratum of labels (default 64 for task models, 20 for field models)")
     demo.add_argument("--components", type=int, default=16, help="components per dictionary (default 16)")
     demo.add_argument("--sae-steps", type=int, default=1000, help="SAE training steps (default 1000)")
     demo.add_argument("--oracle-hooks", action="store_true",

@@ -48,5 +48,9 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
          "--out", tmp_path / "demo", cwd=tmp_path, env=env)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["model"] == "tasks-2l" and "dnpeff" in summary["methods"]
+    field = _run(python, "-c", "import npeff_tl as nt; m, d = nt.zoo.load('pycode-4l', n_train=1, n_test=1); "
+                               "print(m.cfg.d_vocab, len(d['test']), m.to_str_tokens('def f', prepend_bos=False))",
+                 cwd=tmp_path, env=env)
+    assert field.split(None, 2)[:2] == ["4096", "12"], field  # the field model, its examples and tokenizer
     report = (tmp_path / "demo" / "report.html").read_text()  # its stylesheet and script come from the wheel
     assert "details.component" in report and "data-report-ready" in report

@@ -46,6 +46,7 @@ class ZooEntry:
     lr: float = 3e-3
     weight_decay: float = 0.01
     n_ctx: int = 16
+    demo: tuple[str, ...] = ("data.per_task=64",)  # npeff-tl demo's settings for this entry (--set style)
 
     def config(self, device: str | torch.device = "cpu"):
         from transformer_lens import HookedTransformerConfig

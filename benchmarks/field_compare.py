@@ -1,0 +1,164 @@
+"""NPEFF against the baselines on equal terms, on the field model (a language model of Python code) or a zoo model.
+
+Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/field_compare.py [--model pycode-4l]
+      [--per-group 60] [--test-per-group 40] [--seeds 3] [--selectivity-components 8] [--out DIR]
+
+Every method sees the same train examples and is scored on the same held-out examples (for the field model:
+windows from held-out files, train and test from different files). Nothing is chosen with labels by default:
+NPEFF runs at the pipeline's default settings (``npeff-tl config``), SAEs and activation k-means look at the
+middle residual stream, and every method gets the same number of components. Rows marked ``oracle_hook``
+choose their hook among all residual-stream hooks by train-split AMI against the labels: an advantage NPEFF never
+gets, shown for reference and never counted as a baseline. Label metrics are the mean over ``--seeds`` seeds
+with the (min-max) spread. Selectivity (seed 0, the components with the most training mass, one KL target):
+raw and normalised by the sets' Fisher-trace ratio, with random-direction controls.
+
+Last line: field_compare: npeff_purity=<p> best_baseline_purity=<b> npeff_mf_recall=<m>
+best_baseline_mf_recall=<n> npeff_norm_selectivity=<s> control_norm_selectivity=<c> field_loss=<l> bigram_loss=<g>
+(NPEFF: the better of D-NPEFF and LRM-NPEFF per figure; baselines: the label-free rows; figures on the test
+split; selectivity figures are medians over components, the control pooled over both NPEFF methods; the losses
+are the model card's held-out nats per token, nan for a task model.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import npeff_tl as nt
+from npeff_tl.baselines import ActivationKMeans, GradientClustering, SAEDictionary, train_sae
+from npeff_tl.baselines.activations import middle_hook, residual_hooks
+from npeff_tl.comparison import label_metrics, train_ami
+from npeff_tl.zoo import MODELS_DIR
+
+METRICS = ("ami", "nmi", "purity_at_20", "best_match_f1", "multi_factor_recall")
+NPEFF = ("dnpeff", "lrm_npeff")
+
+
+def spread(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    return f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})" if values else "n/a"
+
+
+def mean(values: list[float | None]) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="pycode-4l")
+    parser.add_argument("--per-group", type=int, default=60, help="train examples per task or stratum")
+    parser.add_argument("--test-per-group", type=int, default=40, help="held-out examples per task or stratum")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--wide", type=int, default=128, help="the wider SAE's number of features")
+    parser.add_argument("--sae-steps", type=int, default=1000)
+    parser.add_argument("--selectivity-components", type=int, default=8)
+    parser.add_argument("--kl-target", type=float, default=0.5)
+    parser.add_argument("--no-oracle", action="store_true", help="skip the oracle-hook rows")
+    parser.add_argument("--out", default=None, help="save the seed-0 comparison table and selectivity here")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    defaults = nt.RunConfig()
+    model, data = nt.zoo.load(args.model, n_train=args.per_group, n_test=args.test_per_group)
+    train = nt.LabeledExamples.from_dataset(data["train"])
+    test = nt.LabeledExamples.from_dataset(data["test"])
+    r, seeds = defaults.fit.components, range(args.seeds)
+    space = nt.ParamSpace(model, include=defaults.pefs.include)
+    target = nt.Target("last", nt.TopK(defaults.pefs.k))
+    hook, oracle_hooks = middle_hook(model), ([] if args.no_oracle else residual_hooks(model))
+    print(f"field_compare: {args.model}, {len(train)} train / {len(test)} test examples in "
+          f"{len(set(train.labels))} groups, {r} components, {args.seeds} seeds, {args.threads} threads; NPEFF on "
+          f"{space.size:,} parameters, top-{defaults.pefs.k} classes, nnz {defaults.pefs.nnz}; label-free hook {hook}")
+
+    dictionaries: dict[str, list] = {}  # method -> one dictionary per seed
+    test_coefficients: dict[str, list] = {}
+    started = time.perf_counter()
+    for kind, method, solver in (("diagonal", "dnpeff", nt.DNPEFF), ("lowrank", "lrm_npeff", nt.LRMNPEFF)):
+        nnz = min(defaults.pefs.nnz, space.size * (defaults.pefs.k if kind == "lowrank" else 1))
+        pefs = nt.compute_pefs(model, train.examples, space, target, kind, nnz=nnz, answers=train.answers,
+                               progress=False)
+        test_pefs = nt.compute_pefs(model, test.examples, space, target, kind, nnz=nnz, progress=False)
+        fits = [solver(r, seed=s).fit(pefs, progress=False) for s in seeds]
+        dictionaries[method] = [nt.NPEFFDictionary(model, dec, train, target, pefs, name=method) for dec in fits]
+        test_coefficients[method] = [dec.fit_coefficients(test_pefs, progress=False) for dec in fits]
+        print(f"  {method}: PEFs and {args.seeds} fits in {time.perf_counter() - started:.0f} s")
+
+    started = time.perf_counter()
+    for width, k in ((r, 4), (args.wide, 8)):
+        def saes(hook_name, name):
+            return [SAEDictionary(model, train_sae(model, train, hook_name, width, k=k, steps=args.sae_steps, seed=s,
+                                                   progress=False), train, name=name) for s in seeds]
+
+        dictionaries[f"sae_{width}"] = saes(hook, f"sae_{width}")
+        if oracle_hooks:
+            by_hook = {h: saes(h, f"sae_{width}_oracle_hook") for h in oracle_hooks}
+            best = max(by_hook, key=lambda h: mean([train_ami(d) for d in by_hook[h]]))
+            dictionaries[f"sae_{width}_oracle_hook"] = by_hook[best]
+            print(f"  sae_{width}_oracle_hook: {best} (label-free: {hook})")
+    print(f"  SAEs: {time.perf_counter() - started:.0f} s")
+    started = time.perf_counter()
+    dictionaries["gradient_clustering"] = [GradientClustering(model, train, r, seed=s) for s in seeds]
+    dictionaries["activation_kmeans"] = [ActivationKMeans(model, train, hook, r, seed=s) for s in seeds]
+    if oracle_hooks:
+        by_hook = {h: [ActivationKMeans(model, train, h, r, seed=s, name="activation_kmeans_oracle_hook")
+                       for s in seeds] for h in oracle_hooks}
+        best = max(by_hook, key=lambda h: mean([train_ami(d) for d in by_hook[h]]))
+        dictionaries["activation_kmeans_oracle_hook"] = by_hook[best]
+        print(f"  activation_kmeans_oracle_hook: {best}")
+    print(f"  clusterings: {time.perf_counter() - started:.0f} s")
+
+    print(f"\ntest split ({len(test)} examples), mean over {args.seeds} seeds (min-max):")
+    print(f"{'method':>30} " + " ".join(f"{m:>22}" for m in METRICS))
+    figures: dict[str, dict[str, float]] = {}
+    for name, ds in dictionaries.items():
+        coefficients = test_coefficients.get(name) or [d.coefficients(test) for d in ds]
+        rows = [label_metrics(d, W, test) for d, W in zip(ds, coefficients)]
+        figures[name] = {m: mean([row[m] for row in rows]) for m in METRICS}
+        print(f"{name:>30} " + " ".join(f"{spread([row[m] for row in rows]):>22}" for m in METRICS))
+
+    started = time.perf_counter()
+    config = nt.SelectivityConfig(kl_targets=(args.kl_target,), n_baseline=min(200, len(test) - 20))
+    traces = nt.fisher_traces(model, test.examples, space, config.trace_classes)  # shared by both NPEFF methods
+    medians, controls = {}, {"random": [], "random_support": []}
+    for method in NPEFF:
+        d = dictionaries[method][0]
+        mass = torch.as_tensor(d.train_coefficients).double().sum(0)
+        components = mass.topk(min(args.selectivity_components, r)).indices.sort().values.tolist()
+        result = nt.measure_selectivity(d, test, components=components, coefficients=test_coefficients[method][0],
+                                        fisher_traces=traces, config=config, progress=False)
+        if args.out:
+            result.save(f"{args.out}/selectivity/{method}")
+        medians[method] = result.medians()[method]
+        for control in controls:
+            controls[control] += [rec.get("norm_selectivity") for rec in result.records if rec["method"] == control]
+        print(f"  {method} selectivity ({len(components)} components): "
+              + json.dumps({k: round(v, 3) if v else v for k, v in result.medians()[method].items()}))
+        for control in controls:
+            print(f"    control {control}: "
+                  + json.dumps({k: round(v, 3) if v else v for k, v in result.medians()[control].items()}))
+    print(f"  selectivity: {time.perf_counter() - started:.0f} s")
+    pooled = {c: float(torch.tensor([v for v in vs if v is not None]).median()) for c, vs in controls.items()}
+    print("  controls pooled over both NPEFF methods, median normalised selectivity: " + json.dumps(pooled))
+
+    card = json.loads((MODELS_DIR / args.model / "card.json").read_text())
+    losses = card.get("heldout_loss_per_token", {})
+    baselines = [name for name in dictionaries if name not in NPEFF and not name.endswith("oracle_hook")]
+    line = {
+        "npeff_purity": max(figures[m]["purity_at_20"] for m in NPEFF),
+        "best_baseline_purity": max(figures[b]["purity_at_20"] for b in baselines),
+        "npeff_mf_recall": max(figures[m]["multi_factor_recall"] for m in NPEFF),
+        "best_baseline_mf_recall": max(figures[b]["multi_factor_recall"] for b in baselines),
+        "npeff_norm_selectivity": max(medians[m]["norm_selectivity"] or float("nan") for m in NPEFF),
+        "control_norm_selectivity": pooled["random"],
+        "field_loss": losses.get("model", float("nan")),
+        "bigram_loss": losses.get("bigram", float("nan")),
+    }
+    print("field_compare: " + " ".join(f"{k}={v:.4g}" for k, v in line.items()))
+
+
+if __name__ == "__main__":
+    main()
