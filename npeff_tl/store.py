@@ -28,13 +28,18 @@ class FormatError(ValueError):
     """A file or directory that is not a valid npeff_tl result (corrupt, foreign or incomplete)."""
 
 
+def _file_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` gives a new file: 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_target(path: Path):
     """A temporary file beside ``path``, with the permissions a plain ``open(path, "w")`` would give."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes files private (0600)
+    os.fchmod(fd, _file_mode())  # mkstemp makes files private (0600)
     os.close(fd)
     return Path(tmp)
 
@@ -45,6 +50,7 @@ def save_tensors(tensors: Mapping[str, Tensor], path: str | os.PathLike) -> None
     tmp = _atomic_target(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.chmod(tmp, _file_mode())  # safetensors writes a new, private file in place of ours
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -229,6 +229,19 @@ def test_nan_logits_are_reported(tokens):
         compute_pefs(model, tokens, space, progress=False)
 
 
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from npeff_tl.store import save_json, save_tensors
+
+    save_tensors({"x": torch.zeros(3)}, tmp_path / "x.safetensors")
+    save_json({"x": 1}, tmp_path / "x.json")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("x.safetensors", "x.json"):  # as open(path, "w") would make them, not private
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_corrupt_and_foreign_files_are_reported(model64, tokens, space, tmp_path):
     pefs = compute_pefs(model64, tokens, space, nnz=20, progress=False)
     pefs.save(tmp_path / "ok")
