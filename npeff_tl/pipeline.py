@@ -31,6 +31,7 @@ import torch
 from . import distributed
 from .config import RunConfig
 from .memory import batch_size_for, estimate_memory
+from .selectivity import FIGURES as SELECTIVITY_FIGURES
 from .store import load_json, load_tensors, save_json, save_tensors
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ logger = logging.getLogger(__name__)
 STAGES = ("pefs", "fit", "perturb", "compare", "report")
 DISTRIBUTED_STAGES = ("pefs", "fit")  # under torch.distributed, every rank takes part; rank 0 alone does the rest
 KINDS = {"dnpeff": "diagonal", "lrm_npeff": "lowrank"}
-FIGURES = ("ami", "nmi", "purity_at_20", "multi_factor_recall", "median_selectivity", "median_strategy_selectivity",
-           "median_norm_selectivity", "median_norm_strategy_selectivity")
+FIGURES = ("ami", "nmi", "purity_at_20", "multi_factor_recall", *(f"median_{f}" for f in SELECTIVITY_FIGURES))
 # Which settings each stage's artifacts depend on: a directory refuses other settings for a finished stage.
 DEPENDS = {"pefs": ("model", "data", "pefs"), "fit": ("fit",), "perturb": ("perturb",), "compare": ("compare",)}
 
@@ -243,7 +243,6 @@ def _measure(run: Run, dictionary) -> None:
     by the test examples' Fisher traces over the run's space, computed once for every dictionary that perturbs
     that space or acts on activations (gradient clustering perturbs a space of its own, and takes its own)."""
     from .dictionaries import ParameterDictionary
-
     from .selectivity import measure_selectivity
 
     path = run.out / "selectivity" / dictionary.name
@@ -362,7 +361,6 @@ def run_all(out: str | Path, config: RunConfig | None = None, progress: bool = T
 def write_summary(run: Run) -> dict:
     """summary.json from the comparison: per method the figures of FIGURES, per control the medians pooled
     over the NPEFF methods' components; ``seconds`` is the sum of the stages' first-run times."""
-    from .selectivity import FIGURES as SELECTIVITY_FIGURES
     from .selectivity import load_selectivity
 
     rows = {row["method"]: row for row in load_json(run.out / "comparison" / "comparison.json")["rows"]}
