@@ -68,7 +68,7 @@ def main() -> None:
     test = nt.LabeledExamples.from_dataset(data["test"])
     r, seeds = defaults.fit.components, range(args.seeds)
     space = nt.ParamSpace(model, include=defaults.pefs.include)
-    target = nt.Target("last", nt.TopK(defaults.pefs.k))
+    target = nt.Target(classes=nt.TopK(defaults.pefs.k))
     hook, oracle_hooks = middle_hook(model), ([] if args.no_oracle else residual_hooks(model))
     print(f"field_compare: {args.model}, {len(train)} train / {len(test)} test examples in "
           f"{len(set(train.labels))} groups, {r} components, {args.seeds} seeds, {args.threads} threads; NPEFF on "

@@ -63,7 +63,7 @@ def main() -> None:
     labels = rows["strategy"]
     examples = nt.Examples.from_tokens(rows["tokens"], rows["target_pos"])
     space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"])
-    target = nt.Target("last", nt.TopK(4))
+    target = nt.Target(classes=nt.TopK(4))
     print(f"zoo_npeff: {args.model}, {len(rows)} examples of {len(set(labels))} strategies, space {space.size:,}, "
           f"nnz {args.nnz}, {args.components} components, {args.threads} threads")
     results = {}

@@ -60,7 +60,7 @@ def main() -> None:
     train = nt.LabeledExamples.from_dataset(data["train"])
     test = nt.LabeledExamples.from_dataset(data["test"])
     space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"])
-    target = nt.Target("last", nt.TopK(4))
+    target = nt.Target(classes=nt.TopK(4))
     print(f"zoo_selectivity: {args.model}, {len(train)} train / {len(test)} test examples, space {space.size:,}, "
           f"{args.components} components, {args.threads} threads")
     medians = {}

@@ -79,6 +79,11 @@ class ModelAdapter(ABC):
         return {}
 
     @property
+    def vocab_size(self) -> int | None:
+        """The number of token ids the model embeds (None: unknown, so token ids go unchecked)."""
+        return None
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -120,6 +125,10 @@ class HookedTransformerAdapter(ModelAdapter):
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.model.named_parameters())
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.cfg.d_vocab)
 
     def target_logits(
         self,

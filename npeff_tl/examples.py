@@ -56,13 +56,24 @@ class Examples:
         if int(lengths.min()) < 1:
             empty = torch.nonzero(lengths < 1).flatten().tolist()[:10]
             raise ValueError(f"sequences {empty} have no real tokens; every example needs at least one token")
-        seq_index, positions = _resolve_positions(position, lengths)
+        seq_index, positions = resolve_positions(position, lengths)
         return cls(tokens, lengths, seq_index, positions)
 
     def subset(self, index: Int[Tensor, " k"] | Sequence[int]) -> Examples:
         """Examples ``index`` (in that order), sharing the token tensor."""
         index = torch.as_tensor(index, dtype=torch.long)
         return Examples(self.tokens, self.lengths, self.seq_index[index], self.position[index])
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raise a ``ValueError`` naming the first real token id outside 0..vocab_size-1 (an embedding lookup would
+        fail far from the cause, or silently read another row on some devices)."""
+        real = torch.arange(self.tokens.shape[1]) < self.lengths[:, None]
+        bad = real & ((self.tokens < 0) | (self.tokens >= vocab_size))
+        if bad.any():
+            seq, pos = (int(i) for i in torch.nonzero(bad)[0])
+            raise ValueError(f"token id {int(self.tokens[seq, pos])} (sequence {seq}, position {pos}; "
+                             f"{int(bad.sum())} such ids in all) is outside the model's vocabulary of {vocab_size}; "
+                             "tokenize with the model's own tokenizer")
 
     def fingerprint(self) -> str:
         """A hash of the tokens and target positions, to tell runs on different data apart."""
@@ -158,12 +169,14 @@ def _lengths_from_mask(mask: Tensor, shape: torch.Size) -> Tensor:
     return lengths
 
 
-def _resolve_positions(position: Position, lengths: Tensor) -> tuple[Tensor, Tensor]:
+def resolve_positions(position: Position, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """(sequence of each example, its target position) for a ``Target``-style ``position`` over sequences of
+    ``lengths`` real tokens; negative positions count back from the last real token (-1 is the last)."""
     n_seq = lengths.shape[0]
     if isinstance(position, str):  # "last"; Target validates the string
-        per_seq: list[list[int]] = [[int(n) - 1] for n in lengths]
+        per_seq: list[list[int]] = [[-1] for _ in range(n_seq)]
     elif isinstance(position, int):
-        per_seq = [[position if position >= 0 else int(n) + position] for n in lengths]
+        per_seq = [[position] for _ in range(n_seq)]
     else:
         position = position.tolist() if isinstance(position, Tensor) else list(position)
         if len(position) != n_seq:
@@ -171,11 +184,12 @@ def _resolve_positions(position: Position, lengths: Tensor) -> tuple[Tensor, Ten
         per_seq = [[int(p)] if isinstance(p, int) else [int(q) for q in p] for p in position]
     seq_index, positions = [], []
     for seq, (plist, length) in enumerate(zip(per_seq, lengths.tolist())):
-        for p in plist:
+        for given in plist:
+            p = given if given >= 0 else length + given
             if not 0 <= p < length:
                 raise ValueError(
-                    f"target position {p} is out of range for sequence {seq}, which has {length} real tokens "
-                    f"(valid positions: 0..{length - 1}, or -1 for the last)"
+                    f"target position {given} is out of range for sequence {seq}, which has {length} real tokens "
+                    f"(valid positions: 0..{length - 1}, or -1..-{length} counted back from the last)"
                 )
             seq_index.append(seq)
             positions.append(p)

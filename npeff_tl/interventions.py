@@ -144,7 +144,8 @@ def _log_probs_in_batches(
 ) -> Iterator[Callable[[], Tensor]]:
     """Per batch of examples, a function that computes the float64 log-probabilities at their target positions
     (without gradients) under whatever interventions are active when it is called."""
-    adapter, examples = as_adapter(model), as_examples(examples)
+    adapter = as_adapter(model)
+    examples = as_examples(examples, adapter=adapter)
     for start in range(0, len(examples), batch_size):
         index = torch.arange(start, min(start + batch_size, len(examples)))
 

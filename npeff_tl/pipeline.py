@@ -128,7 +128,7 @@ class Run:
                  "sampled": lambda: Sampled(p.k, seed=p.seed)}
         if p.classes not in rules:
             raise ValueError(f"pefs.classes {p.classes!r} is not a class rule; choose from {', '.join(rules)}")
-        return Target("last", rules[p.classes]())
+        return Target(classes=rules[p.classes]())
 
     def methods(self) -> list[str]:
         unknown = [m for m in self.config.fit.methods if m not in KINDS]

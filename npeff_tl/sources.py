@@ -110,12 +110,12 @@ def load_data(config: DataConfig, model: nn.Module, model_name: str) -> RunData:
             rows = rows[: config.max_examples]
         if not rows:
             raise ValueError(f"the {split} split of {config.source} has no rows")
-        out[split] = _examples(rows, config, model, f"{config.source} ({split})")
+        out[split] = _examples(rows, config, model)
     display = {split: rows for split, (_, rows) in out.items()}
     return RunData(out["train"][0], out["test"][0], display)
 
 
-def _zoo_splits(config: DataConfig, model_name: str) -> dict[str, list[dict]]:
+def _zoo_splits(config: DataConfig, model_name: str) -> dict[str, list[tuple[str, dict]]]:
     from . import zoo
 
     if not model_name.startswith(ZOO_PREFIX):
@@ -124,11 +124,11 @@ def _zoo_splits(config: DataConfig, model_name: str) -> dict[str, list[dict]]:
     data = zoo.dataset(model_name.removeprefix(ZOO_PREFIX), n_train=config.per_task, n_test=config.per_task)
     columns = {config.tokens: "tokens", config.position: "target_pos", config.answer: "answer",
                config.label: "strategy", config.factors: "strategies"}
-    return {split: [{key: row[zoo_key] for key, zoo_key in columns.items()} for row in data[split]]
-            for split in ("train", "test")}
+    return {split: [(f"zoo {split} split, row {i}", {key: row[zoo_key] for key, zoo_key in columns.items()})
+                    for i, row in enumerate(data[split])] for split in ("train", "test")}
 
 
-def _splits(config: DataConfig) -> dict[str, list[dict]]:
+def _splits(config: DataConfig) -> dict[str, list[tuple[str, dict]]]:
     path = Path(config.source)
     if not path.exists():
         raise FileNotFoundError(f"data source {path} does not exist (give a datasets directory, a JSONL file, or "
@@ -143,10 +143,14 @@ def _splits(config: DataConfig) -> dict[str, list[dict]]:
         if isinstance(data, DatasetDict):
             if "train" not in data or "test" not in data:
                 raise ValueError(f"{path} has splits {list(data)}; name them 'train' and 'test'")
-            return {split: data[split].to_list() for split in ("train", "test")}
-        rows = data.to_list() if isinstance(data, Dataset) else list(data)
+            return {split: [(f"{path} ({split} split), row {i}", row) for i, row in enumerate(data[split].to_list())]
+                    for split in ("train", "test")}
+        rows = [(f"{path}, row {i}", row)
+                for i, row in enumerate(data.to_list() if isinstance(data, Dataset) else list(data))]
     else:
         rows = _read_jsonl(path)
+    if not rows:
+        raise ValueError(f"{path} holds no rows; give at least two (one per split)")
     order = list(range(len(rows)))
     random.Random(config.seed).shuffle(order)
     n_test = round(config.test_fraction * len(rows))
@@ -155,7 +159,8 @@ def _splits(config: DataConfig) -> dict[str, list[dict]]:
     return {"train": [rows[i] for i in sorted(order[n_test:])], "test": [rows[i] for i in sorted(order[:n_test])]}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    """(origin "path:line", row) per non-blank line."""
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -163,34 +168,44 @@ def _read_jsonl(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number} is not a JSON object ({error.msg})") from None
+            raise ValueError(f"{path}:{number} is not a JSON object ({error.msg} at column {error.colno})") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{number} is not a JSON object")
-        rows.append(row)
+        rows.append((f"{path}:{number}", row))
     return rows
 
 
-def _examples(rows: list[dict], config: DataConfig, model: nn.Module, where: str) -> tuple[LabeledExamples, list]:
+def _examples(rows: list[tuple[str, dict]], config: DataConfig, model: nn.Module) -> tuple[LabeledExamples, list]:
+    """The examples of one split; every error names the row by its origin (file and line, or row index)."""
     tokenizer = getattr(model, "tokenizer", None)
+    d_vocab = int(model.cfg.d_vocab)
     tokens, positions, answers, display = [], [], [], []
-    for i, row in enumerate(rows):
+    for where, row in rows:
         if config.tokens in row:
             ids = [int(t) for t in row[config.tokens]]
         elif config.prompt in row:
             if tokenizer is None:
-                raise ValueError(f"{where} gives prompts but the model has no tokenizer; give token ids in a "
+                raise ValueError(f"{where} gives a prompt but the model has no tokenizer; give token ids in a "
                                  f"{config.tokens!r} column")
             ids = model.to_tokens(row[config.prompt], prepend_bos=config.prepend_bos)[0].tolist()
         else:
-            raise ValueError(f"{where}: row {i} has neither {config.tokens!r} (token ids) nor {config.prompt!r} "
+            raise ValueError(f"{where} has neither {config.tokens!r} (token ids) nor {config.prompt!r} "
                              f"(text); its keys are {sorted(row)}")
+        if not ids:
+            raise ValueError(f"{where} has no tokens")
+        outside = [t for t in ids if not 0 <= t < d_vocab]
+        if outside:
+            raise ValueError(f"{where} has token id {outside[0]} outside the model's vocabulary of {d_vocab} "
+                             "(ids 0..{}); tokenize with the model's own tokenizer".format(d_vocab - 1))
         position = int(row.get(config.position, len(ids) - 1))
         if not -len(ids) <= position < len(ids):
-            raise ValueError(f"{where}: row {i} has {config.position}={position} outside its {len(ids)} tokens")
+            raise ValueError(f"{where} has {config.position}={position} outside its {len(ids)} tokens")
         position %= len(ids)
         answer = row.get(config.answer)
         if isinstance(answer, str):
-            answer = _single_token(model, answer, where, i)
+            answer = _single_token(model, answer, where)
+        if answer is not None and not 0 <= int(answer) < d_vocab:
+            raise ValueError(f"{where} has {config.answer}={answer} outside the model's vocabulary of {d_vocab}")
         tokens.append(ids)
         positions.append(position)
         answers.append(answer)
@@ -198,8 +213,8 @@ def _examples(rows: list[dict], config: DataConfig, model: nn.Module, where: str
                         "answer": None if answer is None else _str_tokens(model, [answer])[0],
                         "label": row.get(config.label)})
     has_answers = all(a is not None for a in answers)
-    labels = [row.get(config.label) for row in rows]
-    factors = [row.get(config.factors) for row in rows]
+    labels = [row.get(config.label) for _, row in rows]
+    factors = [row.get(config.factors) for _, row in rows]
     examples = LabeledExamples(
         Examples.from_tokens(tokens, positions), torch.tensor(answers) if has_answers else None,
         labels if all(x is not None for x in labels) else None,
@@ -208,12 +223,12 @@ def _examples(rows: list[dict], config: DataConfig, model: nn.Module, where: str
     return examples, display
 
 
-def _single_token(model: nn.Module, text: str, where: str, i: int) -> int:
+def _single_token(model: nn.Module, text: str, where: str) -> int:
     if getattr(model, "tokenizer", None) is None:
-        raise ValueError(f"{where}: row {i} gives its answer as text but the model has no tokenizer; give a token id")
+        raise ValueError(f"{where} gives its answer as text but the model has no tokenizer; give a token id")
     ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
     if len(ids) != 1:
-        raise ValueError(f"{where}: row {i}'s answer {text!r} is {len(ids)} tokens; give one token (or its id)")
+        raise ValueError(f"{where}: the answer {text!r} is {len(ids)} tokens; give one token (or its id)")
     return ids[0]
 
 

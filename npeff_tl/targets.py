@@ -223,13 +223,16 @@ Position = int | str | Sequence[int] | Sequence[Sequence[int]]
 class Target:
     """Which position's predictive distribution, and which classes of it, a PEF is taken over.
 
-    ``position``: ``"last"`` (the last non-padding token), an int (a non-negative index, or negative counted
-    back from the last non-padding token: -1 is "last"), one position per sequence, or a list of positions
-    per sequence (each (sequence, position) pair is then a separate example sharing one forward pass).
-    Position t means the model's prediction made at token t (of token t + 1).
+    ``position`` applies to raw token sequences: ``"last"`` (the last non-padding token), an int (a
+    non-negative index, or negative counted back from the last non-padding token: -1 is "last"), one position
+    per sequence, or a list of positions per sequence (each (sequence, position) pair is then a separate example
+    sharing one forward pass). Position t means the model's prediction made at token t (of token t + 1).
+    ``None`` (the default): the positions ``nt.Examples`` carry, or ``"last"`` for raw token sequences. Given
+    with ``nt.Examples``, it must name the positions they hold (else a ``ValueError``), so the two cannot
+    silently disagree.
     """
 
-    position: Position = "last"
+    position: Position | None = None
     classes: ClassRule = TopK(4)
 
     def __post_init__(self):
@@ -241,5 +244,5 @@ class Target:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        position = self.position if isinstance(self.position, (int, str)) else "per_example"
+        position = self.position if isinstance(self.position, (int, str)) else "per_example"  # None too
         return {"position": position, "classes": self.classes.to_dict()}

@@ -170,3 +170,21 @@ def test_a_memory_budget_picks_the_batch_size_and_the_estimates_are_printed(own_
     expected = batch_size_for(int(0.03 * 2**30), **sizes)
     assert f"diagonal PEFs, batch {expected}: about " in out and 1 < expected < 256
     assert "dnpeff: 3 components over " in out and " parameters, about " in out
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"tokens": [1, 2, 3]}', '{"tokens": [1, 2]}', '{"tokens": [1, 2, 99999]}', '{"tokens": [3, 4]}'],
+     "bad.jsonl:3 has token id 99999 outside the model's vocabulary"),
+    (['{"tokens": [1, 2, 3], "answer": -1}', '{"tokens": [1, 2], "answer": -1}'], "has answer=-1 outside the model"),
+    (['{"tokens": [1, 2, 3]}', '{"prompt": "unterminated}'], "bad.jsonl:2 is not a JSON object (Unterminated string "
+                                                             "starting at at column 12)"),
+    ([], "bad.jsonl holds no rows"),
+])
+def test_bad_data_rows_are_named_by_their_file_line_before_any_stage_runs(lines, message, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text("".join(line + "\n" for line in lines))
+    assert main(["pefs", "--out", str(tmp_path / "run"), "--quiet", "--set", "model.name=zoo:tasks-2l",
+                 "--set", f"data.source={tmp_path / 'bad.jsonl'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("npeff-tl: error: ") and message in err and "\n" not in err, err
+    assert not list((tmp_path / "run").glob("pefs/*"))
+

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import npeff_tl as nt
+
 from npeff_tl import Candidates, Examples, Sampled, Target, Threshold, TopK
 
 
@@ -107,3 +109,15 @@ def test_top_k_with_tail_estimates_the_whole_distribution_without_bias():
     assert sum(estimates) / len(estimates) == pytest.approx(float(probs[0] @ f), rel=0.02)
     with pytest.raises(ValueError, match="tail_samples >= 1"):
         TopKWithTail(2, 0)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_where_they_enter_the_api(model64):
+    space = nt.ParamSpace(model64, include=["blocks.0.attn.W_Q"])
+    bad = [[1, 2, 3], [1, model64.cfg.d_vocab]]
+    with pytest.raises(ValueError, match=f"token id {model64.cfg.d_vocab} .sequence 1, position 1.*outside the model's "
+                                         "vocabulary"):
+        nt.compute_pefs(model64, bad, space, progress=False)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        nt.KLProbe(model64, nt.Examples.from_tokens(bad))
+    with pytest.raises(ValueError, match="answer -3 .example 1. is not a token id"):
+        nt.compute_pefs(model64, [[1, 2], [3, 4]], space, answers=torch.tensor([1, -3]), progress=False)

@@ -261,3 +261,20 @@ def test_corrupt_and_foreign_files_are_reported(model64, tokens, space, tmp_path
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(FormatError, match="not a readable safetensors file"):
         load_pefs(tmp_path / "ok")
+
+
+def test_a_target_position_beside_examples_must_match_their_positions(model64, tokens, space):
+    """Examples carry their own positions: a Target position that names other positions is an error, never
+    silently ignored; one that names the same positions gives the same PEFs."""
+    examples = Examples.from_tokens(tokens, "last")
+    plain = compute_pefs(model64, examples, space, Target(classes=TopK(3)), nnz=30, progress=False)
+    same = compute_pefs(model64, examples, space, Target("last", TopK(3)), nnz=30, progress=False)
+    assert torch.equal(plain.values, same.values) and torch.equal(plain.indices, same.indices)
+    assert torch.equal(plain.per_example["position"], examples.position)
+    for position in (0, 100, [1] * len(tokens)):
+        with pytest.raises(ValueError, match="disagrees with the target positions the nt.Examples hold|out of range"):
+            compute_pefs(model64, examples, space, Target(position, TopK(3)), nnz=30, progress=False)
+    inner = Examples.from_tokens(tokens, [[2, -2]] * len(tokens))  # negative entries of per-sequence lists count back
+    assert inner.position.tolist()[:2] == [2, int(inner.lengths[0]) - 2]
+    pefs = compute_pefs(model64, inner, space, Target([[2, -2]] * len(tokens), TopK(3)), nnz=30, progress=False)
+    assert torch.equal(pefs.per_example["position"], inner.position)

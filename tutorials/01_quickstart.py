@@ -29,7 +29,7 @@ print(model.cfg.n_layers, "layers;", len(train), "train and", len(test), "test e
 
 # %%
 space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"])
-target = nt.Target(position="last", classes=nt.TopK(4))
+target = nt.Target(classes=nt.TopK(4))  # at the positions the Examples carry
 pefs = nt.compute_pefs(model, train.examples, space, target, kind="diagonal", nnz=4096, progress=False)
 print(pefs)
 

@@ -23,7 +23,7 @@ test = nt.LabeledExamples.from_dataset(data["test"])
 
 # %%
 space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"])
-target = nt.Target(position="last", classes=nt.TopK(4))
+target = nt.Target(classes=nt.TopK(4))  # at the positions the Examples carry
 pefs = nt.compute_pefs(model, train.examples, space, target, kind="diagonal", nnz=4096, progress=False)
 npeff = nt.NPEFFDictionary(model, nt.DNPEFF(8, seed=0).fit(pefs, progress=False), train, target, pefs)
 

@@ -43,7 +43,7 @@ print(f"training loss {loss.item():.2f}")
 # %%
 examples = nt.Examples.from_tokens(sequences[:48], [list(range(6, 11))] * 48)
 space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKV]", "blocks.1.attn.W_O"])
-target = nt.Target(position="last", classes=nt.Threshold(0.05, max_k=4))
+target = nt.Target(classes=nt.Threshold(0.05, max_k=4))  # the positions come with the Examples
 pefs = nt.compute_pefs(model, examples, space, target, kind="lowrank", nnz=2048, progress=False)
 print(pefs)
 

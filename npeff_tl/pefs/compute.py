@@ -210,7 +210,7 @@ def compute_pefs(
             torch.func for the rest), "hooks" or "func". The result does not depend on it beyond rounding.
     """
     adapter = as_adapter(model)
-    examples = as_examples(examples, target.position)
+    examples = as_examples(examples, target.position, adapter=adapter)
     n = len(examples)
     if kind not in ("diagonal", "lowrank"):
         raise ValueError(f"kind must be 'diagonal' or 'lowrank', got {kind!r}")
@@ -227,6 +227,10 @@ def compute_pefs(
         answers = torch.as_tensor(answers, dtype=torch.long).reshape(-1)
         if answers.shape[0] != n:
             raise ValueError(f"got {answers.shape[0]} answers for {n} examples; give one answer per example")
+        outside = (answers < 0) | (answers >= (adapter.vocab_size or 2**62))
+        if outside.any():
+            raise ValueError(f"answer {int(answers[outside][0])} (example {int(torch.nonzero(outside)[0])}) is not a "
+                             f"token id of the model's vocabulary of {adapter.vocab_size}")
     dtype = dtype or (torch.float64 if adapter.dtype == torch.float64 else torch.float32)
     metadata = {
         "target": target.to_dict(),

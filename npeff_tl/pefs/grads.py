@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..adapters import ModelAdapter, as_adapter
-from ..examples import Examples, TokensLike
+from ..examples import Examples, TokensLike, resolve_positions
 from ..params import ParamSpace
 from ..store import ShardStore, tensor_fingerprint
 from ..targets import Position
@@ -42,8 +42,22 @@ class GradBlock:
     outputs: Float[Tensor, "batch k"]
 
 
-def as_examples(examples: Examples | TokensLike, position: Position = "last") -> Examples:
-    return examples if isinstance(examples, Examples) else Examples.from_tokens(examples, position)
+def as_examples(examples: Examples | TokensLike, position: Position | None = None, *,
+                adapter: ModelAdapter | None = None) -> Examples:
+    """``examples`` as ``Examples``: token sequences get ``position`` (default ``"last"``); ``Examples`` keep their
+    own positions, and a ``position`` given beside them must resolve to exactly those. With ``adapter``, their
+    token ids are checked against its vocabulary."""
+    if not isinstance(examples, Examples):
+        examples = Examples.from_tokens(examples, "last" if position is None else position)
+    elif position is not None:
+        seq_index, positions = resolve_positions(position, examples.lengths)
+        if not (torch.equal(seq_index, examples.seq_index) and torch.equal(positions, examples.position)):
+            raise ValueError(f"position={position!r} disagrees with the target positions the nt.Examples hold "
+                             f"(e.g. {examples.position[:4].tolist()}); Examples carry their own positions: leave "
+                             "the position out (e.g. Target(classes=...)) or build the Examples with it")
+    if adapter is not None and adapter.vocab_size is not None:
+        examples.check_vocabulary(adapter.vocab_size)
+    return examples
 
 
 def _map(aux: Tensor | dict[str, Tensor], fn) -> Tensor | dict[str, Tensor]:
@@ -196,7 +210,7 @@ def per_example_grads(
     space: ParamSpace,
     objective: Objective,
     *,
-    position: Position = "last",
+    position: Position | None = None,
     batch_size: int = 16,
     store: str | os.PathLike | None = None,
     shard_size: int = 256,
@@ -205,13 +219,14 @@ def per_example_grads(
 ) -> Iterator[GradBlock]:
     """Gradients of a per-example objective over ``space``, as dense blocks of at most ``batch_size`` examples.
 
-    ``examples`` is an ``Examples`` or token sequences (then ``position`` picks the target). With ``store=DIR``
+    ``examples`` is an ``Examples`` or token sequences (then ``position`` picks the target, default the last
+    token; given with ``Examples``, it must match their positions). With ``store=DIR``
     every block is also written to DIR in shards of ``shard_size`` examples; a re-run reads finished shards
     back (one block per shard) instead of recomputing them. Blocks come in example order, never straddling a
     shard. ``method``: see ``batch_grads`` (the result does not depend on it beyond rounding).
     """
     adapter = as_adapter(model)
-    examples = as_examples(examples, position)
+    examples = as_examples(examples, position, adapter=adapter)
     aux = _aux_rows(objective, len(examples))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
