@@ -46,7 +46,7 @@ from .pipeline import Run, run_all
 from .report import write_report
 from .selectivity import SelectivityConfig, SelectivityResult, load_selectivity, measure_selectivity
 from .sources import load_model, save_checkpoint
-from .store import FormatError
+from .store import FormatError, LockedError
 from .targets import Candidates, ClassRule, Sampled, Target, Threshold, TopK, TopKWithTail
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -57,7 +57,7 @@ __all__ = [
     "HookedTransformerAdapter", "ModelAdapter", "as_adapter", "Examples", "ParamSpace",
     "AnswerLogProb", "ClassLogProbs", "CrossEntropy", "FunctionObjective", "Objective", "GradBlock",
     "DiagonalPEFs", "LowRankPEFs", "PEFs", "compute_pefs", "fisher_traces", "load_pefs", "per_example_grads",
-    "FormatError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "TopKWithTail", "zoo", "baselines",
+    "FormatError", "LockedError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "TopKWithTail", "zoo", "baselines",
     "DNPEFF", "LRMNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
     "Component", "Readout", "ParameterPerturbation", "kl_divergence", "lrm_direction", "perturb", "random_direction",
     "dnpeff_direction", "sign_pattern", "LabeledExamples", "HookIntervention", "KLProbe", "calibrate_magnitude",

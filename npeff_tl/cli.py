@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .store import FormatError
+from .store import FormatError, LockedError
 
 STAGE_HELP = {
     "pefs": "per-example Fishers of the train split (diagonal and/or low-rank)",
@@ -92,7 +92,8 @@ def _stage(args: argparse.Namespace) -> None:
         names = ["report"]
     else:
         names = list(STAGES) if args.command == "run" else list(STAGES[: STAGES.index(args.command) + 1])
-    summary = run_stages(Run(args.out, _config(args), progress=not args.quiet), names)
+    with Run(args.out, _config(args), progress=not args.quiet) as run:
+        summary = run_stages(run, names)
     if summary is not None:
         _print_summary(summary)
 
@@ -174,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _start_distributed(args)
         args.handler(args)
-    except (ValueError, FormatError, OSError, json.JSONDecodeError) as error:
+    except (ValueError, FormatError, LockedError, OSError, json.JSONDecodeError) as error:
         if args.debug:
             raise
         message = " ".join(str(error).split())

@@ -39,6 +39,27 @@ class MemoryEstimate:
         return f"{_human(self.bytes)} (largest: " + ", ".join(f"{name} {_human(size)}" for size, name in largest) + ")"
 
 
+def available_bytes() -> int | None:
+    """Memory the machine can still give this process (Linux MemAvailable; None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def shortfall(estimate: MemoryEstimate, what: str) -> str | None:
+    """A warning when ``estimate`` exceeds the memory available now (None when it fits or nothing is known)."""
+    free = available_bytes()
+    if free is None or estimate.bytes <= free:
+        return None
+    return (f"{what}: about {_human(estimate.bytes)} of memory needed but only {_human(free)} available; lower the "
+            "batch size or nnz, or select fewer parameters, before it runs out of memory")
+
+
 def _human(size: int | float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":

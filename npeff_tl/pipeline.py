@@ -30,9 +30,9 @@ import torch
 
 from . import distributed
 from .config import RunConfig
-from .memory import batch_size_for, estimate_memory
+from .memory import batch_size_for, estimate_memory, shortfall
 from .selectivity import FIGURES as SELECTIVITY_FIGURES
-from .store import load_json, load_tensors, save_json, save_tensors
+from .store import DirectoryLock, load_json, load_tensors, save_json, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,20 @@ class Run:
         if len(c.sae_k) != len(c.sae_widths):
             raise ValueError(f"compare.sae_k {c.sae_k} needs one k per width in compare.sae_widths {c.sae_widths}")
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.writes:
+        self.lock = DirectoryLock(self.out)
+        if self.writes:  # one run per directory (under torch.distributed, rank 0 holds it for all ranks)
+            self.lock.acquire()
             save_json(config.to_dict(), self.out / "config.json")
+
+    def close(self) -> None:
+        """Release the run directory for other runs."""
+        self.lock.release()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
     def saved_config(out: str | Path) -> RunConfig | None:
@@ -141,7 +153,12 @@ class Run:
         if kind in self._pef_settings:
             return self._pef_settings[kind]
         p, examples = self.config.pefs, self.data.train.examples
-        nnz = min(p.nnz, self.space.size * (self.target.classes.max_classes if kind == "lowrank" else 1))
+        size = self.space.size * (self.target.classes.max_classes if kind == "lowrank" else 1)
+        if not 1 <= p.nnz <= size:
+            raise ValueError(f"pefs.nnz={p.nnz} must lie in [1, {size:,}]: the {kind} PEFs keep nnz entries per "
+                             f"example out of {size:,} ({'classes x ' if kind == 'lowrank' else ''}parameters); "
+                             "lower pefs.nnz or select more parameters")
+        nnz = p.nnz
         sizes = {"model": self.model, "space": self.space, "target": self.target, "kind": kind, "nnz": nnz,
                  "n_examples": len(examples), "seq_len": int(examples.tokens.shape[1])}
         batch = p.batch_size if p.memory_budget_gb is None else batch_size_for(int(p.memory_budget_gb * 2**30),
@@ -209,8 +226,16 @@ def stage_pefs(run: Run) -> None:
         kind = KINDS[method]
         if not (run.out / "pefs" / f"train_{kind}" / "dataset_fisher.safetensors").exists():
             settings = run.pef_settings(kind)
-            run.say(f"  {kind} PEFs, batch {settings['batch_size']}: about {estimate_memory('pefs', **settings)}")
+            estimate = estimate_memory("pefs", **settings)
+            run.say(f"  {kind} PEFs, batch {settings['batch_size']}: about {estimate}")
+            _warn_if_short(estimate, f"the {kind} PEFs")
         run.pefs(kind)
+
+
+def _warn_if_short(estimate, what: str) -> None:
+    message = shortfall(estimate, what)
+    if message:
+        logger.warning(message)
 
 
 def stage_fit(run: Run) -> None:
@@ -225,6 +250,7 @@ def stage_fit(run: Run) -> None:
             estimate = estimate_memory(method, n_examples=len(pefs), nnz=pefs.nnz, n_columns=columns,
                                        rank=fit.components, classes=getattr(pefs, "max_rank", 1))
             run.say(f"  {method}: {fit.components} components over {columns:,} parameters, about {estimate}")
+            _warn_if_short(estimate, f"the {method} fit")
             decomposition = solvers[method](fit.components, seed=fit.seed).fit(pefs, progress=run.progress)
             if run.writes:
                 decomposition.save(run.out / method)
@@ -355,7 +381,8 @@ def run_stages(run: Run, names: list[str]) -> dict | None:
 def run_all(out: str | Path, config: RunConfig | None = None, progress: bool = True) -> dict | None:
     """Every stage into ``out``; returns summary.json's contents (None on ranks other than 0 under
     torch.distributed)."""
-    return run_stages(Run(out, config, progress), list(STAGES))
+    with Run(out, config, progress) as run:
+        return run_stages(run, list(STAGES))
 
 
 def write_summary(run: Run) -> dict:

@@ -7,6 +7,7 @@ size (or, later, on the number of processes), neither does the stored result.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,14 +19,64 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 FORMAT_VERSION = 1
 
 
 class FormatError(ValueError):
     """A file or directory that is not a valid npeff_tl result (corrupt, foreign or incomplete)."""
+
+
+class LockedError(RuntimeError):
+    """Another process is writing to the directory."""
+
+
+class DirectoryLock:
+    """One writer at a time for a directory: an advisory ``flock`` on DIR/.lock, which records the holder's pid.
+
+    The operating system drops the lock when its process ends, so the lock of a killed run is taken over by the
+    next one without any clean-up. Where ``fcntl`` is missing (Windows) nothing is locked.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> DirectoryLock:
+        if fcntl is None or self._fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"another run is writing to {self.path.parent} (pid {holder}); wait for it to finish, or "
+                              "use another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> DirectoryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _file_mode() -> int:
@@ -44,12 +95,24 @@ def _atomic_target(path: Path):
     return Path(tmp)
 
 
+def _checksum(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``tensors`` in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def save_tensors(tensors: Mapping[str, Tensor], path: str | os.PathLike) -> None:
-    """Write a safetensors file atomically (a temporary name, then a rename)."""
+    """Write a safetensors file atomically (a temporary name, then a rename), with a checksum of its tensors in
+    the file's header that ``load_tensors`` verifies."""
     path = Path(path)
     tmp = _atomic_target(path)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata={"npeff_tl.sha256": _checksum(tensors)})
         os.chmod(tmp, _file_mode())  # safetensors writes a new, private file in place of ours
         os.replace(tmp, path)
     finally:
@@ -57,13 +120,21 @@ def save_tensors(tensors: Mapping[str, Tensor], path: str | os.PathLike) -> None
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a safetensors file, verifying the checksum ``save_tensors`` wrote (files without one load as they are)."""
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"missing file {path}")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get("npeff_tl.sha256")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise FormatError(f"{path} is not a readable safetensors file ({error}); it may be corrupt or truncated") from None
+    if expected is not None and _checksum(tensors) != expected:
+        raise FormatError(f"{path} is corrupt: its contents no longer match the checksum written with it; delete it and "
+                          "re-run what wrote it (compute_pefs with the same store, or the same npeff-tl stage) to "
+                          "recompute it")
+    return tensors
 
 
 def save_json(data: Any, path: str | os.PathLike) -> None:
@@ -117,6 +188,10 @@ def read_metadata(directory: str | os.PathLike, fmt: str) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise FormatError(f"{directory} is not a directory of saved npeff_tl results")
+    if not (directory / "metadata.json").is_file():
+        raise FormatError(f"{directory} is not a saved npeff_tl result ({fmt}): it has no metadata.json. A saved result "
+                          "is a directory of metadata.json and .safetensors files, as .save(path) or "
+                          "compute_pefs(..., store=path) write it")
     meta = load_json(directory / "metadata.json")
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -133,10 +208,14 @@ class ShardStore:
     than a silent mix of two runs.
     """
 
-    def __init__(self, path: str | os.PathLike, fmt: str, config: Mapping[str, Any], n_examples: int, shard_size: int):
+    def __init__(self, path: str | os.PathLike, fmt: str, config: Mapping[str, Any], n_examples: int, shard_size: int,
+                 *, lock: bool = True):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.path = Path(path)
+        self.lock = DirectoryLock(self.path)
+        if lock:  # one writer; held until close()
+            self.lock.acquire()
         self.n_examples, self.shard_size = n_examples, shard_size
         config = json_normal(dict(config))
         layout = {"n_examples": n_examples, "shard_size": shard_size}
@@ -176,6 +255,14 @@ class ShardStore:
         self.meta = {**self.meta, **json_normal(extra), "complete": True}
         save_json(self.meta, self.path / "metadata.json")
 
+    def reopen(self) -> None:
+        """Mark a finished store unfinished again (some of its files must be recomputed)."""
+        self.meta = {**self.meta, "complete": False}
+        save_json(self.meta, self.path / "metadata.json")
+
+    def close(self) -> None:
+        self.lock.release()
+
 
 def versions() -> dict[str, str]:
     """Versions of the packages that shape a result, saved with it."""
@@ -192,8 +279,6 @@ def versions() -> dict[str, str]:
 
 def tensor_fingerprint(tensors: list[Tensor]) -> str:
     """A sha256 over the bytes of some tensors (e.g. a model's weights), to tell runs apart."""
-    import hashlib
-
     digest = hashlib.sha256()
     for tensor in tensors:
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -188,3 +188,17 @@ def test_bad_data_rows_are_named_by_their_file_line_before_any_stage_runs(lines,
     assert err.startswith("npeff-tl: error: ") and message in err and "\n" not in err, err
     assert not list((tmp_path / "run").glob("pefs/*"))
 
+
+
+def test_an_nnz_beyond_the_space_is_refused_like_the_api_and_a_short_machine_is_warned(tmp_path, capsys, monkeypatch,
+                                                                                      caplog):
+    assert main(["pefs", "--out", str(tmp_path / "run"), "--quiet", "--set", "pefs.nnz=100000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pefs.nnz=100000000 must lie in [1," in err and "\n" not in err, err
+    assert not list((tmp_path / "run").glob("pefs/*"))
+    import npeff_tl.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1024)  # a machine with 1 KiB to spare
+    assert main(["pefs", "--out", str(tmp_path / "short"), "--quiet", "--set", "data.per_task=2",
+                 "--set", 'fit.methods=["dnpeff"]', "--set", "pefs.nnz=64"]) == 0
+    assert "the diagonal PEFs: about" in caplog.text and "but only 1.0 KiB available" in caplog.text

@@ -278,3 +278,16 @@ def test_a_target_position_beside_examples_must_match_their_positions(model64, t
     assert inner.position.tolist()[:2] == [2, int(inner.lengths[0]) - 2]
     pefs = compute_pefs(model64, inner, space, Target([[2, -2]] * len(tokens), TopK(3)), nnz=30, progress=False)
     assert torch.equal(pefs.per_example["position"], inner.position)
+
+
+def test_nan_weights_are_named_when_the_fishers_are_not_finite(tokens, space):
+    """A NaN in W_Q leaves the logits finite (TransformerLens zeroes NaN attention patterns) but not the Fishers."""
+    from conftest import make_model
+
+    model = make_model()
+    with torch.no_grad():
+        model.blocks[0].attn.W_Q[0, 0, 0] = float("nan")
+    assert torch.isfinite(model(tokens)).all()
+    with pytest.raises(ValueError, match=r"the Fishers of examples \[0, 1, .* are NaN/inf although their logits are "
+                                         r"finite; non-finite weights in blocks.0.attn.W_Q"):
+        compute_pefs(model, tokens, space, Target(classes=TopK(3)), nnz=30, progress=False)

@@ -21,7 +21,7 @@ from .. import distributed
 from ..adapters import ModelAdapter, as_adapter
 from ..examples import Examples, TokensLike
 from ..params import ParamSpace
-from ..store import ShardStore, load_tensors, save_tensors, tensor_fingerprint, versions
+from ..store import FormatError, ShardStore, load_tensors, save_tensors, tensor_fingerprint, versions
 from ..targets import ClassRule, Target, TopK
 from .containers import (
     PEFS_FORMAT,
@@ -116,6 +116,7 @@ def _batch_pefs(
             for c in range(k):  # (class c, parameter j) has joint index c * size + j
                 top.add(factors[:, c], c * space.size + start)
         del factors, diagonal
+    _check_finite(trace, index, adapter)
     if kind == "diagonal":
         values, indices = top.result()  # descending
         rows = {"values": values, "indices": indices, "norms": sum_sq.sqrt()}
@@ -143,6 +144,18 @@ def _batch_pefs(
     return rows
 
 
+def _check_finite(trace: Float64[Tensor, " b"], index: Int[Tensor, " b"], adapter: ModelAdapter) -> None:
+    """Refuse NaN/inf Fishers at once, naming the examples and the weights that are not finite (the logits can
+    stay finite: TransformerLens turns NaN attention patterns into zeros)."""
+    bad = ~torch.isfinite(trace)
+    if bad.any():
+        weights = [name for name, p in adapter.named_parameters().items() if not torch.isfinite(p).all()]
+        cause = (f"non-finite weights in {', '.join(weights[:5])}" if weights else
+                 "all weights are finite, so look for overflow (float16?) or a non-finite input to the model")
+        raise ValueError(f"the Fishers of examples {index[bad.cpu()].tolist()[:10]} are NaN/inf although their "
+                         f"logits are finite; {cause}")
+
+
 class _Rows:
     """The rows of ``n`` examples, written batch by batch into CPU tensors allocated at the first batch (no
     per-batch pieces to concatenate afterwards: that copy cost as much as sorting the rows). ``dtypes``:
@@ -164,12 +177,44 @@ def _open_store(store, config: dict, n: int, shard_size: int) -> ShardStore | No
     """The shard store, created (or checked) by rank 0 before the other ranks open it."""
     if store is None:
         return None
-    if distributed.rank() == 0:
+    if distributed.rank() == 0:  # rank 0 holds the store's lock for all ranks
         sink = ShardStore(store, PEFS_FORMAT, config, n, shard_size)
+        if sink.meta.get("complete"):
+            _reopen_if_damaged(sink)
     distributed.barrier()
     if distributed.rank() > 0:
-        sink = ShardStore(store, PEFS_FORMAT, config, n, shard_size)
+        sink = ShardStore(store, PEFS_FORMAT, config, n, shard_size, lock=False)
     return sink
+
+
+def _reopen_if_damaged(sink: ShardStore) -> None:
+    """A finished store with shards (or its dataset Fisher) missing or corrupt stops claiming to be complete, so
+    that this run recomputes what is damaged. Recomputed shards equal the lost ones (the store pins the model and
+    the examples), so the saved dataset Fisher stays valid; without it, every shard is recomputed for its sum."""
+    damaged = []
+    for j in range(len(sink.ranges)):
+        try:
+            if sink.is_done(j):
+                sink.read(j)
+                continue
+        except FormatError as error:
+            logger.warning("%s", error)
+            sink.shard_path(j).unlink()
+        damaged.append(j)
+    fisher = sink.path / "dataset_fisher.safetensors"
+    try:
+        fisher_ok = load_tensors(fisher) is not None
+    except FormatError as error:
+        logger.warning("%s", error)
+        fisher.unlink(missing_ok=True)
+        fisher_ok = False
+    if not fisher_ok:
+        damaged = list(range(len(sink.ranges)))
+        for j in damaged:
+            sink.shard_path(j).unlink(missing_ok=True)
+    if damaged:
+        logger.warning("PEF store %s: recomputing shards %s, which are missing or corrupt", sink.path, damaged[:10])
+        sink.reopen()
 
 
 def compute_pefs(
@@ -248,63 +293,70 @@ def compute_pefs(
         raise ValueError("under torch.distributed, compute_pefs needs store= (a directory every rank can reach): "
                          "each rank writes its own shards there")
     sink = _open_store(store, config, n, shard_size)
-    if sink and sink.meta.get("complete"):
-        logger.info("PEF store %s is complete; loading it", store)
-        return load_pefs(store)
+    try:
+        if sink and sink.meta.get("complete"):
+            logger.info("PEF store %s is complete; loading it", store)
+            return load_pefs(store)
 
-    shard_size = sink.shard_size if sink else shard_size
-    ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
-    todo = [j for j in range(len(ranges)) if not (sink and sink.is_done(j))]
-    distributed.barrier()  # every rank lists the unfinished shards before any rank finishes one
-    mine = set(todo[distributed.rank():: distributed.world_size()])  # finished shards are never recomputed
-    stored = {"values": dtype, "indices": torch.int32 if space.size < 2**31 else torch.int64}
-    everything = None if sink else _Rows(n, stored)  # without a store: one set of tensors for all examples
-    fisher_sums = []
-    workspace = Workspace()
-    with tqdm(total=sum(ranges[j][1] - ranges[j][0] for j in mine), desc=f"{kind} PEFs", unit="ex",
-              disable=not progress or distributed.rank() > 0) as bar:
-        for j, (shard_start, shard_stop) in enumerate(ranges):
-            if j not in mine:
-                continue
-            rows = everything or _Rows(shard_stop - shard_start, stored)
-            first_row = 0 if everything else shard_start
-            fisher_sum = torch.zeros(space.size, dtype=torch.float64, device=adapter.device)
-            for start in range(shard_start, shard_stop, batch_size):
-                index = torch.arange(start, min(start + batch_size, shard_stop))
-                batch = _batch_pefs(
-                    adapter, space, examples, index, target, kind, nnz, n_top_logits, store_logits, method, workspace,
-                    fisher_sum,
-                )
-                if answers is not None:
-                    batch["per_example.answer"] = answers[index]
-                rows.put(start - first_row, batch)
-                bar.update(len(index))
-            if sink:  # the partial Fisher sum first: a shard file on disk means the shard is complete
-                save_tensors({"fisher_sum": fisher_sum}, sink.shard_path(j, "fisher_sum"))
-                sink.write(j, rows.tensors)
-            else:
-                fisher_sums.append(fisher_sum)
+        shard_size = sink.shard_size if sink else shard_size
+        ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+        todo = [j for j in range(len(ranges)) if not (sink and sink.is_done(j))]
+        distributed.barrier()  # every rank lists the unfinished shards before any rank finishes one
+        mine = set(todo[distributed.rank():: distributed.world_size()])  # finished shards are never recomputed
+        stored = {"values": dtype, "indices": torch.int32 if space.size < 2**31 else torch.int64}
+        everything = None if sink else _Rows(n, stored)  # without a store: one set of tensors for all examples
+        fisher_sums = []
+        workspace = Workspace()
+        with tqdm(total=sum(ranges[j][1] - ranges[j][0] for j in mine), desc=f"{kind} PEFs", unit="ex",
+                  disable=not progress or distributed.rank() > 0) as bar:
+            for j, (shard_start, shard_stop) in enumerate(ranges):
+                if j not in mine:
+                    continue
+                rows = everything or _Rows(shard_stop - shard_start, stored)
+                first_row = 0 if everything else shard_start
+                fisher_sum = torch.zeros(space.size, dtype=torch.float64, device=adapter.device)
+                for start in range(shard_start, shard_stop, batch_size):
+                    index = torch.arange(start, min(start + batch_size, shard_stop))
+                    batch = _batch_pefs(
+                        adapter, space, examples, index, target, kind, nnz, n_top_logits, store_logits, method, workspace,
+                        fisher_sum,
+                    )
+                    if answers is not None:
+                        batch["per_example.answer"] = answers[index]
+                    rows.put(start - first_row, batch)
+                    bar.update(len(index))
+                if sink:  # the partial Fisher sum first: a shard file on disk means the shard is complete
+                    save_tensors({"fisher_sum": fisher_sum}, sink.shard_path(j, "fisher_sum"))
+                    sink.write(j, rows.tensors)
+                else:
+                    fisher_sums.append(fisher_sum)
 
-    distributed.barrier()  # every rank's shards are on disk
-    dataset_fisher = torch.zeros(space.size, dtype=torch.float64)
-    provenance = {"versions": versions()}
-    if sink and distributed.rank() > 0:
-        distributed.barrier()  # rank 0 completes the store
-        return load_pefs(store)
-    for j in range(len(ranges)):  # summed in shard order, whichever shards (and ranks) computed them
-        partial = load_tensors(sink.shard_path(j, "fisher_sum"))["fisher_sum"] if sink else fisher_sums[j]
-        dataset_fisher += partial.cpu()
-    dataset_fisher /= n
-    if sink:
-        save_tensors({"dataset_fisher": dataset_fisher}, sink.path / "dataset_fisher.safetensors")
-        sink.mark_complete(provenance=provenance)
-        for j in range(len(ranges)):
-            sink.shard_path(j, "fisher_sum").unlink()
-        distributed.barrier()
-        return load_pefs(store)
-    pefs = cls._from_shards([everything.tensors], space, {"config": config, "provenance": provenance})
-    pefs.dataset_fisher = dataset_fisher
-    return pefs
+        distributed.barrier()  # every rank's shards are on disk
+        dataset_fisher = torch.zeros(space.size, dtype=torch.float64)
+        provenance = {"versions": versions()}
+        if sink and distributed.rank() > 0:
+            distributed.barrier()  # rank 0 completes the store
+            return load_pefs(store)
+        sums = [sink.shard_path(j, "fisher_sum") for j in range(len(ranges))] if sink else []
+        if sink and not all(path.is_file() for path in sums):  # shards recomputed in a finished store
+            dataset_fisher = load_tensors(sink.path / "dataset_fisher.safetensors")["dataset_fisher"]
+        else:
+            for j in range(len(ranges)):  # summed in shard order, whichever shards (and ranks) computed them
+                dataset_fisher += (load_tensors(sums[j])["fisher_sum"] if sink else fisher_sums[j]).cpu()
+            dataset_fisher /= n
+        if sink:
+            save_tensors({"dataset_fisher": dataset_fisher}, sink.path / "dataset_fisher.safetensors")
+            sink.mark_complete(provenance=provenance, dataset_fisher=True)
+            for path in sums:
+                path.unlink(missing_ok=True)
+            distributed.barrier()
+            return load_pefs(store)
+        pefs = cls._from_shards([everything.tensors], space, {"config": config, "provenance": provenance})
+        pefs.dataset_fisher = dataset_fisher
+        return pefs
+    finally:
+        if sink:
+            sink.close()  # the store's lock goes, whatever happened
 
 
 def fisher_traces(

@@ -107,11 +107,11 @@ class PEFs(ABC):
     def save(self, path: str | os.PathLike) -> Path:
         """Save as a directory (metadata.json + safetensors), replacing ``path`` atomically."""
         with atomic_directory(path) as tmp:
-            store = ShardStore(tmp, PEFS_FORMAT, self._store_config(), len(self), max(len(self), 1))
+            store = ShardStore(tmp, PEFS_FORMAT, self._store_config(), len(self), max(len(self), 1), lock=False)
             store.write(0, self._shard_tensors())
             if self.dataset_fisher is not None:
                 save_tensors({"dataset_fisher": self.dataset_fisher}, tmp / "dataset_fisher.safetensors")
-            store.mark_complete(provenance=self.provenance)
+            store.mark_complete(provenance=self.provenance, dataset_fisher=self.dataset_fisher is not None)
         return Path(path)
 
     def _store_config(self) -> dict[str, Any]:
@@ -375,10 +375,11 @@ def load_pefs(path: str | os.PathLike) -> DiagonalPEFs | LowRankPEFs:
         raise FormatError(f"{path}/metadata.json does not describe PEFs (kind {config.get('kind')!r})")
     cls = classes[config["kind"]]
     space = ParamSpace.from_dict(config["space"])
-    store = ShardStore(path, PEFS_FORMAT, config, meta["n_examples"], meta["shard_size"])
+    store = ShardStore(path, PEFS_FORMAT, config, meta["n_examples"], meta["shard_size"], lock=False)
     missing = [j for j in range(len(store.ranges)) if not store.is_done(j)]
     if missing:
-        raise FormatError(f"{path} is marked complete but shards {missing[:10]} are missing")
+        raise FormatError(f"{path} is marked complete but shards {missing[:10]} are missing; re-run "
+                          f"compute_pefs(..., store={str(path)!r}) with the same arguments to recompute them")
     shards = [store.read(j) for j in range(len(store.ranges))]
     try:
         pefs = cls._from_shards(shards, space, meta)
@@ -387,6 +388,9 @@ def load_pefs(path: str | os.PathLike) -> DiagonalPEFs | LowRankPEFs:
     if len(pefs) != meta["n_examples"] or pefs.nnz != config.get("nnz"):
         raise FormatError(f"{path}: the shards hold {len(pefs)} x {pefs.nnz} entries, metadata says otherwise")
     fisher_file = Path(path) / "dataset_fisher.safetensors"
-    if fisher_file.exists():
+    if meta.get("dataset_fisher", fisher_file.exists()):  # stores older than the flag: the file decides
+        if not fisher_file.exists():
+            raise FormatError(f"{fisher_file} is missing, though the store was saved with it; re-run "
+                              f"compute_pefs(..., store={str(path)!r}) with the same arguments to recompute it")
         pefs.dataset_fisher = load_tensors(fisher_file)["dataset_fisher"]
     return pefs

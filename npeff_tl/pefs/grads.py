@@ -242,32 +242,36 @@ def per_example_grads(
             "model_sha256": tensor_fingerprint(list(adapter.named_parameters().values())),
         }
         sink = ShardStore(store, GRADS_FORMAT, config, len(examples), shard_size)
-    ranges = sink.ranges if sink else [(0, len(examples))]
-    with tqdm(total=len(examples), desc="per-example grads", disable=not progress, unit="ex") as bar:
-        for j, (shard_start, shard_stop) in enumerate(ranges):
-            if sink and sink.is_done(j):
-                done = sink.read(j)
-                yield GradBlock(shard_start, shard_stop, done["grads"], done["outputs"])
-                bar.update(shard_stop - shard_start)
-                continue
-            blocks = []
-            for start in range(shard_start, shard_stop, batch_size):
-                stop = min(start + batch_size, shard_stop)
-                index = torch.arange(start, stop)
-                pieces, outputs = batch_grads(
-                    adapter, space, examples, index, objective, _map(aux, lambda c: c[index]), method, workspace
-                )
-                grads = torch.empty(stop - start, outputs.shape[1], space.size, dtype=outputs.dtype, device=outputs.device)
-                for name, piece in pieces:
-                    grads[..., slice(*space.offsets[name])] = piece
-                block = GradBlock(start, stop, grads, outputs)
+    try:
+        ranges = sink.ranges if sink else [(0, len(examples))]
+        with tqdm(total=len(examples), desc="per-example grads", disable=not progress, unit="ex") as bar:
+            for j, (shard_start, shard_stop) in enumerate(ranges):
+                if sink and sink.is_done(j):
+                    done = sink.read(j)
+                    yield GradBlock(shard_start, shard_stop, done["grads"], done["outputs"])
+                    bar.update(shard_stop - shard_start)
+                    continue
+                blocks = []
+                for start in range(shard_start, shard_stop, batch_size):
+                    stop = min(start + batch_size, shard_stop)
+                    index = torch.arange(start, stop)
+                    pieces, outputs = batch_grads(
+                        adapter, space, examples, index, objective, _map(aux, lambda c: c[index]), method, workspace
+                    )
+                    grads = torch.empty(stop - start, outputs.shape[1], space.size, dtype=outputs.dtype, device=outputs.device)
+                    for name, piece in pieces:
+                        grads[..., slice(*space.offsets[name])] = piece
+                    block = GradBlock(start, stop, grads, outputs)
+                    if sink:
+                        blocks.append(block)
+                    else:
+                        yield block
+                    bar.update(stop - start)
                 if sink:
-                    blocks.append(block)
-                else:
-                    yield block
-                bar.update(stop - start)
+                    sink.write(j, {"grads": torch.cat([b.grads for b in blocks]), "outputs": torch.cat([b.outputs for b in blocks])})
+                    yield from blocks
             if sink:
-                sink.write(j, {"grads": torch.cat([b.grads for b in blocks]), "outputs": torch.cat([b.outputs for b in blocks])})
-                yield from blocks
+                sink.mark_complete()
+    finally:
         if sink:
-            sink.mark_complete()
+            sink.close()  # the store's lock goes when the generator finishes or is closed
