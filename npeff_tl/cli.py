@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,22 @@ STAGE_HELP = {
     "compare": "SAE, gradient-clustering and activation k-means baselines; the comparison and summary.json",
     "report": "report.html from whatever the directory holds",
     "run": "every stage, then the report",
+}
+STAGE_DETAIL = {
+    "pefs": "Computes the train split's per-example Fishers into DIR/pefs/train_{diagonal,lowrank} (streamed in "
+            "shards: an interrupted run resumes) and writes the examples as text. Config sections: model, data, "
+            "pefs.",
+    "fit": "Fits D-NPEFF and/or LRM-NPEFF into DIR/dnpeff and DIR/lrm_npeff, with the components' coefficients on "
+           "both splits; computes the PEFs first if they are not finished. Config section: fit.",
+    "perturb": "Scales each component's parameter perturbation to a KL target on its top held-out examples and "
+               "measures the KL on other held-out examples; writes DIR/selectivity. Runs pefs and fit first if "
+               "they are not finished. Config section: perturb.",
+    "compare": "Trains the baselines on the same train split and compares every method on the test split into "
+               "DIR/comparison and DIR/summary.json. Runs the "
+               "earlier stages first if they are not finished. Config section: compare.",
+    "report": "Writes DIR/report.html from what the directory holds; it runs no other stage (run `npeff-tl run "
+              "--out DIR` for everything).",
+    "run": "Runs pefs, fit, perturb, compare and report, reusing whatever is finished.",
 }
 
 
@@ -65,7 +80,9 @@ def _demo(args: argparse.Namespace) -> None:
     config.compare.sae_widths = [args.components, 128]
     config.compare.sae_steps = args.sae_steps
     config.compare.oracle_hooks = args.oracle_hooks
-    out = args.out or tempfile.mkdtemp(prefix="npeff-tl-demo-")
+    out = args.out or f"runs/demo-{name}"
+    if not args.quiet:
+        print(f"npeff-tl demo: writing to {out} (re-running this command reuses what is finished there)")
     summary = run_all(out, config, progress=not args.quiet)
     if summary is not None:  # None on the ranks other than 0 of a distributed run
         _print_summary(summary)
@@ -123,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="npeff-tl", description="NPEFF (Non-Negative Per-Example Fisher Factorization) for TransformerLens "
         "models. `npeff-tl demo` runs everything on a shipped zoo model; the stage commands run the same pipeline "
         "on your model and data.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     parser.add_argument("--distributed", action="store_true",
                         help="run the pefs and fit stages on every rank of torchrun (automatic when torchrun sets "
@@ -133,8 +151,8 @@ def _parser() -> argparse.ArgumentParser:
                                description="PEFs, D-NPEFF and LRM-NPEFF, selectivity with controls, SAE / gradient "
                                "clustering / activation k-means baselines, the comparison, summary.json and "
                                "report.html, on a zoo model.")
-    demo.add_argument("--out", help="directory for all artifacts (re-running reuses finished stages); default: a "
-                                    "new temporary directory")
+    demo.add_argument("--out", help="directory for all artifacts (re-running reuses finished stages); default: "
+                                    "runs/demo-MODEL")
     demo.add_argument("--model", default="tasks-2l", help="zoo model (default tasks-2l, the fast one; pycode-4l is "
                                                           "the language model of Python code; see npeff_tl.zoo.list())")
     demo.add_argument("--per-task", type=int, help="train and test examples per task or, for a field model, per "
@@ -149,11 +167,9 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, text in STAGE_HELP.items():
         stage = commands.add_parser(
-            name, help=text, description=f"{text}. Runs the earlier stages that are not finished yet; the "
-            "settings come from --config, else from DIR/config.json, else the defaults (`npeff-tl config`), then "
-            "--set overrides. Model: model.name = zoo:NAME, a checkpoint directory (npeff_tl.save_checkpoint) "
-            "or a TransformerLens name. Data: data.source = zoo, a datasets directory (save_to_disk) or a JSONL "
-            "file of {\"prompt\" or \"tokens\", \"answer\", \"label\"} rows.")
+            name, help=text, description=f"{STAGE_DETAIL[name]} Settings come from "
+            "--config, else DIR/config.json, else the defaults (`npeff-tl config` prints them with what each means), "
+            "then --set overrides.")
         stage.add_argument("--out", required=True, help="the run directory (created if needed; finished work in it "
                                                         "is reused)")
         stage.add_argument("--config", help="settings file (TOML or JSON) with sections model, data, pefs, fit, "
@@ -163,11 +179,24 @@ def _parser() -> argparse.ArgumentParser:
         stage.add_argument("--quiet", action="store_true", help="no progress output")
         stage.set_defaults(handler=_stage)
 
-    config = commands.add_parser("config", help="print the settings (defaults, or a file's, with --set) as TOML")
-    config.add_argument("--config", help="settings file to start from")
-    config.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    config = commands.add_parser(
+        "config", help="print the settings (defaults, or a file's, with --set) as TOML",
+        description="Prints every setting as TOML, each after a comment saying what it means; save it, edit it and "
+                    "pass it to a stage with --config.")
+    config.add_argument("--config", help="settings file (TOML or JSON) to start from instead of the defaults")
+    config.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set pefs.nnz=2048 (repeatable)")
     config.set_defaults(handler=_print_config)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("npeff-tl")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _start_distributed(args)
         args.handler(args)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None) or "the run directory"
+        print(f"\nnpeff-tl: interrupted; finished stages and PEF shards in {out} are kept: run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     except (ValueError, FormatError, LockedError, OSError, json.JSONDecodeError) as error:
         if args.debug:
             raise

@@ -17,13 +17,20 @@ from typing import Any
 DEFAULT_SPACE = ("blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*")
 
 
+def _help(text: str) -> dict[str, str]:
+    """A setting's one-line description, printed as a comment by ``npeff-tl config``."""
+    return {"help": text}
+
+
 @dataclass
 class ModelConfig:
     """``name``: "zoo:NAME" (shipped weights), a local checkpoint directory (``npeff_tl.save_checkpoint``), or a
     TransformerLens model name (``HookedTransformer.from_pretrained``, needs hub access)."""
 
-    name: str = "zoo:tasks-2l"
-    device: str = "cpu"
+    name: str = field(default="zoo:tasks-2l", metadata=_help(
+        "zoo:NAME (shipped weights), a checkpoint directory (npeff_tl.save_checkpoint) or a TransformerLens "
+        "model name"))
+    device: str = field(default="cpu", metadata=_help("torch device, e.g. \"cpu\" or \"cuda\""))
 
 
 @dataclass
@@ -35,18 +42,26 @@ class DataConfig:
     (the strategies an example needs), for the comparison's metrics. The keys name the columns to read.
     Without a test split, ``test_fraction`` of the rows are held out, drawn with ``seed``."""
 
-    source: str = "zoo"
-    per_task: int = 64  # zoo only: train and test examples per task
-    tokens: str = "tokens"
-    prompt: str = "prompt"
-    position: str = "position"
-    answer: str = "answer"
-    label: str = "label"
-    factors: str = "factors"
-    prepend_bos: bool = True  # prompts only
-    test_fraction: float = 0.5
-    max_examples: int | None = None  # per split
-    seed: int = 0
+    source: str = field(default="zoo", metadata=_help(
+        "\"zoo\" (the zoo model's labelled examples), a datasets directory (save_to_disk) or a JSONL file"))
+    per_task: int = field(default=64, metadata=_help(
+        "zoo only: train and test examples per task (or per stratum of a field model)"))
+    tokens: str = field(default="tokens", metadata=_help("column of token ids"))
+    prompt: str = field(default="prompt", metadata=_help(
+        "column of text, tokenized with the model's tokenizer (when a row has no token ids)"))
+    position: str = field(default="position", metadata=_help("column of the target position (default: the last token)"))
+    answer: str = field(default="answer", metadata=_help(
+        "column of the answer: a token id or a one-token string (default: the model's prediction)"))
+    label: str = field(default="label", metadata=_help(
+        "column of the ground-truth strategy, for the comparison's metrics (optional)"))
+    factors: str = field(default="factors", metadata=_help(
+        "column of the list of strategies an example needs, for multi-factor recall (optional)"))
+    prepend_bos: bool = field(default=True, metadata=_help("prompts only: prepend the BOS token"))
+    test_fraction: float = field(default=0.5, metadata=_help(
+        "share of rows held out when the source has no test split"))
+    max_examples: int | None = field(default=None, metadata=_help(
+        "at most this many examples per split (not set: all)"))
+    seed: int = field(default=0, metadata=_help("seeds the train/test split of a source without one"))
 
 
 @dataclass
@@ -55,33 +70,44 @@ class PEFConfig:
     at most ``k`` classes) or "sampled" (``k`` samples drawn with ``seed``)), sparsity and batch size (or a
     memory budget that picks it: ``npeff_tl.memory``)."""
 
-    include: list[str] = field(default_factory=lambda: list(DEFAULT_SPACE))
-    exclude: list[str] = field(default_factory=list)
-    classes: str = "top_k"
-    k: int = 4
-    threshold: float = 0.05
-    nnz: int = 4096
-    batch_size: int = 16
-    memory_budget_gb: float | None = None  # if set: the largest batch size whose memory estimate fits
-    seed: int = 0
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_SPACE), metadata=_help(
+        "parameters the PEFs cover: TransformerLens name globs"))
+    exclude: list[str] = field(default_factory=list, metadata=_help("globs removed from include"))
+    classes: str = field(default="top_k", metadata=_help(
+        "class rule: \"top_k\" (the k likeliest), \"threshold\" (p >= threshold, at most k) or \"sampled\" (k "
+        "draws)"))
+    k: int = field(default=4, metadata=_help("classes per example for the class rule"))
+    threshold: float = field(default=0.05, metadata=_help("probability threshold of the \"threshold\" rule"))
+    nnz: int = field(default=4096, metadata=_help(
+        "entries kept per example; at most the parameters (classes x parameters for low-rank PEFs)"))
+    batch_size: int = field(default=16, metadata=_help("examples per batch (peak memory grows with it)"))
+    memory_budget_gb: float | None = field(default=None, metadata=_help(
+        "if set: the largest batch size whose memory estimate fits this budget"))
+    seed: int = field(default=0, metadata=_help("seeds the \"sampled\" class rule"))
 
 
 @dataclass
 class FitConfig:
-    methods: list[str] = field(default_factory=lambda: ["dnpeff", "lrm_npeff"])
-    components: int = 16
-    seed: int = 0
+    methods: list[str] = field(default_factory=lambda: ["dnpeff", "lrm_npeff"], metadata=_help(
+        "decompositions to fit: \"dnpeff\" (diagonal PEFs) and/or \"lrm_npeff\" (low-rank PEFs)"))
+    components: int = field(default=16, metadata=_help("components per decomposition (and per baseline)"))
+    seed: int = field(default=0, metadata=_help("seeds the initialisation"))
 
 
 @dataclass
 class PerturbConfig:
     """Held-out selectivity of the NPEFF components, with random controls (``SelectivityConfig``)."""
 
-    n_top: int = 20
-    n_baseline: int = 200
-    kl_targets: list[float] = field(default_factory=lambda: [0.5, 0.1])
-    components: int = 16  # per method, those with the largest training mass
-    seed: int = 0
+    n_top: int = field(default=20, metadata=_help(
+        "held-out examples with the largest coefficients per component (the top set)"))
+    n_baseline: int = field(default=200, metadata=_help(
+        "other held-out examples per component (the baseline set); n_top + n_baseline must not exceed the "
+        "test split"))
+    kl_targets: list[float] = field(default_factory=lambda: [0.5, 0.1], metadata=_help(
+        "mean KL (nats) on the top set that a perturbation is scaled to"))
+    components: int = field(default=16, metadata=_help(
+        "components measured per method: those with the most training mass"))
+    seed: int = field(default=0, metadata=_help("seeds the baseline sets and the random-direction controls"))
 
 
 @dataclass
@@ -92,16 +118,21 @@ class CompareConfig:
     also gets a row ``<name>_oracle_hook`` whose hook is chosen among ``hooks`` by train-split AMI against the
     labels: an advantage NPEFF never gets, reported as such."""
 
-    sae_widths: list[int] = field(default_factory=lambda: [16, 128])
-    sae_k: list[int] = field(default_factory=lambda: [4, 8])
-    sae_steps: int = 1000
-    hook: str = ""  # default: blocks.{n_layers // 2}.hook_resid_pre
-    oracle_hooks: bool = False
-    hooks: list[str] = field(default_factory=list)  # oracle candidates; default: every hook_resid_pre, last resid_post
-    gradient_clustering: bool = True
-    activation_kmeans: bool = True
-    selectivity: bool = True
-    seed: int = 0
+    sae_widths: list[int] = field(default_factory=lambda: [16, 128], metadata=_help(
+        "SAE widths (features), one SAE each"))
+    sae_k: list[int] = field(default_factory=lambda: [4, 8], metadata=_help("TopK k of each SAE width"))
+    sae_steps: int = field(default=1000, metadata=_help("SAE training steps"))
+    hook: str = field(default="", metadata=_help(
+        "hook the SAEs and k-means read (empty: the residual stream entering the middle block)"))
+    oracle_hooks: bool = field(default=False, metadata=_help(
+        "also rows whose hook is chosen with the labels (an oracle advantage)"))
+    hooks: list[str] = field(default_factory=list, metadata=_help(
+        "candidate hooks for oracle_hooks (empty: every hook_resid_pre and the last hook_resid_post)"))
+    gradient_clustering: bool = field(default=True, metadata=_help("include gradient clustering"))
+    activation_kmeans: bool = field(default=True, metadata=_help("include activation k-means"))
+    selectivity: bool = field(default=True, metadata=_help(
+        "measure the baselines' selectivity where they can intervene"))
+    seed: int = field(default=0, metadata=_help("seeds the baselines"))
 
 
 @dataclass
@@ -190,11 +221,15 @@ def _checked(name: str, default: Any, value: Any, annotation: str) -> Any:
 
 
 def to_toml(config: RunConfig) -> str:
-    """The settings as a TOML file that ``load_config`` reads back (None values become comments)."""
+    """The settings as a TOML file that ``load_config`` reads back, each after a comment saying what it means
+    (None values become comments)."""
     lines = []
-    for section, entries in config.to_dict().items():
-        lines.append(f"[{section}]")
-        for key, value in entries.items():
-            lines.append(f"# {key} =  (not set)" if value is None else f"{key} = {json.dumps(value)}")
+    for section in dataclasses.fields(config):
+        lines.append(f"[{section.name}]")
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            lines.append(f"# {f.metadata.get('help', '')}")
+            lines.append(f"# {f.name} =  (not set)" if value is None else f"{f.name} = {json.dumps(value)}")
         lines.append("")
     return "\n".join(lines)

@@ -54,14 +54,21 @@ class DirectoryLock:
         if fcntl is None or self._fd is not None:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _file_mode())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise LockedError(f"another run is writing to {self.path.parent} (pid {holder}); wait for it to "
+                                  "finish, or use another directory") from None
+            try:  # the file we locked may have been released and removed meanwhile: then lock the new one
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise LockedError(f"another run is writing to {self.path.parent} (pid {holder}); wait for it to finish, or "
-                              "use another directory") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -69,6 +76,7 @@ class DirectoryLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # before the unlock, so no one locks a file about to vanish
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
@@ -216,6 +224,13 @@ class ShardStore:
         self.lock = DirectoryLock(self.path)
         if lock:  # one writer; held until close()
             self.lock.acquire()
+        try:
+            self._open(fmt, config, n_examples, shard_size)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, fmt: str, config: Mapping[str, Any], n_examples: int, shard_size: int) -> None:
         self.n_examples, self.shard_size = n_examples, shard_size
         config = json_normal(dict(config))
         layout = {"n_examples": n_examples, "shard_size": shard_size}

@@ -202,3 +202,39 @@ def test_an_nnz_beyond_the_space_is_refused_like_the_api_and_a_short_machine_is_
     assert main(["pefs", "--out", str(tmp_path / "short"), "--quiet", "--set", "data.per_task=2",
                  "--set", 'fit.methods=["dnpeff"]', "--set", "pefs.nnz=64"]) == 0
     assert "the diagonal PEFs: about" in caplog.text and "but only 1.0 KiB available" in caplog.text
+
+
+def test_version_help_texts_and_an_interrupt_are_what_a_user_needs(capsys, monkeypatch, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("npeff-tl ")
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    report_help = " ".join(capsys.readouterr().out.split())
+    assert "it runs no other stage" in report_help and "Runs the earlier stages" not in report_help
+    descriptions = set()
+    for command in ("pefs", "fit", "perturb", "compare", "run"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        descriptions.add(capsys.readouterr().out.split("options:")[0].split("\n", 2)[-1])
+    assert len(descriptions) == 5  # no shared boilerplate standing in for what each stage does
+    import npeff_tl.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_stages", interrupted)
+    assert main(["pefs", "--out", str(tmp_path / "run"), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"npeff-tl: interrupted; finished stages and PEF shards in {tmp_path / 'run'} are kept: run the "
+                   "same command again to resume")
+
+
+def test_config_explains_every_setting(capsys):
+    assert main(["config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    settings = [i for i, line in enumerate(lines) if line and not line.startswith(("#", "["))]
+    settings += [i for i, line in enumerate(lines) if line.startswith("# ") and " =  (not set)" in line]
+    assert len(settings) > 30
+    for i in settings:
+        assert lines[i - 1].startswith("# ") and len(lines[i - 1]) > 12, lines[i - 1:i + 1]

@@ -248,7 +248,7 @@ def test_corrupt_and_foreign_files_are_reported(model64, tokens, space, tmp_path
     with pytest.raises(FormatError, match="not a directory of saved npeff_tl results"):
         load_pefs(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FormatError, match="missing file .*metadata.json"):
+    with pytest.raises(FormatError, match="empty is not a saved npeff_tl result .npeff_tl.pefs.: it has no metadata.json"):
         load_pefs(tmp_path / "empty")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "metadata.json").write_text(json.dumps({"format": "sae_lens"}))

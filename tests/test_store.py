@@ -46,6 +46,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_pa
     assert len(pefs) == 1
     with DirectoryLock(tmp_path / "store"):  # compute_pefs released it when done
         pass
+    assert not (tmp_path / "store" / ".lock").exists()
 
 
 def test_the_cli_refuses_a_run_folder_another_run_is_writing(tmp_path, capsys):
@@ -69,6 +70,7 @@ def test_a_lock_is_released_when_its_holder_is_done(tmp_path):
     with DirectoryLock(tmp_path):
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     assert time.perf_counter() - start < 5
+    assert not (tmp_path / ".lock").exists()  # a released lock leaves nothing behind
 
 
 def _damage(path, n=64):
@@ -128,3 +130,14 @@ def test_saved_tensor_files_are_checksummed_and_foreign_folders_say_what_they_la
     with pytest.raises(nt.FormatError, match="has no metadata.json. A saved result is a directory of metadata.json and "
                                              ".safetensors files"):
         nt.load_pefs(tmp_path / "notes")
+
+
+def test_progress_after_a_resume_counts_from_where_the_run_stopped(tmp_path, model64, tokens, capsys):
+    space = nt.ParamSpace(model64, include=["blocks.0.attn.W_Q"])
+    kwargs = {"nnz": 8, "store": tmp_path / "store", "shard_size": 4}
+    nt.compute_pefs(model64, tokens, space, progress=False, **kwargs)
+    (tmp_path / "store" / "shard_00002.safetensors").unlink()  # the last 2 of 10 examples
+    capsys.readouterr()
+    nt.compute_pefs(model64, tokens, space, progress=True, **kwargs)
+    bar = capsys.readouterr().err
+    assert "8/10" in bar and "10/10" in bar and "0/2" not in bar, bar

@@ -180,7 +180,11 @@ def _open_store(store, config: dict, n: int, shard_size: int) -> ShardStore | No
     if distributed.rank() == 0:  # rank 0 holds the store's lock for all ranks
         sink = ShardStore(store, PEFS_FORMAT, config, n, shard_size)
         if sink.meta.get("complete"):
-            _reopen_if_damaged(sink)
+            try:
+                _reopen_if_damaged(sink)
+            except BaseException:
+                sink.close()
+                raise
     distributed.barrier()
     if distributed.rank() > 0:
         sink = ShardStore(store, PEFS_FORMAT, config, n, shard_size, lock=False)
@@ -307,7 +311,9 @@ def compute_pefs(
         everything = None if sink else _Rows(n, stored)  # without a store: one set of tensors for all examples
         fisher_sums = []
         workspace = Workspace()
-        with tqdm(total=sum(ranges[j][1] - ranges[j][0] for j in mine), desc=f"{kind} PEFs", unit="ex",
+        remaining = sum(ranges[j][1] - ranges[j][0] for j in mine)
+        resumed = n - remaining if distributed.world_size() == 1 else 0  # a resumed run starts where it stopped
+        with tqdm(total=remaining + resumed, initial=resumed, desc=f"{kind} PEFs", unit="ex",
                   disable=not progress or distributed.rank() > 0) as bar:
             for j, (shard_start, shard_stop) in enumerate(ranges):
                 if j not in mine:
