@@ -84,6 +84,11 @@ class ModelAdapter(ABC):
         return None
 
     @property
+    def ignores_padding(self) -> bool:
+        """Whether right-padding can never change a prediction (causal attention); else padded batches are refused."""
+        return True
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -129,6 +134,10 @@ class HookedTransformerAdapter(ModelAdapter):
     @property
     def vocab_size(self) -> int:
         return int(self.model.cfg.d_vocab)
+
+    @property
+    def ignores_padding(self) -> bool:
+        return getattr(self.model.cfg, "attention_dir", "causal") != "bidirectional"  # TL masks no padding there
 
     def target_logits(
         self,

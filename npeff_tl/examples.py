@@ -32,6 +32,10 @@ class Examples:
     def __len__(self) -> int:
         return int(self.seq_index.shape[0])
 
+    def __repr__(self) -> str:
+        return (f"Examples({len(self)} examples in {self.tokens.shape[0]} sequences of up to {self.tokens.shape[1]} "
+                f"tokens)")
+
     @classmethod
     def from_tokens(
         cls,
@@ -64,6 +68,19 @@ class Examples:
         index = torch.as_tensor(index, dtype=torch.long)
         return Examples(self.tokens, self.lengths, self.seq_index[index], self.position[index])
 
+    def identity(self, index: Int[Tensor, " k"] | Sequence[int]) -> Int[Tensor, " k"]:
+        """A 63-bit key per example from its own tokens and target position, not its place in this collection:
+        seeded rules (``Sampled``) draw the same classes for an example however the examples are subset,
+        ordered or batched."""
+        keys = []
+        for i in torch.as_tensor(index, dtype=torch.long).tolist():
+            seq, position = int(self.seq_index[i]), int(self.position[i])
+            digest = hashlib.blake2b(digest_size=8)
+            digest.update(self.tokens[seq, : int(self.lengths[seq])].to(torch.int64).cpu().numpy().tobytes())
+            digest.update(position.to_bytes(8, "little", signed=True))
+            keys.append(int.from_bytes(digest.digest(), "little") >> 1)
+        return torch.tensor(keys, dtype=torch.long)
+
     def check_vocabulary(self, vocab_size: int) -> None:
         """Raise a ``ValueError`` naming the first real token id outside 0..vocab_size-1 (an embedding lookup would
         fail far from the cause, or silently read another row on some devices)."""
@@ -93,6 +110,11 @@ class LabeledExamples:
     answers: Int[Tensor, " n_examples"] | None = None
     labels: Sequence[str] | None = None  # stored as a tuple
     factors: Sequence[Sequence[str]] | None = None  # stored as a tuple of tuples
+
+    def __repr__(self) -> str:
+        known = [name for name in ("answers", "labels", "factors") if getattr(self, name) is not None]
+        groups = f", {len(set(self.labels))} labels" if self.labels is not None else ""
+        return f"LabeledExamples({len(self)} examples{groups}; with {', '.join(known) or 'nothing else'})"
 
     def __post_init__(self):
         n = len(self.examples)

@@ -47,7 +47,8 @@ class ClassRule(ABC):
 
     @abstractmethod
     def select(self, logits: Float[Tensor, "batch vocab"], example_ids: Int[Tensor, " batch"]) -> ClassSelection:
-        """Class ids, weights and probabilities for a batch of examples (float64)."""
+        """Class ids, weights and probabilities for a batch of examples (float64). ``example_ids`` are keys of
+        the examples themselves (``Examples.identity``), which seeded rules draw from."""
 
     def log_probs(self, logits: Float[Tensor, "*batch vocab"]) -> Float[Tensor, "*batch vocab"]:
         """Log-probabilities of the distribution whose Fisher is taken (differentiable, vmap-safe)."""

@@ -121,3 +121,33 @@ def test_token_ids_outside_the_vocabulary_are_refused_where_they_enter_the_api(m
         nt.KLProbe(model64, nt.Examples.from_tokens(bad))
     with pytest.raises(ValueError, match="answer -3 .example 1. is not a token id"):
         nt.compute_pefs(model64, [[1, 2], [3, 4]], space, answers=torch.tensor([1, -3]), progress=False)
+
+
+def test_sampled_classes_follow_the_example_not_its_place_in_the_call(model64):
+    space = nt.ParamSpace(model64, include=["blocks.0.attn.W_Q"])
+    tokens = torch.randint(0, 23, (6, 7), generator=torch.Generator().manual_seed(5))
+    target = Target(classes=Sampled(4, seed=1))
+    whole = nt.compute_pefs(model64, tokens, space, target, "lowrank", nnz=16, progress=False)
+    alone = nt.compute_pefs(model64, tokens[[3]], space, target, "lowrank", nnz=16, progress=False)
+    subset = nt.compute_pefs(model64, Examples.from_tokens(tokens).subset([5, 3]), space, target, "lowrank", nnz=16,
+                             progress=False)
+    for other, row in ((alone, 0), (subset, 1)):
+        assert torch.equal(other.per_example["class_ids"][row], whole.per_example["class_ids"][3])
+        assert torch.allclose(other.values[row], whole.values[3], rtol=1e-10, atol=1e-14)  # batch rounding
+    keys = Examples.from_tokens(tokens).identity(range(6))
+    assert len(set(keys.tolist())) == 6 and (keys >= 0).all()
+
+
+def test_examples_print_briefly_and_padded_bidirectional_models_are_refused():
+    from conftest import make_model
+
+    examples = Examples.from_tokens(torch.randint(0, 20, (300, 50)))
+    assert repr(examples) == "Examples(300 examples in 300 sequences of up to 50 tokens)"
+    labeled = nt.LabeledExamples(examples, labels=["a", "b"] * 150)
+    assert repr(labeled) == "LabeledExamples(300 examples, 2 labels; with labels)"
+    model = make_model()
+    model.cfg.attention_dir = "bidirectional"
+    space = nt.ParamSpace(model, include=["blocks.0.attn.W_Q"])
+    with pytest.raises(ValueError, match="padded to different lengths, and the model attends in both directions"):
+        nt.compute_pefs(model, [[1, 2, 3], [1, 2]], space, nnz=4, progress=False)
+    assert len(nt.compute_pefs(model, [[1, 2, 3], [3, 2, 1]], space, nnz=4, progress=False)) == 2

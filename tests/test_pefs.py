@@ -167,7 +167,8 @@ def test_container_operations(model64, tokens, space):
     joined = LowRankPEFs.concatenate(parts)
     assert torch.equal(joined.values, pefs.values) and torch.equal(joined.col_offsets, pefs.col_offsets)
     assert torch.allclose(joined.dataset_fisher, pefs.dataset_fisher)
-    csr, row_offsets = pefs.to_csr()
+    csr, row_offsets = pefs.to_csr(), pefs.row_offsets
+    assert csr.layout == DiagonalPEFs.from_dense(pefs.to_dense()[:, 0].square()).to_csr().layout == torch.sparse_csr
     dense = pefs.to_dense()
     assert torch.equal(row_offsets[1:] - row_offsets[:-1], pefs.ranks)
     rows = torch.cat([dense[i, : pefs.ranks[i]] for i in range(len(pefs))])

@@ -87,7 +87,7 @@ def _batch_pefs(
                 f"the model produced NaN/inf logits for examples {index[bad.cpu()].tolist()[:10]}; "
                 "check the weights (and the dtype: float16 overflows easily)"
             )
-        selection = rule.select(logits, index.to(logits.device))
+        selection = rule.select(logits, examples.identity(index).to(logits.device))
         seen.update(logits=logits, selection=selection)
         return ClassLogProbs(selection.class_ids, rule, scale=selection.weights.sqrt())  # padding: weight 0
 

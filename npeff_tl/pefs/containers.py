@@ -263,17 +263,24 @@ class LowRankPEFs(PEFs):
         """(row, column, value) of every stored entry of a real class, in storage order (example by example),
         and row_offsets: one row per (example, class) for the first ``ranks[i]`` classes of each example;
         example i owns rows row_offsets[i]:row_offsets[i + 1]."""
-        row_offsets = torch.zeros(len(self) + 1, dtype=torch.long)
-        row_offsets[1:] = self.ranks.long().cumsum(0)
+        row_offsets = self.row_offsets
         classes = self._class_of_entry()
         real = classes < self.ranks[:, None]  # entries of padding classes are zeros; they get no row
         rows = (row_offsets[:-1, None] + classes)[real]
         return rows, self.indices.long()[real], self.values[real], row_offsets
 
-    def to_csr(self) -> tuple[Float[Tensor, "rows size"], Int[Tensor, " n_plus_1"]]:
-        """(A, row_offsets): A has the rows of ``entries``, column indices sorted within each row."""
+    def to_csr(self) -> Float[Tensor, "rows size"]:
+        """A torch sparse CSR matrix of the factor rows (one row per example and real class, as in ``entries``;
+        ``row_offsets`` says which rows are whose), column indices sorted within each row."""
         rows, cols, values, row_offsets = self.entries()
-        return sorted_csr(rows, cols, values, (int(row_offsets[-1]), self.space.size)), row_offsets
+        return sorted_csr(rows, cols, values, (int(row_offsets[-1]), self.space.size))
+
+    @property
+    def row_offsets(self) -> Int[Tensor, " n_plus_1"]:
+        """Example i owns the factor rows row_offsets[i]:row_offsets[i + 1] of ``to_csr()`` (its ``ranks[i]`` classes)."""
+        offsets = torch.zeros(len(self) + 1, dtype=torch.long)
+        offsets[1:] = self.ranks.long().cumsum(0)
+        return offsets
 
     def to_dense(self) -> Float[Tensor, "n k size"]:
         """The sparsified factors U_i as a dense [n, max_rank, size] tensor."""

@@ -57,6 +57,10 @@ def as_examples(examples: Examples | TokensLike, position: Position | None = Non
                              "the position out (e.g. Target(classes=...)) or build the Examples with it")
     if adapter is not None and adapter.vocab_size is not None:
         examples.check_vocabulary(adapter.vocab_size)
+    if adapter is not None and not adapter.ignores_padding and bool((examples.lengths < examples.tokens.shape[1]).any()):
+        raise ValueError("these sequences are padded to different lengths, and the model attends in both directions "
+                         "without a padding mask, so the padding would change its predictions; give sequences of "
+                         "one length (or one sequence per call)")
     return examples
 
 

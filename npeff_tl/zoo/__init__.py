@@ -144,5 +144,7 @@ def load_model(name: str, device: str | torch.device = "cpu", directory: Path | 
 
 
 def load(name: str, device: str | torch.device = "cpu", n_train: int = 256, n_test: int = 128):
-    """(model, data) for zoo entry ``name``: the shipped weights and its tasks' examples."""
+    """(model, data) for zoo entry ``name``: the shipped weights and its examples. ``n_train`` and ``n_test``
+    count examples *per task* (task models) or *per label stratum* (field models), so a split holds that many
+    times the number of tasks or strata."""
     return load_model(name, device), dataset(name, n_train, n_test)
