@@ -272,16 +272,30 @@ def _measure(run: Run, dictionary) -> None:
     from .selectivity import measure_selectivity
 
     path = run.out / "selectivity" / dictionary.name
-    if (path / "selectivity.json").exists():
-        return
-    run.save_coefficients(dictionary)
-    own_space = isinstance(dictionary, ParameterDictionary) and dictionary.space != run.space
-    traces = None if own_space else run.test_traces
-    mass = torch.as_tensor(dictionary.train_coefficients).double().sum(0)
-    components = mass.topk(min(run.config.perturb.components, len(mass))).indices.sort().values.tolist()
-    measure_selectivity(dictionary, run.data.test, components=components,
-                        coefficients=run.coefficients(dictionary.name)["test"], fisher_traces=traces,
-                        config=_selectivity_config(run), progress=run.progress).save(path)
+    if not (path / "selectivity.json").exists():
+        run.save_coefficients(dictionary)
+        own_space = isinstance(dictionary, ParameterDictionary) and dictionary.space != run.space
+        traces = None if own_space else run.test_traces
+        mass = torch.as_tensor(dictionary.train_coefficients).double().sum(0)
+        components = mass.topk(min(run.config.perturb.components, len(mass))).indices.sort().values.tolist()
+        measure_selectivity(dictionary, run.data.test, components=components,
+                            coefficients=run.coefficients(dictionary.name)["test"], fisher_traces=traces,
+                            config=_selectivity_config(run), progress=run.progress).save(path)
+    if run.writes and not (path / "effects.json").exists():
+        _save_effects(run, dictionary, path)
+
+
+def _save_effects(run: Run, dictionary, path: Path) -> None:
+    """The logit effects of the measured components (``npeff_tl.effects``), with the text of every token named."""
+    from .effects import logit_effects
+    from .selectivity import load_selectivity
+    from .sources import str_tokens
+
+    effects = [e.to_dict() for e in logit_effects(dictionary, run.data.test, load_selectivity(path),
+                                                  run.coefficients(dictionary.name)["test"])]
+    ids = sorted({t for e in effects for key in ("promoted", "suppressed", "before", "after") for t, _ in e[key]})
+    save_json({"effects": effects, "tokens": dict(zip(map(str, ids), str_tokens(run.model, ids)))},
+              path / "effects.json")
 
 
 def stage_perturb(run: Run) -> None:

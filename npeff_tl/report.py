@@ -23,6 +23,9 @@ from .store import load_json, load_tensors
 
 N_EXAMPLES_SHOWN = 8
 MAX_COMPONENTS_SHOWN = 32  # per dictionary (wide SAEs have many features)
+N_BAND_EXAMPLES = 3  # examples shown per lower quantile band of a component's held-out coefficients
+BANDS = ((0.5, 0.75), (0.0, 0.25))  # quantile bands of the positive held-out coefficients, below the top examples
+MIN_ACCURACY_DROP_SHOWN = 0.05  # an accuracy-drop heatmap whose cells all stay below this is left out
 TABLE_FIGURES = {"n_components": "components", "ami": "AMI", "nmi": "NMI", "purity_at_20": "purity@20",
                  "multi_factor_recall": "multi-factor recall", "median_selectivity": "median selectivity",
                  "median_strategy_selectivity": "median strategy selectivity",
@@ -83,6 +86,7 @@ class _Report:
 
         self.decompositions = {m: load_decomposition(out / m) for m in self.config["fit"]["methods"]
                                if (out / m / "metadata.json").exists()}
+        self.effects = {p.parent.name: load_json(p) for p in (out / "selectivity").glob("*/effects.json")}
 
     def _json(self, name: str):
         return load_json(self.out / name) if (self.out / name).exists() else None
@@ -155,8 +159,8 @@ class _Report:
             title = _e(r.get("description") or "")
             body.append(f'<tr class="{"control" if control else "method"}"><td class="name" title="{title}">'
                         f'{_e(r["method"])}</td>{"".join(cells)}</tr>')
-        return (f'<table class="sortable" id="comparison-table"><thead><tr><th class="name sortable">method</th>'
-                f'{header}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+        return (f'<div class="scroll"><table class="sortable" id="comparison-table"><thead><tr>'
+                f'<th class="name sortable">method</th>{header}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
                 '<p class="note">On the test split. Bold: the best method per column. Italic rows: random-direction '
                 'controls of the parameter-space method before the slash. Click a header to sort.</p>')
 
@@ -171,18 +175,18 @@ class _Report:
                            ("norm_selectivity", "normalised coefficient selectivity"),
                            ("norm_strategy_selectivity", "normalised strategy selectivity")):
             rows = []
-            for result in self.selectivity.values():
+            for name, result in self.selectivity.items():
                 first = result.settings["kl_targets"][0]
                 for method in result.methods:
-                    values = [r[key] for r in result.records
-                              if r["method"] == method and r["kl_target"] == first and r.get(key) is not None]
-                    if values:
+                    dots = [(r[key], f"{name}-{r['component']}") for r in result.records
+                            if r["method"] == method and r["kl_target"] == first and r.get(key) is not None]
+                    if dots:
                         rows.append((method if method in self.selectivity else f"{result.methods[0]}/{method}",
-                                     values))
+                                     dots))
             if rows:
                 plots.append(f'<div class="card"><h3>{title} per component (log scale)</h3>{_dot_plot(rows)}</div>')
-        return ('<div class="grid">' + "".join(plots) + '</div><p class="note">One dot per component; the bar is '
-                'the median; the dashed line is 1 (no selectivity).</p>')
+        return ('<div class="grid">' + "".join(plots) + '</div><p class="note">One dot per component (hover for its '
+                'value, click for its card); the bar is the median; the dashed line is 1 (no selectivity).</p>')
 
     # -- heatmaps -------------------------------------------------------------------------------------------
 
@@ -193,10 +197,18 @@ class _Report:
                 continue
             strategy = {r["component"]: r["strategy"] for r in result.records if r["method"] == name}
             labels = [f"{j} ({strategy.get(j) or '?'})" for j in result.components]
+            links = [f"#{name}-{j}" for j in result.components]
+            drop = result.accuracy_drop[name]
+            finite = drop[torch.isfinite(drop)]
+            if finite.numel() and float(finite.abs().max()) >= MIN_ACCURACY_DROP_SHOWN:
+                accuracy = (f'<div><h3>accuracy drop</h3>'
+                            f'{_heat_table(drop, labels, result.strategies, log=False, links=links)}</div>')
+            else:
+                accuracy = (f'<p class="note">Accuracy changes by less than {MIN_ACCURACY_DROP_SHOWN:.0%} for every '
+                            'component and strategy at this KL target, so its heatmap is left out.</p>')
             pair = (f'<div class="heat-pair"><div><h3>mean KL (nats)</h3>'
-                    f'{_heat_table(result.kl_matrix[name], labels, result.strategies, log=True)}</div>'
-                    f'<div><h3>accuracy drop</h3>'
-                    f'{_heat_table(result.accuracy_drop[name], labels, result.strategies, log=False)}</div></div>')
+                    f'{_heat_table(result.kl_matrix[name], labels, result.strategies, log=True, links=links)}</div>'
+                    f'{accuracy}</div>')
             npeff = name in self.config["fit"]["methods"]
             cards.append(f'<details class="component heatmap" id="heatmap-{_e(name)}"{" open" if npeff else ""}>'
                          f'<summary><b>{_e(name)}</b></summary><div class="card">{pair}</div></details>')
@@ -240,26 +252,33 @@ class _Report:
                         records.setdefault(r["component"], {})[r["method"]] = r
             mass = W_train.double().sum(0)
             order = [j for j in mass.argsort(descending=True).tolist() if mass[j] > 0][:MAX_COMPONENTS_SHOWN]
+            largest = torch.bincount(W_test.double().argmax(1)[W_test.double().max(1).values > 0],
+                                     minlength=W_test.shape[1]).double() / max(len(W_test), 1)
             dec = self.decompositions.get(method)
             left_out = int((mass > 0).sum()) - len(order)
             more = f" (the {len(order)} with the most training mass; {left_out} more)" if left_out > 0 else ""
             parts.append(f"<h3>{_e(method)}{more}</h3>")
             for rank, j in enumerate(order):
                 parts.append(self._component(method, dec, j, W_train[:, j], W_test[:, j], records.get(j, {}),
-                                             dec is not None and rank < 2))
+                                             dec is not None and rank < 2, float(largest[j])))
         if not parts:
             return ""
         return ('<div class="toolbar"><button data-toggle-components="open">expand all</button>'
                 '<button data-toggle-components="close">collapse all</button></div>'
                 '<p class="note">Per dictionary, components ordered by training mass: the top held-out examples by '
                 'coefficient (the highlighted token is the target position; the prediction made there follows '
-                'the arrow) and, for NPEFF, where the component\'s Fisher mass sits. A component\'s strategy is '
-                'the label most frequent among its top training examples.</p>' + "".join(parts))
+                'the arrow), examples from lower bands of its held-out coefficients, the distribution of those '
+                'coefficients, what its intervention does to predictions and, for NPEFF, where the component\'s '
+                'Fisher mass sits. A component\'s strategy is the label most frequent among its top training '
+                'examples. Tokens are not shaded by attribution: an NPEFF coefficient comes from a non-negative fit '
+                'to the example\'s whole Fisher, not from a differentiable read-out of the tokens, so it has no '
+                'per-token gradient to show; the logit effects say instead what the component does.</p>'
+                + "".join(parts))
 
     def _component(self, method: str, dec, j: int, train: torch.Tensor, test: torch.Tensor, records: dict,
-                   open_: bool) -> str:
+                   open_: bool, largest: float) -> str:
         own = records.get(method, {})
-        tags = []
+        tags = [f"largest on {largest:.0%} of test examples"]
         strategy = own.get("strategy") or self._strategy(train)
         if strategy:
             tags.append(f"strategy {_e(strategy)}")
@@ -270,9 +289,53 @@ class _Report:
         summary = (f'<summary><b>{_e(method)} component {j}</b>'
                    + "".join(f'<span class="tag">{t}</span>' for t in tags) + "</summary>")
         readout = _readout(dec.component(j).readout()) if dec is not None else ""
+        scale = float(train.double().max())
+        positive = test.double()[test > 0] / scale if scale > 0 else test.double()[:0]
+        histogram = (f'<h3>held-out coefficients</h3>{_histogram(positive.log10(), width=260, height=100)}'
+                     f'<p class="note">{positive.numel():,} of {len(test):,} positive; log10 relative to the largest '
+                     'training coefficient</p>')
         return (f'<details class="component" id="{_e(method)}-{j}"{" open" if open_ else ""}>{summary}'
-                f'<div class="body"><div>{self._examples(test)}</div>'
-                f'<div>{readout}{_selectivity_table(records)}</div></div></details>')
+                f'<div class="body"><div>{self._examples(test)}{self._bands(test)}</div>'
+                f'<div>{histogram}{self._effects(method, j)}{readout}{_selectivity_table(records)}</div></div>'
+                '</details>')
+
+    def _bands(self, coefficients: torch.Tensor) -> str:
+        """A few examples from lower quantile bands of the positive held-out coefficients."""
+        if not self.display:
+            return ""
+        positive = torch.nonzero(coefficients > 0).flatten()
+        if len(positive) <= N_EXAMPLES_SHOWN:
+            return ""
+        ordered = positive[coefficients[positive].argsort(descending=True)][N_EXAMPLES_SHOWN:]  # below the top
+        parts = []
+        for lo, hi in BANDS:
+            n = len(ordered)
+            band = ordered[int(n * (1 - hi)): max(int(n * (1 - lo)), int(n * (1 - hi)) + 1)]
+            picks = band[torch.linspace(0, len(band) - 1, min(N_BAND_EXAMPLES, len(band))).round().long()]
+            rows = "".join(self._example(int(i), float(coefficients[i]), "example band") for i in picks.tolist())
+            parts.append(f'<h3>quantiles {lo:.0%}-{hi:.0%} of the rest</h3>{rows}')
+        return "".join(parts)
+
+    def _effects(self, method: str, j: int) -> str:
+        """The component's logit effects (``npeff_tl.effects``), where the run measured them."""
+        saved = self.effects.get(method)
+        effect = next((e for e in saved["effects"] if e["component"] == j), None) if saved else None
+        if effect is None:
+            return ""
+        text = saved["tokens"]
+
+        def tokens(pairs):
+            return "".join(f'<span class="tok" title="{v:+.3f} nats">{_e(text[str(t)])}</span> ' for t, v in pairs)
+
+        shifts = "".join(
+            f'<div class="example shift"><span class="tok">{_e(text[str(b)])}</span> {pb:.0%} &rarr; '
+            f'<span class="tok">{_e(text[str(a)])}</span> {pa:.0%}</div>'
+            for (b, pb), (a, pa) in zip(effect["before"], effect["after"]))
+        sign = "+" if effect["sign"] == 1 else "-"
+        return (f'<h3>logit effects ({sign} direction, on its {len(effect["examples"])} top held-out examples)</h3>'
+                f'<p class="effects">promoted: {tokens(effect["promoted"])}</p>'
+                f'<p class="effects">suppressed: {tokens(effect["suppressed"])}</p>'
+                f'<p class="note">top prediction before &rarr; after, per example:</p>{shifts}')
 
     def _strategy(self, train: torch.Tensor) -> str | None:
         """The label most frequent among the component's top training examples (as selectivity assigns it)."""
@@ -286,18 +349,16 @@ class _Report:
         if not self.display:
             return ""
         top = coefficients.topk(min(N_EXAMPLES_SHOWN, len(coefficients)))
-        lines = []
-        for i, value in zip(top.indices.tolist(), top.values.tolist()):
-            if value <= 0:
-                break
-            row = self.display["test"][i]
-            tokens = "".join(
-                f'<span class="tok{" target" if t == row["position"] else ""}">{_e(tok)}</span>'
-                for t, tok in enumerate(row["tokens"][: row["position"] + 1]))
-            answer = f' <span class="answer">&rarr; {_e(row["answer"])}</span>' if row.get("answer") is not None else ""
-            lines.append(f'<div class="example"><span class="coef" data-value="{value!r}">{value:.3g}</span>'
-                         f'<span class="label">{_e(row.get("label") or "")}</span>{tokens}{answer}</div>')
+        lines = [self._example(i, value) for i, value in zip(top.indices.tolist(), top.values.tolist()) if value > 0]
         return "<h3>top held-out examples</h3>" + ("".join(lines) or '<p class="note">no positive coefficients</p>')
+
+    def _example(self, i: int, value: float, css: str = "example") -> str:
+        row = self.display["test"][i]
+        tokens = "".join(f'<span class="tok{" target" if t == row["position"] else ""}">{_e(tok)}</span>'
+                         for t, tok in enumerate(row["tokens"][: row["position"] + 1]))
+        answer = f' <span class="answer">&rarr; {_e(row["answer"])}</span>' if row.get("answer") is not None else ""
+        return (f'<div class="{css}"><span class="coef" data-value="{value!r}">{value:.3g}</span>'
+                f'<span class="label">{_e(row.get("label") or "")}</span>{tokens}{answer}</div>')
 
 
 def _ordered(items: dict, order: list[str]) -> dict:
@@ -347,7 +408,8 @@ def _color(t: float) -> tuple[str, str]:
     return "#%02x%02x%02x" % tuple(rgb), ("#fff" if t > 0.55 else "#1d2330")
 
 
-def _heat_table(matrix: torch.Tensor, rows: list[str], columns, log: bool, percent: bool = False) -> str:
+def _heat_table(matrix: torch.Tensor, rows: list[str], columns, log: bool, percent: bool = False,
+                links: list[str] | None = None) -> str:
     M = matrix.double()
     finite = M[torch.isfinite(M)]
     if log:
@@ -358,7 +420,7 @@ def _heat_table(matrix: torch.Tensor, rows: list[str], columns, log: bool, perce
     span = (hi - lo) or 1.0
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
     body = []
-    for label, row in zip(rows, M.tolist()):
+    for r, (label, row) in enumerate(zip(rows, M.tolist())):
         cells = []
         for v in row:
             if not math.isfinite(v):
@@ -368,16 +430,18 @@ def _heat_table(matrix: torch.Tensor, rows: list[str], columns, log: bool, perce
             background, ink = _color(t)
             text = f"{v:.1%}" if percent else _fmt(v)
             cells.append(f'<td style="background:{background};color:{ink}">{text}</td>')
-        body.append(f'<tr><th class="name">{_e(label)}</th>{"".join(cells)}</tr>')
+        name = f'<a href="{_e(links[r])}">{_e(label)}</a>' if links else _e(label)
+        body.append(f'<tr><th class="name">{name}</th>{"".join(cells)}</tr>')
     return f'<table class="heat"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def _dot_plot(rows: list[tuple[str, list[float]]]) -> str:
-    """An SVG strip plot, one row per method, x = log10(value)."""
-    logs = [math.log10(max(v, 1e-6)) for _, values in rows for v in values]
+def _dot_plot(rows: list[tuple[str, list[tuple[float, str]]]]) -> str:
+    """An SVG strip plot, one row per method, x = log10(value); each dot (value, card id) links to its card."""
+    logs = [math.log10(max(v, 1e-6)) for _, dots in rows for v, _ in dots]
     lo, hi = math.floor(min(logs + [0.0])), math.ceil(max(logs + [0.0]))
     hi = hi if hi > lo else lo + 1
-    left, width, step = 170, 420, 28
+    left = 16 + 6 * max(len(name) for name, _ in rows)  # room for the longest name at 11 px
+    width, step = 420, 28
     height = step * len(rows) + 34
 
     def x(value: float) -> float:
@@ -391,13 +455,17 @@ def _dot_plot(rows: list[tuple[str, list[float]]]) -> str:
     one = x(1.0)
     parts.append(f'<line x1="{one:.1f}" x2="{one:.1f}" y1="6" y2="{height - 24}" stroke="#c92a2a" '
                  'stroke-dasharray="4 3"/>')
-    for i, (name, values) in enumerate(rows):
+    for i, (name, dots) in enumerate(rows):
         y = 20 + i * step
         control = "/" in name
         parts.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{_e(name)}</text>')
         colour = "#868e96" if control else "#3b5bdb"
-        for v in values:
-            parts.append(f'<circle cx="{x(v):.1f}" cy="{y}" r="4" fill="{colour}" fill-opacity="0.55"/>')
+        for v, card in dots:
+            component = card.rsplit("-", 1)[1]
+            parts.append(f'<a href="#{_e(card)}"><circle cx="{x(v):.1f}" cy="{y}" r="4" fill="{colour}" '
+                         f'fill-opacity="0.55"><title>{_e(name)}, component {component}: {_fmt(v)}</title>'
+                         '</circle></a>')
+        values = [v for v, _ in dots]
         median = sorted(values)[len(values) // 2] if len(values) % 2 else \
             (sorted(values)[len(values) // 2 - 1] * sorted(values)[len(values) // 2]) ** 0.5
         parts.append(f'<line x1="{x(median):.1f}" x2="{x(median):.1f}" y1="{y - 9}" y2="{y + 9}" stroke="#1d2330" '
@@ -406,10 +474,10 @@ def _dot_plot(rows: list[tuple[str, list[float]]]) -> str:
     return "".join(parts)
 
 
-def _histogram(values: torch.Tensor, bins: int = 24, lo: float = -4.0) -> str:
+def _histogram(values: torch.Tensor, bins: int = 24, lo: float = -4.0, width: int = 300, height: int = 130) -> str:
     """An SVG histogram of ``values`` (log10 relative coefficients) from ``lo`` (values below go in the first
     bar) to the largest value."""
-    width, height, left, bottom = 300, 130, 30, 22
+    left, bottom = 30, 22
     if values.numel() == 0:
         return '<p class="note">no positive coefficients</p>'
     hi = max(float(values.max()), 0.0)
@@ -422,6 +490,13 @@ def _histogram(values: torch.Tensor, bins: int = 24, lo: float = -4.0) -> str:
         parts.append(f'<rect x="{left + i * bar:.1f}" y="{height - bottom - h:.1f}" width="{bar - 1:.1f}" '
                      f'height="{h:.1f}" fill="#3b5bdb"/>')
     parts.append(f'<text x="{left}" y="{height - 6}">&#8804;1e{lo:.0f}</text>')
-    parts.append(f'<text x="{width}" y="{height - 6}" text-anchor="end">1e{hi:.1f}</text>')
+    parts.append(f'<text x="{width}" y="{height - 6}" text-anchor="end">{_power_of_ten(hi)}</text>')
     parts.append(f'<text x="2" y="12">{int(peak)}</text></svg>')
     return "".join(parts)
+
+
+def _power_of_ten(exponent: float) -> str:
+    """10**exponent as an axis label: "1", "1e-3", or 3 significant digits between."""
+    if abs(exponent - round(exponent)) < 0.05:
+        return "1" if round(exponent) == 0 else f"1e{round(exponent)}"
+    return f"{10 ** exponent:.3g}"

@@ -209,8 +209,8 @@ def _examples(rows: list[tuple[str, dict]], config: DataConfig, model: nn.Module
         tokens.append(ids)
         positions.append(position)
         answers.append(answer)
-        display.append({"tokens": _str_tokens(model, ids), "position": position,
-                        "answer": None if answer is None else _str_tokens(model, [answer])[0],
+        display.append({"tokens": str_tokens(model, ids), "position": position,
+                        "answer": None if answer is None else str_tokens(model, [answer])[0],
                         "label": row.get(config.label)})
     has_answers = all(a is not None for a in answers)
     labels = [row.get(config.label) for _, row in rows]
@@ -232,7 +232,8 @@ def _single_token(model: nn.Module, text: str, where: str) -> int:
     return ids[0]
 
 
-def _str_tokens(model: nn.Module, ids: list[int]) -> list[str]:
+def str_tokens(model: nn.Module, ids: list[int]) -> list[str]:
+    """Each token id as text (its id, for a model without a tokenizer)."""
     if getattr(model, "tokenizer", None) is None:
         return [str(t) for t in ids]
     return [str(s) for s in model.to_str_tokens(torch.tensor(ids), prepend_bos=False)]

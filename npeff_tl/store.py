@@ -87,11 +87,15 @@ class DirectoryLock:
         self.release()
 
 
-def _file_mode() -> int:
-    """The permissions a plain ``open(path, "w")`` gives a new file: 0o666 less the umask."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _file_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~_umask()
 
 
 def _atomic_target(path: Path):
@@ -163,6 +167,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes directories private (0700); give the usual permissions
     try:
         yield tmp
         if path.exists():

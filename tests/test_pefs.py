@@ -241,6 +241,11 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     os.umask(umask)
     for name in ("x.safetensors", "x.json"):  # as open(path, "w") would make them, not private
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+    from npeff_tl.store import atomic_directory
+
+    with atomic_directory(tmp_path / "d") as d:  # as os.mkdir would make it, not private
+        (d / "a").write_text("a")
+    assert os.stat(tmp_path / "d").st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_corrupt_and_foreign_files_are_reported(model64, tokens, space, tmp_path):

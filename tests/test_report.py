@@ -72,6 +72,39 @@ def test_the_report_shows_the_summary_figures(staged_run):
                 assert float(values[key]) == pytest.approx(figures[key])
 
 
+def test_cards_show_logit_effects_frequencies_bands_and_clean_axes(staged_run):
+    """Oracles: effects.json (checked against a hand-perturbed model in test_selectivity), the saved coefficients."""
+    page = _report(staged_run)
+    saved = json.loads((staged_run / "selectivity" / "dnpeff" / "effects.json").read_text())
+    assert saved["effects"]
+    for effect in saved["effects"]:
+        block = re.search(rf'<details class="component" id="dnpeff-{effect["component"]}".*?</details>', page, re.S).group(0)
+        promoted = re.search(r'<p class="effects">promoted: (.*?)</p>', block).group(1)
+        shown = [html.unescape(t) for t in re.findall(r'<span class="tok" title="[^"]*">([^<]*)</span>', promoted)]
+        assert shown == [saved["tokens"][str(t)] for t, _ in effect["promoted"]]
+        assert len(re.findall(r'<div class="example shift">', block)) == len(effect["examples"])
+    coefficients = load_tensors(staged_run / "coefficients" / "dnpeff.safetensors")["test"].double()
+    argmax = coefficients.argmax(1)[coefficients.max(1).values > 0]
+    for j in range(coefficients.shape[1]):
+        block = re.search(rf'<details class="component" id="dnpeff-{j}".*?</details>', page, re.S)
+        if block is None:
+            continue
+        share = float((argmax == j).sum()) / len(coefficients)
+        assert f"largest on {share:.0%} of test examples" in block.group(0)
+        column = coefficients[:, j]
+        rest = sorted((v for v in column.tolist() if v > 0), reverse=True)[8:]
+        bands = re.findall(r'<h3>quantiles (\d+)%-(\d+)% of the rest</h3>(.*?)(?=<h3>|</div>)', block.group(0), re.S)
+        assert len(bands) == (2 if rest else 0)
+        for lo, hi, rows in bands:
+            values = [float(v) for v in re.findall(r'<div class="example band"><span class="coef" data-value="([^"]*)"',
+                                                   rows)]
+            n = len(rest)
+            allowed = rest[int(n * (1 - int(hi) / 100)): max(int(n * (1 - int(lo) / 100)), int(n * (1 - int(hi) / 100)) + 1)]
+            assert values and all(v in allowed for v in values), (lo, hi, values)
+    svg_text = " ".join(re.findall(r"<text[^>]*>([^<]*)</text>", page))
+    assert not re.search(r"1e-?\d+\.\d", svg_text), svg_text  # axis labels like 1e0.0 are gone
+
+
 def test_a_partial_run_gives_a_partial_report(own_model_and_data, tmp_path):
     root, _, _ = own_model_and_data
     out = tmp_path / "run"
@@ -127,8 +160,35 @@ def test_the_report_in_a_headless_browser(staged_run, tmp_path):
             components = page.locator("section#components details.component")
             page.get_by_role("button", name="collapse all").click()
             assert components.evaluate_all("ds => ds.filter(d => d.open).length") == 0
+
+            # links: a strip-plot dot and a heatmap row open the card they name
+            dot = page.locator("section#selectivity svg a").first
+            card = dot.get_attribute("href")[1:]
+            assert page.locator("section#selectivity svg a title").first.text_content().count("component") == 1
+            dot.click()
+            assert page.evaluate(f"document.getElementById('{card}').open")
+            assert page.locator(f"[id='{card}'] > summary").is_visible()
+            page.get_by_role("button", name="collapse all").click()
+            row = page.locator("section#heatmaps table.heat th.name a").first
+            card = row.get_attribute("href")[1:]
+            page.locator("section#heatmaps details.heatmap").first.evaluate("d => d.open = true")
+            row.click()
+            assert page.evaluate(f"document.getElementById('{card}').open")
+
             page.get_by_role("button", name="expand all").click()
             assert components.evaluate_all("ds => ds.filter(d => d.open).length") == components.count() > 0
+            for width in (1400, 800):  # nothing sticks out of the page or its cards; wide tables scroll inside
+                page.set_viewport_size({"width": width, "height": 1000})
+                assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), width
+                sticking_out = page.evaluate("""() => Array.from(document.querySelectorAll('main *')).filter(e => {
+                    const r = e.getBoundingClientRect();
+                    if (r.width === 0 || r.right <= document.documentElement.clientWidth + 1) return false;
+                    for (let a = e.parentElement; a; a = a.parentElement) {
+                        if (['auto', 'scroll', 'hidden'].includes(getComputedStyle(a).overflowX)) return false;
+                    }
+                    return true;
+                }).map(e => e.tagName + '.' + e.className)""")
+                assert sticking_out == [], (width, sticking_out[:5])
 
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
             screenshots = os.environ.get("NPEFF_TL_SCREENSHOT_DIR")

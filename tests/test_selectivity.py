@@ -231,3 +231,43 @@ def test_a_target_out_of_reach_leaves_the_sign_out(measured):
     assert [r["calibrated_plus"] for r in result.records] == [False, None, None]
     assert all(v["selectivity"] is None for v in result.medians().values())
     assert all(torch.isnan(matrix).all() for matrix in result.kl_matrix.values())
+
+
+def test_logit_effects_are_what_a_hand_perturbed_model_predicts(measured):
+    """Oracle: the weights moved by hand (theta + sign * m * d / ||d||), one example at a time, then restored."""
+    from npeff_tl.effects import logit_effects
+
+    model, dictionary, heldout = measured.model, measured.dictionary, measured.heldout
+    effects = logit_effects(dictionary, heldout, measured.result, measured.coefficients, n_examples=5, k=3)
+    measured_components = {r["component"] for r in measured.result.records if r.get("sign") is not None}
+    assert effects and {e.component for e in effects} == measured_components
+    examples = heldout.examples
+
+    def log_probs(i):
+        seq, position = int(examples.seq_index[i]), int(examples.position[i])
+        tokens = examples.tokens[seq, : int(examples.lengths[seq])][None]
+        with torch.no_grad():
+            return model(tokens)[0, position].double().log_softmax(-1)
+
+    for effect in effects:
+        top = measured.coefficients[:, effect.component].topk(5).indices.tolist()
+        assert effect.examples == top
+        before = torch.stack([log_probs(i) for i in top])
+        direction = dictionary.direction(effect.component).double()
+        step = dictionary.space.to_named(direction * (effect.sign * effect.magnitude / direction.norm()))
+        params = dict(model.named_parameters())
+        saved = {name: params[name].detach().clone() for name in step}
+        with torch.no_grad():
+            for name, delta in step.items():
+                params[name] += delta.to(params[name].dtype)
+        after = torch.stack([log_probs(i) for i in top])
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+        delta = (after - before).mean(0)
+        assert float(delta.abs().max()) > 1e-3  # the perturbation moves these predictions
+        assert [t for t, _ in effect.promoted] == delta.topk(3).indices.tolist()
+        assert [t for t, _ in effect.suppressed] == (-delta).topk(3).indices.tolist()
+        assert [v for _, v in effect.promoted] == pytest.approx(delta.topk(3).values.tolist(), rel=1e-4, abs=1e-6)
+        assert [t for t, _ in effect.after] == after.argmax(-1).tolist()
+        assert [p for _, p in effect.before] == pytest.approx(before.max(-1).values.exp().tolist(), rel=1e-6)

@@ -31,5 +31,17 @@
       document.querySelectorAll("details.component:not(.heatmap)").forEach(function (d) { d.open = open; });
     });
   });
+  function openTarget() {  // a link to a component card (from a plot dot or a heatmap row) opens it
+    var id = decodeURIComponent(location.hash.slice(1));
+    var target = id && document.getElementById(id);
+    if (target && target.tagName === "DETAILS") { target.open = true; target.scrollIntoView(); }
+  }
+  window.addEventListener("hashchange", openTarget);
+  document.addEventListener("click", function (event) {  // also when the link names the hash already shown
+    var link = event.target.closest && event.target.closest("a[href^='#']");
+    var target = link && document.getElementById(decodeURIComponent(link.getAttribute("href").slice(1)));
+    if (target && target.tagName === "DETAILS") { target.open = true; }
+  });
+  openTarget();
   document.body.setAttribute("data-report-ready", "true");
 }());
