@@ -168,7 +168,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number} is not a JSON object ({error.msg} at column {error.colno})") from None
+            raise ValueError(f"{path}:{number} is not a JSON object ({error.msg} (column {error.colno}))") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{number} is not a JSON object")
         rows.append((f"{path}:{number}", row))

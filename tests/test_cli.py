@@ -177,7 +177,7 @@ def test_a_memory_budget_picks_the_batch_size_and_the_estimates_are_printed(own_
      "bad.jsonl:3 has token id 99999 outside the model's vocabulary"),
     (['{"tokens": [1, 2, 3], "answer": -1}', '{"tokens": [1, 2], "answer": -1}'], "has answer=-1 outside the model"),
     (['{"tokens": [1, 2, 3]}', '{"prompt": "unterminated}'], "bad.jsonl:2 is not a JSON object (Unterminated string "
-                                                             "starting at at column 12)"),
+                                                             "starting at (column 12))"),
     ([], "bad.jsonl holds no rows"),
 ])
 def test_bad_data_rows_are_named_by_their_file_line_before_any_stage_runs(lines, message, tmp_path, capsys):
@@ -238,3 +238,15 @@ def test_config_explains_every_setting(capsys):
     assert len(settings) > 30
     for i in settings:
         assert lines[i - 1].startswith("# ") and len(lines[i - 1]) > 12, lines[i - 1:i + 1]
+
+
+def test_the_demo_writes_to_a_folder_the_user_keeps_and_says_where(monkeypatch, tmp_path, capsys):
+    import npeff_tl.pipeline as pipeline
+
+    seen = {}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "run_all", lambda out, config, progress: seen.setdefault("out", out) and None)
+    assert main(["demo"]) == 0
+    assert seen["out"] == "runs/demo-tasks-2l"
+    assert "writing to runs/demo-tasks-2l (re-running this command reuses what is finished there)" in \
+        capsys.readouterr().out

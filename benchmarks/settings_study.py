@@ -1,0 +1,155 @@
+"""How NPEFF's alignment with the labels moves with its settings: nnz, number of components, class rule and
+parameter group, one factor at a time around the pipeline's defaults, for D-NPEFF and LRM-NPEFF.
+
+Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/settings_study.py [--model pycode-4l]
+      [--per-group 60] [--test-per-group 40] [--seed 0]
+
+Each setting is scored on the train split (the examples the decomposition was fitted to: what a user may choose
+on) and on the held-out test split (what is reported): AMI, purity@20 and multi-factor recall; on the test split
+also the median normalised selectivity of the components with the most training mass (0.5 nats on their top
+20 held-out examples against 200 others, divided by the sets' Fisher-trace ratio; no controls, which
+field_compare.py runs: they sit at 1 by construction). The number of
+components is given as a multiple of the number of label groups, which uses the labels: those rows are an
+oracle view, never a default. D-PEFs are computed once at the largest nnz and truncated (their entries are
+sorted by value, so a prefix is the smaller sparsification); low-rank PEFs are computed per nnz. Per method
+and factor, the value with the best train purity@20 is marked with '*'.
+Last line: settings_study: <method>.<factor>=<value chosen on train> ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import time
+
+import torch
+
+import npeff_tl as nt
+from npeff_tl.comparison import label_metrics
+
+METRICS = ("ami", "purity_at_20", "multi_factor_recall")
+GROUPS = {"attn+mlp": ["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"], "attn": ["blocks.*.attn.W_[QKVO]"],
+          "mlp": ["blocks.*.mlp.W_*"]}
+RULES = {"top_k(4)": nt.TopK(4), "threshold(0.05, max 8)": nt.Threshold(0.05, max_k=8),
+         "sampled(8)": nt.Sampled(8), "top_k(4)+tail(12)": nt.TopKWithTail(4, 12)}
+SOLVERS = {"diagonal": ("dnpeff", nt.DNPEFF), "lowrank": ("lrm_npeff", nt.LRMNPEFF)}  # by PEF kind
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    nnz: int = 4096
+    components: int = 16
+    rule: str = "top_k(4)"
+    group: str = "attn+mlp"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="pycode-4l")
+    parser.add_argument("--per-group", type=int, default=60)
+    parser.add_argument("--test-per-group", type=int, default=40)
+    parser.add_argument("--nnz", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--selectivity-components", type=int, default=4, help="0: skip selectivity")
+    parser.add_argument("--json", default=None, help="also write every row here")
+    parser.add_argument("--methods", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    defaults = nt.RunConfig()
+    base = Setting(nnz=defaults.pefs.nnz, components=defaults.fit.components)
+    model, data = nt.zoo.load(args.model, n_train=args.per_group, n_test=args.test_per_group)
+    train = nt.LabeledExamples.from_dataset(data["train"])
+    test = nt.LabeledExamples.from_dataset(data["test"])
+    n_groups = len(set(train.labels))
+    factors = {
+        "nnz": [dataclasses.replace(base, nnz=n) for n in args.nnz],
+        "components": [dataclasses.replace(base, components=m * n_groups) for m in (1, 2, 4)],
+        "rule": [dataclasses.replace(base, rule=r) for r in RULES],
+        "group": [dataclasses.replace(base, group=g) for g in GROUPS],
+    }
+    print(f"settings_study: {args.model}, {len(train)} train / {len(test)} test examples in {n_groups} groups, "
+          f"seed {args.seed}; defaults {base}")
+    pefs_cache: dict[tuple, tuple] = {}
+    traces_cache: dict[str, torch.Tensor] = {}
+    selectivity_config = nt.SelectivityConfig(kl_targets=(0.5,), n_baseline=min(200, len(test) - 20), controls=())
+
+    def norm_selectivity(dictionary, setting: Setting, coefficients) -> float | None:
+        """Median normalised selectivity (test split) of the components with the most training mass."""
+        if args.selectivity_components == 0:
+            return None
+        if setting.group not in traces_cache:
+            traces_cache[setting.group] = nt.fisher_traces(model, test.examples, dictionary.space,
+                                                           selectivity_config.trace_classes)
+        mass = torch.as_tensor(dictionary.train_coefficients).double().sum(0)
+        top = mass.topk(min(args.selectivity_components, len(mass))).indices.sort().values.tolist()
+        result = nt.measure_selectivity(dictionary, test, components=top, coefficients=coefficients,
+                                        fisher_traces=traces_cache[setting.group], config=selectivity_config,
+                                        progress=False)
+        return result.medians()[dictionary.name]["norm_selectivity"]
+
+    def pefs_for(setting: Setting, kind: str):
+        """(train PEFs, test PEFs, target) of a setting; D-PEFs computed once at the largest nnz, then truncated."""
+        space = nt.ParamSpace(model, include=GROUPS[setting.group])
+        target = nt.Target(classes=RULES[setting.rule])
+        joint = space.size * (target.classes.max_classes if kind == "lowrank" else 1)
+        nnz = min(setting.nnz, joint)
+        stored = min(max(args.nnz), joint) if kind == "diagonal" else nnz
+        key = (kind, setting.rule, setting.group, stored)
+        if key not in pefs_cache:
+            start = time.perf_counter()
+            pefs_cache[key] = tuple(nt.compute_pefs(model, split.examples, space, target, kind, nnz=stored,
+                                                    answers=split.answers, progress=False) for split in (train, test))
+            print(f"  {kind} PEFs, {setting.rule}, {setting.group}, nnz {stored}: {time.perf_counter() - start:.0f} s")
+        train_pefs, test_pefs = pefs_cache[key]
+        if kind == "diagonal" and nnz < stored:
+            train_pefs, test_pefs = (dataclasses.replace(p, values=p.values[:, :nnz], indices=p.indices[:, :nnz])
+                                     for p in (train_pefs, test_pefs))
+        return train_pefs, test_pefs, target
+
+    chosen, table = {}, []
+    for kind, (method, solver) in ((k, SOLVERS[k]) for k in args.methods):
+        print(f"\n{method}: {'factor':>10} {'value':>24}  " + " ".join(f"train {m:>20}" for m in METRICS) + "  "
+              + " ".join(f"test {m:>21}" for m in METRICS) + f"  {'test norm. sel.':>15}  {'fit s':>6}")
+        scores: dict[Setting, dict] = {}
+        for factor, settings in factors.items():
+            rows = []
+            for setting in settings:
+                if setting not in scores:
+                    train_pefs, test_pefs, target = pefs_for(setting, kind)
+                    start = time.perf_counter()
+                    dec = solver(setting.components, seed=args.seed).fit(train_pefs, progress=False)
+                    seconds = time.perf_counter() - start
+                    dictionary = nt.NPEFFDictionary(model, dec, train, target, train_pefs, name=method)
+                    test_coefficients = dec.fit_coefficients(test_pefs, progress=False)
+                    scores[setting] = {
+                        "train": label_metrics(dictionary, dec.W, train),
+                        "test": label_metrics(dictionary, test_coefficients, test),
+                        "norm_selectivity": norm_selectivity(dictionary, setting, test_coefficients),
+                        "seconds": seconds,
+                        "iterations": dec.losses[-1]["iteration"] if dec.losses else None}
+                    table.append({"method": method, **dataclasses.asdict(setting), **scores[setting]})
+                    if args.json:  # after every setting, so an interrupted study keeps what it measured
+                        pathlib.Path(args.json).write_text(json.dumps(table, indent=1))
+                rows.append((setting, scores[setting]))
+            best = max(rows, key=lambda row: row[1]["train"]["purity_at_20"] or 0)[0]
+            chosen[f"{method}.{factor}"] = getattr(best, factor)
+            for setting, s in rows:
+                value = f"{getattr(setting, factor)}" + ("*" if setting == best else "")
+                if factor == "components":
+                    value += f" ({setting.components // n_groups}x groups, oracle)"
+                print(f"{'':>{len(method)}}  {factor:>10} {value:>24}  "
+                      + " ".join(f"{_fmt(s['train'][m]):>26}" for m in METRICS) + "  "
+                      + " ".join(f"{_fmt(s['test'][m]):>26}" for m in METRICS)
+                      + f"  {_fmt(s['norm_selectivity']):>15}  {s['seconds']:>6.0f}")
+    print("settings_study: " + " ".join(f"{k}={str(v).replace(' ', '')}" for k, v in chosen.items()))
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+if __name__ == "__main__":
+    main()
