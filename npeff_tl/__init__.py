@@ -15,6 +15,7 @@ from .examples import Examples, LabeledExamples
 from .interventions import (
     HookIntervention,
     KLProbe,
+    ParameterDirection,
     ParameterPerturbation,
     calibrate_magnitude,
     dnpeff_direction,
@@ -60,7 +61,7 @@ __all__ = [
     "FormatError", "LockedError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "TopKWithTail", "zoo", "baselines",
     "DNPEFF", "LRMNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
     "Component", "Readout", "ParameterPerturbation", "kl_divergence", "lrm_direction", "perturb", "random_direction",
-    "dnpeff_direction", "sign_pattern", "LabeledExamples", "HookIntervention", "KLProbe", "calibrate_magnitude",
+    "dnpeff_direction", "sign_pattern", "LabeledExamples", "HookIntervention", "KLProbe", "ParameterDirection", "calibrate_magnitude",
     "Dictionary", "NPEFFDictionary", "ParameterDictionary", "compare",
     "SelectivityConfig", "SelectivityResult", "load_selectivity", "measure_selectivity",
     "RunConfig", "load_config", "Run", "run_all", "write_report", "load_model", "save_checkpoint",

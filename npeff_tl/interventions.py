@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Float64, Int
@@ -89,9 +90,23 @@ class HookIntervention:
         context.__exit__(*exc)
 
 
+@dataclass(frozen=True)
+class ParameterDirection:
+    """A direction together with the parameter space it is written in, so that ``perturb`` can refuse it for
+    another space, even one of the same size (a plain tensor carries no such check)."""
+
+    vector: Float[Tensor, " size"]
+    space: ParamSpace
+
+    def __post_init__(self):
+        if tuple(self.vector.shape) != (self.space.size,):
+            raise ValueError(f"the direction has shape {tuple(self.vector.shape)} but its space has {self.space.size} "
+                             "entries")
+
+
 def perturb(
     model: nn.Module | ModelAdapter,
-    direction: Float[Tensor, " size"],
+    direction: Float[Tensor, " size"] | ParameterDirection,
     space: ParamSpace,
     magnitude: float,
     sign: int = 1,
@@ -99,6 +114,13 @@ def perturb(
     """theta + sign * magnitude * direction / ||direction|| over ``space``, as a ``ParameterPerturbation``."""
     if sign not in (1, -1):
         raise ValueError(f"sign must be +1 or -1, got {sign}")
+    if isinstance(direction, ParameterDirection):
+        if direction.space != space:
+            raise ValueError(f"the direction was built for another parameter space ({direction.space}) than the one "
+                             f"it is applied to ({space}); build it for this space")
+        direction = direction.vector
+    if tuple(direction.shape) != (space.size,):
+        raise ValueError(f"the direction has shape {tuple(direction.shape)}; the space has {space.size} entries")
     norm = float(torch.linalg.vector_norm(direction.double()))
     if norm == 0:
         raise ValueError("the direction is zero; nothing to perturb along")
@@ -127,16 +149,16 @@ def lrm_direction(decomposition: Decomposition, j: int, max_abs_cos: float | Non
     return full.to(decomposition.G.dtype)
 
 
-def random_direction(space: ParamSpace, seed: int = 0, support: Tensor | None = None) -> Float[Tensor, " size"]:
+def random_direction(space: ParamSpace, seed: int = 0, support: Tensor | None = None) -> ParameterDirection:
     """A control: a Gaussian direction over the whole space, or only on ``support`` (indices or a boolean
-    mask over the space), drawn from ``seed``."""
+    mask over the space), drawn from ``seed``; ``perturb`` applies it to this space only."""
     g = torch.Generator().manual_seed(seed)
     direction = torch.randn(space.size, generator=g)
     if support is not None:
         support = torch.as_tensor(support)
         mask = support if support.dtype == torch.bool else torch.zeros(space.size, dtype=torch.bool).index_fill_(0, support.long(), True)
         direction = direction * mask
-    return direction
+    return ParameterDirection(direction, space)
 
 
 def _log_probs_in_batches(

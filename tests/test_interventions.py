@@ -39,7 +39,7 @@ def test_the_step_is_theta_plus_sign_magnitude_unit_direction(model64, space):
     theta = space.gather(model64)
     with nt.perturb(model64, direction, space, magnitude=0.5, sign=-1):
         moved = space.gather(model64)
-    expected = theta - 0.5 * direction.double() / direction.double().norm()
+    expected = theta - 0.5 * direction.vector.double() / direction.vector.double().norm()
     assert torch.allclose(moved, expected.to(moved.dtype), atol=1e-12)
 
 
@@ -105,7 +105,7 @@ def test_lrm_directions_and_controls():
     assert abs(float(semi[dec.kept_columns] @ G[3])) < 1e-6  # rejected from the last component it was rejected from
     support = dec.kept_columns[:10]
     control = nt.random_direction(dec.space, seed=0, support=support)
-    assert set(control.nonzero().flatten().tolist()) <= set(support.tolist())
+    assert set(control.vector.nonzero().flatten().tolist()) <= set(support.tolist())
     with pytest.raises(ValueError, match="needs an LRM-NPEFF decomposition"):
         nt.lrm_direction(nt.DNPEFF(n_components=2, max_iter=3).fit(
             nt.DiagonalPEFs.from_dense(torch.stack([u.square().sum(0) for u in factors]).float()), progress=False), 0)
@@ -124,3 +124,18 @@ def test_bad_steps_are_clear_errors(model64, space):
         nt.ParameterPerturbation(model64, {"blocks.0.mlp.W_in": torch.zeros(3)})
     with pytest.raises(ValueError, match="the direction is zero"):
         nt.perturb(model64, torch.zeros(space.size), space, 1.0)
+
+
+def test_a_direction_is_refused_for_another_space_of_the_same_size(model64):
+    a = nt.ParamSpace(model64, include=["blocks.0.attn.W_Q"])
+    b = nt.ParamSpace(model64, include=["blocks.0.attn.W_K"])
+    assert a.size == b.size and a != b
+    direction = nt.random_direction(a, seed=0)
+    with pytest.raises(ValueError, match="built for another parameter space"):
+        nt.perturb(model64, direction, b, 0.1)
+    with pytest.raises(ValueError, match="the direction has shape"):
+        nt.perturb(model64, torch.ones(a.size + 1), a, 0.1)
+    theta = a.gather(model64).clone()
+    with nt.perturb(model64, direction, a, 0.1):  # its own space: applied
+        assert not torch.equal(a.gather(model64), theta)
+    assert torch.equal(a.gather(model64), theta)
