@@ -18,3 +18,16 @@ def test_the_api_tour_runs(tmp_path, monkeypatch):
     table = namespace["table"]
     assert list(table["method"]) == ["dnpeff", "sae_64", "gradient_clustering", "activation_kmeans"]
     assert (tmp_path / "runs" / "compare" / "comparison.csv").exists()
+
+
+def test_every_results_section_names_the_benchmarks_its_figures_come_from():
+    """README figures are either what the demo prints or come from a named benchmark script that exists."""
+    text = README.read_text()
+    sections = re.findall(r"^## (Results[^\n]*)\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    assert len(sections) >= 2
+    root = README.parent
+    for title, body in sections:
+        scripts = re.findall(r"benchmarks/\w+\.py", body)
+        assert scripts, f"README section {title!r} does not name the benchmark its figures come from"
+        assert all((root / s).is_file() for s in scripts), scripts
+    assert "differ from what the demo prints" in " ".join(text.split())
