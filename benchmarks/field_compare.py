@@ -2,10 +2,11 @@
 
 Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/field_compare.py [--model pycode-4l]
       [--per-group 60] [--test-per-group 40] [--seeds 3] [--selectivity-components 8] [--out DIR]
+      [--set pefs.KEY=VALUE ...]
 
 Every method sees the same train examples and is scored on the same held-out examples (for the field model:
 windows from held-out files, train and test from different files). Nothing is chosen with labels by default:
-NPEFF runs at the pipeline's default settings (``npeff-tl config``), SAEs and activation k-means look at the
+NPEFF runs at the pipeline's default settings (``npeff-tl config``) unless ``--set`` names others, SAEs and activation k-means look at the
 middle residual stream, and every method gets the same number of components. Rows marked ``oracle_hook``
 choose their hook among all residual-stream hooks by train-split AMI against the labels: an advantage NPEFF never
 gets, shown for reference and never counted as a baseline. Label metrics are the mean over ``--seeds`` seeds
@@ -58,27 +59,30 @@ def main() -> None:
     parser.add_argument("--selectivity-components", type=int, default=8)
     parser.add_argument("--kl-target", type=float, default=0.5)
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracle-hook rows")
+    parser.add_argument("--set", action="append", default=[], metavar="pefs.KEY=VALUE",
+                        help="NPEFF settings other than the pipeline's defaults, as for npeff-tl (e.g. "
+                             "--set pefs.nnz=16384); choose them without labels (docs/settings.md)")
     parser.add_argument("--out", default=None, help="save the seed-0 comparison table and selectivity here")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    defaults = nt.RunConfig()
+    defaults = nt.RunConfig().with_overrides(args.set)
     model, data = nt.zoo.load(args.model, n_train=args.per_group, n_test=args.test_per_group)
     train = nt.LabeledExamples.from_dataset(data["train"])
     test = nt.LabeledExamples.from_dataset(data["test"])
     r, seeds = defaults.fit.components, range(args.seeds)
-    space = nt.ParamSpace(model, include=defaults.pefs.include)
-    target = nt.Target(classes=nt.TopK(defaults.pefs.k))
+    space = nt.ParamSpace(model, include=defaults.pefs.include, exclude=defaults.pefs.exclude)
+    target = nt.Target(classes=defaults.pefs.class_rule())
     hook, oracle_hooks = middle_hook(model), ([] if args.no_oracle else residual_hooks(model))
     print(f"field_compare: {args.model}, {len(train)} train / {len(test)} test examples in "
           f"{len(set(train.labels))} groups, {r} components, {args.seeds} seeds, {args.threads} threads; NPEFF on "
-          f"{space.size:,} parameters, top-{defaults.pefs.k} classes, nnz {defaults.pefs.nnz}; label-free hook {hook}")
+          f"{space.size:,} parameters, classes {target.classes}, nnz {defaults.pefs.nnz}; label-free hook {hook}")
 
     dictionaries: dict[str, list] = {}  # method -> one dictionary per seed
     test_coefficients: dict[str, list] = {}
     started = time.perf_counter()
     for kind, method, solver in (("diagonal", "dnpeff", nt.DNPEFF), ("lowrank", "lrm_npeff", nt.LRMNPEFF)):
-        nnz = min(defaults.pefs.nnz, space.size * (defaults.pefs.k if kind == "lowrank" else 1))
+        nnz = min(defaults.pefs.nnz, space.size * (target.classes.max_classes if kind == "lowrank" else 1))
         pefs = nt.compute_pefs(model, train.examples, space, target, kind, nnz=nnz, answers=train.answers,
                                progress=False)
         test_pefs = nt.compute_pefs(model, test.examples, space, target, kind, nnz=nnz, progress=False)

@@ -85,6 +85,16 @@ class PEFConfig:
         "if set: the largest batch size whose memory estimate fits this budget"))
     seed: int = field(default=0, metadata=_help("seeds the \"sampled\" class rule"))
 
+    def class_rule(self):
+        """The ``ClassRule`` that ``classes``, ``k``, ``threshold`` and ``seed`` name."""
+        from .targets import Sampled, Threshold, TopK
+
+        rules = {"top_k": lambda: TopK(self.k), "threshold": lambda: Threshold(self.threshold, max_k=self.k),
+                 "sampled": lambda: Sampled(self.k, seed=self.seed)}
+        if self.classes not in rules:
+            raise ValueError(f"pefs.classes {self.classes!r} is not a class rule; choose from {', '.join(rules)}")
+        return rules[self.classes]()
+
 
 @dataclass
 class FitConfig:

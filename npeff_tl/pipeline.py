@@ -133,14 +133,9 @@ class Run:
 
     @cached_property
     def target(self):
-        from .targets import Sampled, Target, Threshold, TopK
+        from .targets import Target
 
-        p = self.config.pefs
-        rules = {"top_k": lambda: TopK(p.k), "threshold": lambda: Threshold(p.threshold, max_k=p.k),
-                 "sampled": lambda: Sampled(p.k, seed=p.seed)}
-        if p.classes not in rules:
-            raise ValueError(f"pefs.classes {p.classes!r} is not a class rule; choose from {', '.join(rules)}")
-        return Target(classes=rules[p.classes]())
+        return Target(classes=self.config.pefs.class_rule())
 
     def methods(self) -> list[str]:
         unknown = [m for m in self.config.fit.methods if m not in KINDS]
