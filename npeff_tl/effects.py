@@ -20,7 +20,8 @@ from .selectivity import SelectivityResult
 
 @dataclass(frozen=True)
 class LogitEffects:
-    """One component's effect on its top held-out examples (token ids; ``delta`` in nats, a mean over them)."""
+    """One component's effect on its top held-out examples (token ids; log-probability changes in nats, averaged
+    over those examples; probabilities of the top predictions)."""
 
     component: int
     sign: int
@@ -66,11 +67,11 @@ def logit_effects(
         out.append(LogitEffects(
             component=j, sign=sign, magnitude=float(magnitude), examples=top.tolist(),
             promoted=_pairs(delta.topk(k)), suppressed=_pairs((-delta).topk(k), negate=True),
-            before=_pairs(before.max(-1), exp=True, per_row=True), after=_pairs(after.max(-1), exp=True, per_row=True)))
+            before=_pairs(before.max(-1), exp=True), after=_pairs(after.max(-1), exp=True)))
     return out
 
 
-def _pairs(top, negate: bool = False, exp: bool = False, per_row: bool = False) -> list[tuple[int, float]]:
+def _pairs(top, negate: bool = False, exp: bool = False) -> list[tuple[int, float]]:
     """(index, value) pairs of a ``topk`` / ``max`` result: values negated back, or exponentiated to probabilities."""
     values = (-top.values if negate else top.values).tolist()
     values = [math.exp(v) if exp else v for v in values]

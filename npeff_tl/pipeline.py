@@ -148,12 +148,13 @@ class Run:
         if kind in self._pef_settings:
             return self._pef_settings[kind]
         p, examples = self.config.pefs, self.data.train.examples
+        from .pefs.containers import check_nnz
+
         size = self.space.size * (self.target.classes.max_classes if kind == "lowrank" else 1)
-        if not 1 <= p.nnz <= size:
-            raise ValueError(f"pefs.nnz={p.nnz} must lie in [1, {size:,}]: the {kind} PEFs keep nnz entries per "
-                             f"example out of {size:,} ({'classes x ' if kind == 'lowrank' else ''}parameters); "
-                             "lower pefs.nnz or select more parameters")
-        nnz = p.nnz
+        try:  # the API's own check, named as the setting
+            nnz = check_nnz(p.nnz, size, "classes x parameters" if kind == "lowrank" else "parameters")
+        except ValueError as error:
+            raise ValueError(f"pefs.{error}") from None
         sizes = {"model": self.model, "space": self.space, "target": self.target, "kind": kind, "nnz": nnz,
                  "n_examples": len(examples), "seq_len": int(examples.tokens.shape[1])}
         batch = p.batch_size if p.memory_budget_gb is None else batch_size_for(int(p.memory_budget_gb * 2**30),

@@ -307,10 +307,10 @@ class _Report:
         if len(positive) <= N_EXAMPLES_SHOWN:
             return ""
         ordered = positive[coefficients[positive].argsort(descending=True)][N_EXAMPLES_SHOWN:]  # below the top
-        parts = []
+        parts, n = [], len(ordered)
         for lo, hi in BANDS:
-            n = len(ordered)
-            band = ordered[int(n * (1 - hi)): max(int(n * (1 - lo)), int(n * (1 - hi)) + 1)]
+            first = int(n * (1 - hi))  # ordered is descending: quantile hi comes first
+            band = ordered[first: max(int(n * (1 - lo)), first + 1)]
             picks = band[torch.linspace(0, len(band) - 1, min(N_BAND_EXAMPLES, len(band))).round().long()]
             rows = "".join(self._example(int(i), float(coefficients[i]), "example band") for i in picks.tolist())
             parts.append(f'<h3>quantiles {lo:.0%}-{hi:.0%} of the rest</h3>{rows}')

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from jaxtyping import Float, Float64, Int
@@ -28,7 +29,7 @@ from .containers import (
     DiagonalPEFs,
     LowRankPEFs,
     PEFs,
-    _check_nnz,
+    check_nnz,
     load_pefs,
     lowrank_gram,
     lowrank_rows,
@@ -173,52 +174,47 @@ class _Rows:
             self.tensors[key][start : start + len(value)] = value
 
 
-def _open_store(store, config: dict, n: int, shard_size: int) -> ShardStore | None:
-    """The shard store, created (or checked) by rank 0 before the other ranks open it."""
+def _open_store(store, config: dict, n: int, shard_size: int) -> tuple[ShardStore | None, PEFs | None]:
+    """The shard store, created (or checked) by rank 0 before the other ranks open it, and on rank 0 the PEFs of
+    a finished store (None if unfinished, or damaged and reopened for this run to repair)."""
     if store is None:
-        return None
+        return None, None
+    finished = None
     if distributed.rank() == 0:  # rank 0 holds the store's lock for all ranks
         sink = ShardStore(store, PEFS_FORMAT, config, n, shard_size)
         if sink.meta.get("complete"):
             try:
-                _reopen_if_damaged(sink)
+                finished = load_pefs(store)  # verifies every file's checksum
+            except FormatError as error:
+                logger.warning("%s", error)
+                _reopen_damaged(sink)
             except BaseException:
                 sink.close()
                 raise
     distributed.barrier()
     if distributed.rank() > 0:
         sink = ShardStore(store, PEFS_FORMAT, config, n, shard_size, lock=False)
-    return sink
+    return sink, finished
 
 
-def _reopen_if_damaged(sink: ShardStore) -> None:
-    """A finished store with shards (or its dataset Fisher) missing or corrupt stops claiming to be complete, so
-    that this run recomputes what is damaged. Recomputed shards equal the lost ones (the store pins the model and
-    the examples), so the saved dataset Fisher stays valid; without it, every shard is recomputed for its sum."""
-    damaged = []
-    for j in range(len(sink.ranges)):
+def _reopen_damaged(sink: ShardStore) -> None:
+    """Make a finished store that failed to load recompute what is missing or corrupt. Recomputed shards equal
+    the lost ones (the store pins the model and the examples), so the saved dataset Fisher stays valid; without
+    a readable one, every shard is recomputed for its sum."""
+    def readable(path: Path) -> bool:
         try:
-            if sink.is_done(j):
-                sink.read(j)
-                continue
-        except FormatError as error:
-            logger.warning("%s", error)
-            sink.shard_path(j).unlink()
-        damaged.append(j)
-    fisher = sink.path / "dataset_fisher.safetensors"
-    try:
-        fisher_ok = load_tensors(fisher) is not None
-    except FormatError as error:
-        logger.warning("%s", error)
-        fisher.unlink(missing_ok=True)
-        fisher_ok = False
-    if not fisher_ok:
-        damaged = list(range(len(sink.ranges)))
-        for j in damaged:
-            sink.shard_path(j).unlink(missing_ok=True)
-    if damaged:
-        logger.warning("PEF store %s: recomputing shards %s, which are missing or corrupt", sink.path, damaged[:10])
-        sink.reopen()
+            load_tensors(path)
+            return True
+        except FormatError:
+            path.unlink(missing_ok=True)
+            return False
+
+    whole = not readable(sink.path / "dataset_fisher.safetensors")
+    damaged = [j for j in range(len(sink.ranges)) if whole or not readable(sink.shard_path(j))]
+    for j in damaged:
+        sink.shard_path(j).unlink(missing_ok=True)
+    logger.warning("PEF store %s: recomputing shards %s, which are missing or corrupt", sink.path, damaged[:10])
+    sink.reopen()
 
 
 def compute_pefs(
@@ -268,10 +264,10 @@ def compute_pefs(
     space.check_model(adapter)
     hooked_names(adapter, space.names, method)  # a bad method fails here, not at the first batch
     if kind == "diagonal":
-        nnz = _check_nnz(nnz if nnz is not None else min(65536, space.size), space.size)
+        nnz = check_nnz(nnz if nnz is not None else min(65536, space.size), space.size)
     else:  # low-rank entries are chosen jointly over classes x parameters
         joint = space.size * target.classes.max_classes
-        nnz = _check_nnz(nnz if nnz is not None else min(65536, joint), joint, "classes x parameters")
+        nnz = check_nnz(nnz if nnz is not None else min(65536, joint), joint, "classes x parameters")
     if answers is not None:
         answers = torch.as_tensor(answers, dtype=torch.long).reshape(-1)
         if answers.shape[0] != n:
@@ -296,10 +292,12 @@ def compute_pefs(
     if distributed.active() and store is None:
         raise ValueError("under torch.distributed, compute_pefs needs store= (a directory every rank can reach): "
                          "each rank writes its own shards there")
-    sink = _open_store(store, config, n, shard_size)
+    sink, finished = _open_store(store, config, n, shard_size)
     try:
-        if sink and sink.meta.get("complete"):
-            logger.info("PEF store %s is complete; loading it", store)
+        if finished is not None:
+            logger.info("PEF store %s is complete; loaded it", store)
+            return finished
+        if sink and sink.meta.get("complete"):  # ranks > 0 of a finished store
             return load_pefs(store)
 
         shard_size = sink.shard_size if sink else shard_size

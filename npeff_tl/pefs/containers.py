@@ -206,7 +206,7 @@ class DiagonalPEFs(PEFs):
         space = _space_for(space, matrix.shape[-1])
         if (matrix < 0).any():
             raise ValueError("diagonal PEFs are non-negative; the matrix has negative entries")
-        nnz = _check_nnz(nnz if nnz is not None else space.size, space.size)
+        nnz = check_nnz(nnz if nnz is not None else space.size, space.size)
         values, indices = matrix.topk(nnz, dim=1)
         norms = matrix.double().norm(dim=1)
         return cls(values=values, indices=indices, norms=norms, space=space, metadata=_synthetic(metadata), provenance={"versions": versions()})
@@ -223,7 +223,7 @@ class DiagonalPEFs(PEFs):
         if (vals < 0).any():
             raise ValueError("diagonal PEFs are non-negative; the matrix has negative entries")
         counts = crow.diff()
-        nnz = _check_nnz(max(int(counts.max()), 1), size)
+        nnz = check_nnz(max(int(counts.max()), 1), size)
         values = torch.zeros(n, nnz, dtype=vals.dtype)
         indices = torch.zeros(n, nnz, dtype=torch.long)
         for i in range(n):
@@ -307,7 +307,7 @@ class LowRankPEFs(PEFs):
         if int(ranks.min()) < 1 or any(f.shape[-1] != size for f in factor_list):
             raise ValueError("every example needs a [k_i >= 1, size] factor, all with the same size")
         joint = size * int(ranks.max())
-        nnz = _check_nnz(nnz if nnz is not None else joint, joint, "classes x parameters")
+        nnz = check_nnz(nnz if nnz is not None else joint, joint, "classes x parameters")
         padded = torch.zeros(len(factor_list), int(ranks.max()), size, dtype=factor_list[0].dtype)
         for i, f in enumerate(factor_list):
             padded[i, : f.shape[0]] = f
@@ -355,7 +355,8 @@ def _space_for(space: ParamSpace | None, size: int) -> ParamSpace:
     return space
 
 
-def _check_nnz(nnz: int, size: int, space: str = "parameters") -> int:
+def check_nnz(nnz: int, size: int, space: str = "parameters") -> int:
+    """``nnz`` if it lies in [1, size], else a ValueError saying what it counts."""
     if not 1 <= nnz <= size:
         raise ValueError(
             f"nnz={nnz} must lie in [1, {size}]: it is the number of entries kept per example, and the "
