@@ -39,7 +39,7 @@ def write_report(out: str | os.PathLike) -> Path:
     out = Path(out)
     if not (out / "config.json").exists():
         raise FileNotFoundError(f"{out} is not a run directory (no config.json); run `npeff-tl pefs --out {out}` "
-                                "or `npeff-tl demo --out {out}` first")
+                                f"or `npeff-tl demo --out {out}` first")
     page = _Report(out).render()
     path = out / "report.html"
     tmp = path.with_suffix(".html.tmp")

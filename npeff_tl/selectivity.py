@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .dictionaries import Dictionary, ParameterDictionary, draw_baseline, mean_ratio, top_of
 from .examples import LabeledExamples
 from .interventions import KLProbe, calibrate_magnitude, perturb, random_direction
 from .store import atomic_directory, load_json, load_tensors, save_json, save_tensors, versions
 from .targets import ClassRule, TopKWithTail
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def measure_selectivity(
     shape = (len(components), len(strategies))
     kl_matrix = {m: torch.full(shape, math.nan, dtype=torch.float64) for m in methods}
     accuracy_drop = {m: torch.full(shape, math.nan, dtype=torch.float64) for m in methods}
-    for row, j in enumerate(tqdm(components, desc=f"selectivity ({dictionary.name})", disable=not progress)):
+    for row, j in enumerate(progress_bar(components, desc=f"selectivity ({dictionary.name})", enabled=progress)):
         top_train = dictionary.top_examples(j, config.n_top_train)
         top = top_of(W_heldout[:, j], config.n_top)
         if len(top_train) == 0 or len(top) == 0:

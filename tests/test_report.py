@@ -114,8 +114,9 @@ def test_a_partial_run_gives_a_partial_report(own_model_and_data, tmp_path):
     page = _report(nt.write_report(out).parent)
     assert '<section id="overview">' in page
     assert '<section id="comparison">' not in page and '<section id="components">' not in page
-    with pytest.raises(FileNotFoundError, match="is not a run directory"):
+    with pytest.raises(FileNotFoundError, match="is not a run directory") as error:
         nt.write_report(tmp_path / "elsewhere")
+    assert f"npeff-tl demo --out {tmp_path / 'elsewhere'}`" in str(error.value)  # both commands name the directory
 
 
 def _chromium() -> str | None:

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int64
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..params import ParamSpace
 from ..pefs import PEFs
 from ..store import FormatError, atomic_directory, load_tensors, read_metadata, save_json, save_tensors, versions
 from .matrix import PEFMatrix, check_compatible, prepare
+from ..progress import progress_bar
 
 DECOMPOSITION_FORMAT = "npeff_tl.decomposition"
 
@@ -130,7 +130,7 @@ class Decomposition:
         first, stop = distributed.balanced_ranges(torch.ones(len(starts), dtype=torch.long),
                                                   distributed.world_size())[distributed.rank()]
         parts = [torch.zeros(0, self.n_components, dtype=components.dtype, device=components.device)]
-        for b, start in enumerate(tqdm(starts, desc="coefficients", disable=not progress or distributed.rank() > 0)):
+        for b, start in enumerate(progress_bar(starts, desc="coefficients", enabled=progress)):
             W = torch.rand(min(batch_size, len(pefs) - start), self.n_components, generator=generator)
             if not first <= b < stop:
                 continue  # another rank's batch (its start was drawn all the same: one seeded stream)

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from jaxtyping import Float, Float64, Int
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..adapters import ModelAdapter, as_adapter
@@ -38,6 +37,7 @@ from .grads import as_examples, batch_grads, hooked_names
 from .workspace import Workspace
 from .objectives import ClassLogProbs
 from .topk import StreamingTopK
+from ..progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -311,8 +311,8 @@ def compute_pefs(
         workspace = Workspace()
         remaining = sum(ranges[j][1] - ranges[j][0] for j in mine)
         resumed = n - remaining if distributed.world_size() == 1 else 0  # a resumed run starts where it stopped
-        with tqdm(total=remaining + resumed, initial=resumed, desc=f"{kind} PEFs", unit="ex",
-                  disable=not progress or distributed.rank() > 0) as bar:
+        with progress_bar(total=remaining + resumed, initial=resumed, desc=f"{kind} PEFs", unit="ex",
+                          enabled=progress) as bar:
             for j, (shard_start, shard_stop) in enumerate(ranges):
                 if j not in mine:
                     continue

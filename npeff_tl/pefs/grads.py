@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..adapters import ModelAdapter, as_adapter
 from ..examples import Examples, TokensLike, resolve_positions
@@ -28,6 +27,7 @@ from ..targets import Position
 from .linear_grads import linear_map_grads
 from .workspace import Workspace
 from .objectives import Objective, ObjectiveFor
+from ..progress import progress_bar
 
 GRADS_FORMAT = "npeff_tl.grads"
 
@@ -158,13 +158,12 @@ def batch_grads(
     that returns the objective, with its aux rows for these examples; the forward pass that gives the logits
     is then the one the gradients use (with hooks), not a second one.
 
-    Returns the outputs [b, k] and an iterator of (name, [b, k, numel]) over the parameters of ``space`` in
-    order, one tensor at a time so that callers reduce them without a [b, k, size] concatenation. A tensor
+    Returns an iterator of (name, [b, k, numel]) over the parameters of ``space`` in order and the outputs
+    [b, k]: one tensor at a time so that callers reduce them without a [b, k, size] concatenation. A tensor
     may live in a reused buffer: it is valid until the next one is produced. ``method``: "hooks" for linear
     maps (``linear_grads``), "func" for ``torch.func``, "auto" for hooks where possible.
     """
-    space.check_model(adapter)
-    hooked = hooked_names(adapter, space.names, method)
+    hooked = hooked_names(adapter, space.names, method)  # the callers check the model and method at entry
     on_hooks = set(hooked)
     rest = [name for name in space.names if name not in on_hooks]
     device = adapter.device
@@ -234,6 +233,7 @@ def per_example_grads(
     aux = _aux_rows(objective, len(examples))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    space.check_model(adapter)
     hooked_names(adapter, space.names, method)  # a bad method fails here, not at the first batch
     workspace = Workspace()
     sink = None
@@ -248,7 +248,7 @@ def per_example_grads(
         sink = ShardStore(store, GRADS_FORMAT, config, len(examples), shard_size)
     try:
         ranges = sink.ranges if sink else [(0, len(examples))]
-        with tqdm(total=len(examples), desc="per-example grads", disable=not progress, unit="ex") as bar:
+        with progress_bar(total=len(examples), desc="per-example grads", enabled=progress, unit="ex") as bar:
             for j, (shard_start, shard_stop) in enumerate(ranges):
                 if sink and sink.is_done(j):
                     done = sink.read(j)

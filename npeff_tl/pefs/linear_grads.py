@@ -71,8 +71,8 @@ def linear_map_grads(
     """Per-example gradients of an objective for the parameters ``names`` (all in ``adapter.linear_maps()``).
 
     ``objective_on_grid`` gives the objective and its aux on the [seqs, width] grid of target slots from the
-    logits there (detached). Example e is target slot ``slot[e]`` of sequence ``row[e]``. Returns the
-    objective's outputs and an iterator of (name, [b, k, numel]) in the order of ``names``; each tensor lives
+    logits there (detached). Example e is target slot ``slot[e]`` of sequence ``row[e]``. Returns an
+    iterator of (name, [b, k, numel]) in the order of ``names`` and the objective's outputs; each tensor lives
     in a reused buffer and is valid until the next one is produced.
     """
     maps: dict[str, LinearMap] = {name: adapter.linear_maps()[name] for name in names}

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .corpus import Corpus
 from .tokenizer import CODE_TOKENIZER_DIR, END_OF_TEXT, load_code_tokenizer
+from ..progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def _fit(entry: FieldEntry, train_stream: Int[Tensor, " n"], progress: bool):
     offsets = torch.arange(entry.n_ctx + 1)
     recent = []
     start = time.perf_counter()
-    for _ in tqdm(range(entry.steps), desc=f"train {entry.name}", disable=not progress):
+    for _ in progress_bar(range(entry.steps), desc=f"train {entry.name}", enabled=progress):
         starts = torch.randint(0, len(train_stream) - entry.n_ctx - 1, (entry.batch_size,), generator=windows)
         batch = train_stream[starts[:, None] + offsets].long()
         logits = model(batch[:, :-1])

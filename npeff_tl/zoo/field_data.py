@@ -19,9 +19,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .code_labels import CATEGORIES, SourceFacts, target_labels
+from ..progress import progress_bar
 
 FIELD_DATA_DIR = Path(__file__).parent / "field_data"
 WINDOW = 64
@@ -74,7 +74,7 @@ def build_field_data(directory: Path = FIELD_DATA_DIR, progress: bool = True) ->
     heldout = Corpus.from_stdlib("heldout")
     pools: dict[str, list[tuple]] = {"train": [], "test": []}
     per_file = []
-    for path, text in tqdm(list(zip(heldout.paths, heldout.texts())), desc="label held-out files", disable=not progress):
+    for path, text in progress_bar(list(zip(heldout.paths, heldout.texts())), desc="label held-out files", enabled=progress):
         ids, _, labels = labelled_targets(text, tokenizer, bigram)
         per_file.append((path, ids, labels))
     splits = file_splits([p for p, _, _ in per_file], [len(ids) for _, ids, _ in per_file])

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..examples import Examples
 from ..interventions import accuracy as example_accuracy
@@ -28,6 +27,7 @@ from .field_data import build_field_data
 from .tasks import VOCAB, generate
 from .corpus import Corpus
 from .tokenizer import TOKENIZER_DIR, build_code_tokenizer, build_tokenizer
+from ..progress import progress_bar
 
 
 def batch_tensors(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +71,7 @@ def train(name: str, out: Path | None = None, progress: bool = True, steps: int 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     per_step = math.ceil(e.batch_size / len(e.tasks))
     start = time.perf_counter()
-    for step in tqdm(range(e.steps), desc=f"train {name}", disable=not progress):
+    for step in progress_bar(range(e.steps), desc=f"train {name}", enabled=progress):
         rows = generate(list(e.tasks), per_step, seed=f"train-{e.seed}-{step}", table_seed=e.table_seed)
         tokens, pos = batch_tensors([[ids[w] for w in r["words"]] for r in rows])
         answers = torch.tensor([ids[r["answer"]] for r in rows])
