@@ -1,7 +1,8 @@
 """Interventions: context managers that change a model's computation and restore it bit for bit on exit.
 
 NPEFF perturbations move parameters along a direction in a ParamSpace (theta + sign * magnitude * d): g_j for
-LRM-NPEFF, the Fisher-weighted step of the spec for D-NPEFF, random directions for controls.
+LRM-NPEFF, the Fisher-weighted step for D-NPEFF (docs/algorithms.md, "Perturbations"), random directions for
+controls.
 Entering saves the affected parameters and adds the step; leaving copies the saved values back (not a
 subtraction, so nothing is lost to rounding), also when the block raises. Interventions nest, and they compose
 with TransformerLens hooks (``model.hooks(...)``), which act on activations, not parameters.

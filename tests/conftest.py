@@ -11,7 +11,8 @@ import torch
 
 from npeff_tl.cli import main as cli_main
 
-# Tiny models on 2 shared cores: one thread is both fastest and repeatable (see ECOSYSTEM.md).
+# Tiny models on 2 shared cores: one thread is both fastest and repeatable. With torch's default of one
+# OpenMP thread per core, a competing process can slow a tiny forward pass by ~80x.
 torch.set_num_threads(int(os.environ.get("NPEFF_TL_TEST_THREADS", "1")))
 
 

@@ -1,5 +1,6 @@
-"""Selectivity: the D-NPEFF perturbation against the spec's formula, the magnitude search, and the whole
-measurement on a zoo model, re-derived record by record from plain KL computations."""
+"""Selectivity: the D-NPEFF perturbation against its formula (docs/algorithms.md, "Perturbations"), the
+magnitude search, and the whole measurement on a zoo model, re-derived record by record from plain KL
+computations."""
 
 import math
 from types import SimpleNamespace
@@ -22,7 +23,7 @@ def test_calibration_reports_a_target_it_cannot_reach():
     assert not reached and kl == 0.2 and m >= 0.2
 
 
-def test_the_dnpeff_direction_is_the_fisher_weighted_merge_of_the_spec():
+def test_the_dnpeff_direction_is_the_fisher_weighted_merge_of_the_reference():
     space = nt.ParamSpace.from_shapes({"w": (6,)})
     h = torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0, 0.0], dtype=torch.float64)
     dec = nt.Decomposition(kind="diagonal", W=torch.ones(3, 1, dtype=torch.float64), components=h[None, 1:5],

@@ -1,4 +1,4 @@
-"""D-NPEFF: non-negative factorisation A ~ W H of the normalised diagonal PEFs (NPEFF_SPEC section 4).
+"""D-NPEFF: non-negative factorisation A ~ W H of the normalised diagonal PEFs (docs/algorithms.md, "D-NPEFF").
 
 The default solver is the reference's: Lee-Seung multiplicative updates, W then H, eps 1e-8. Differences,
 all deliberate: the initial factors are scaled to the data (as scikit-learn's NMF does) and drawn from one

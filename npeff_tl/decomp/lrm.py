@@ -1,4 +1,4 @@
-"""LRM-NPEFF: F_i ~ sum_j W_ij g_j g_j^T for low-rank PEFs F_i = U_i U_i^T (NPEFF_SPEC section 5).
+"""LRM-NPEFF: F_i ~ sum_j W_ij g_j g_j^T for low-rank PEFs F_i = U_i U_i^T (docs/algorithms.md, "LRM-NPEFF").
 
 Everything comes from the thin products AG = A G^T and GG = G G^T and the sparse A (rows: one per example
 and class, any number of classes per example):

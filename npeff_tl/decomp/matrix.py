@@ -1,10 +1,10 @@
 """The sparse matrix NPEFF factors: normalised PEFs restricted to the parameters (columns) worth keeping.
 
-Preprocessing follows the reference (NPEFF_SPEC section 3): every example is divided by its dense PEF's norm
-(unit weight in the Frobenius objective), and columns that appear in fewer than ``min_nnz_per_column`` rows are
-dropped; the kept-column map goes with every decomposition. For low-rank PEFs, each (example, class) is a row
-and the constant term of the loss, sum_i ||U_i^T U_i||_F^2, is computed exactly in float64 (the reference
-overcounts it).
+Preprocessing follows the reference (docs/algorithms.md, "Preprocessing"): every example is divided by its
+dense PEF's norm (unit weight in the Frobenius objective), and columns that appear in fewer than
+``min_nnz_per_column`` rows are dropped; the kept-column map goes with every decomposition. For low-rank PEFs,
+each (example, class) is a row and the constant term of the loss, sum_i ||U_i^T U_i||_F^2, is computed exactly
+in float64 (the reference overcounts it).
 """
 
 from __future__ import annotations

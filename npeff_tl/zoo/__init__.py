@@ -83,7 +83,7 @@ ENTRIES: dict[str, ZooEntry | FieldEntry] = {
 }
 
 
-def list() -> builtins.list[str]:  # noqa: A001 - the issue's public name
+def list() -> builtins.list[str]:  # noqa: A001 - mirrors the zoo API, nt.zoo.list()
     """Names of the zoo entries (those with shipped weights)."""
     return [name for name in ENTRIES if (MODELS_DIR / name / "model.safetensors").exists()]
 
