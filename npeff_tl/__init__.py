@@ -8,7 +8,7 @@ import logging
 
 from . import baselines, zoo
 from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
-from .components import Component, Readout
+from .decomp.component import Component, Readout
 from .decomp import DNPEFF, LRMNPEFF, Decomposition, load_decomposition, matched_cosines
 from .dictionaries import Dictionary, NPEFFDictionary, ParameterDictionary
 from .examples import Examples, LabeledExamples

@@ -40,9 +40,9 @@ from torch import Tensor
 from .dictionaries import Dictionary, ParameterDictionary, draw_baseline, mean_ratio, top_of
 from .examples import LabeledExamples
 from .interventions import KLProbe, calibrate_magnitude, perturb, random_direction
+from .progress import progress_bar
 from .store import atomic_directory, load_json, load_tensors, save_json, save_tensors, versions
 from .targets import ClassRule, TopKWithTail
-from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 

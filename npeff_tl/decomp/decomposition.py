@@ -20,9 +20,11 @@ from torch import Tensor
 from .. import distributed
 from ..params import ParamSpace
 from ..pefs import PEFs
-from ..store import FormatError, atomic_directory, load_tensors, read_metadata, save_json, save_tensors, versions
-from .matrix import PEFMatrix, check_compatible, prepare
+from ..pefs.containers import check_compatible
 from ..progress import progress_bar
+from ..store import FormatError, atomic_directory, load_tensors, read_metadata, save_json, save_tensors, versions
+from .component import Component
+from .matrix import PEFMatrix, prepare
 
 DECOMPOSITION_FORMAT = "npeff_tl.decomposition"
 
@@ -90,10 +92,8 @@ class Decomposition:
                 f"columns={self.kept_columns.shape[0]} of {self.space.size})")
 
     # ---------------------------------------------------------------------------------- views
-    def component(self, j: int):
+    def component(self, j: int) -> Component:
         """Component ``j`` as a ``Component`` (top examples, pseudo-Fisher, TL-layout readout)."""
-        from ..components import Component
-
         if not 0 <= j < self.n_components:
             raise IndexError(f"component {j} does not exist; there are {self.n_components}")
         return Component(self, j)
@@ -122,7 +122,7 @@ class Decomposition:
         """Coefficients of new PEFs with the components fixed: multiplicative updates from a seeded uniform
         start, ``batch_size`` examples at a time (memory is bounded by the batch). Under torch.distributed the
         batches are shared out over the ranks (contiguous runs) and every rank gets all the coefficients."""
-        check_compatible(pefs, self.space, self.metadata, self.kind)
+        check_compatible(pefs, self.kind, self.space, self.metadata, "the decomposition was fit on")
         eps = self.settings.get("eps", 1e-8) if eps is None else eps
         components = self.components
         generator = torch.Generator().manual_seed(seed)

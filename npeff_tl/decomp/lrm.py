@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..pefs import PEFs
+from ..pefs.containers import check_compatible
 from ..store import tensor_fingerprint
 from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
 from .decomposition import Decomposition, multiplicative_w
-from .matrix import PEFMatrix, check_compatible, prepare
+from .matrix import PEFMatrix, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class LRMNPEFF:
         if frozen is not None:
             if init is not None:
                 raise ValueError("give either init= or frozen=, not both (expansion draws the new components itself)")
-            check_compatible(pefs, frozen.space, frozen.metadata, "lowrank")
+            check_compatible(pefs, "lowrank", frozen.space, frozen.metadata, "the decomposition was fit on")
             matrix = prepare(pefs, columns=frozen.kept_columns, device=self.device, dtype=dtype, shard_columns=True)
             fixed = frozen.G.to(device=self.device, dtype=dtype)
         else:

@@ -20,11 +20,8 @@ from torch import Tensor
 from .. import distributed
 from ..params import ParamSpace
 from ..pefs import DiagonalPEFs, LowRankPEFs, PEFs
-from ..pefs.containers import sorted_csr
+from ..pefs.containers import ORIGIN_KEYS, sorted_csr
 from ..store import tensor_fingerprint
-
-COMPATIBILITY_KEYS = ("target", "model")  # what PEFs must share with a decomposition fit on other PEFs
-
 
 BLOCK_COLUMNS = 8192  # the widest block of A on CPU: a block's rows of the dense factor stay in cache
 TARGET_BLOCKS = 64  # blocks per matrix, so up to this many ranks share it (fewer blocks under 1,024 columns)
@@ -106,7 +103,7 @@ class PEFMatrix:
     @property
     def fit_metadata(self) -> dict[str, Any]:
         """The PEF metadata a decomposition keeps, to check later PEFs against."""
-        return {key: self.metadata.get(key) for key in COMPATIBILITY_KEYS}
+        return {key: self.metadata.get(key) for key in ORIGIN_KEYS}
 
     def example_sums(self, per_row: Float[Tensor, "rows r"]) -> Float[Tensor, "n r"]:
         """Sum the rows of each example (the identity for diagonal PEFs: one row per example)."""
@@ -142,19 +139,6 @@ class PEFMatrix:
         other data)."""
         return tensor_fingerprint([self.At.crow_indices(), self.At.col_indices(), self.At.values(), self.kept_columns,
                                    torch.tensor(self.shard)])
-
-
-def check_compatible(pefs: PEFs, space: ParamSpace, metadata: dict[str, Any], kind: str) -> None:
-    """PEFs must match a decomposition's space, kind, target rule and model (clear errors otherwise)."""
-    if pefs.kind != kind:
-        raise ValueError(f"these are {pefs.kind} PEFs but the decomposition was fit on {kind} PEFs")
-    if pefs.space != space:
-        raise ValueError("the PEFs and the decomposition are over different parameter spaces")
-    for key in COMPATIBILITY_KEYS:
-        if pefs.metadata.get(key) != metadata.get(key):
-            raise ValueError(
-                f"the PEFs and the decomposition differ in {key}: {pefs.metadata.get(key)} vs {metadata.get(key)}"
-            )
 
 
 def prepare(

@@ -21,6 +21,7 @@ from .. import distributed
 from ..adapters import ModelAdapter, as_adapter
 from ..examples import Examples, TokensLike
 from ..params import ParamSpace
+from ..progress import progress_bar
 from ..store import FormatError, ShardStore, load_tensors, save_tensors, tensor_fingerprint, versions
 from ..targets import ClassRule, Target, TopK
 from .containers import (
@@ -34,10 +35,9 @@ from .containers import (
     lowrank_rows,
 )
 from .grads import as_examples, batch_grads, hooked_names
-from .workspace import Workspace
 from .objectives import ClassLogProbs
 from .topk import StreamingTopK
-from ..progress import progress_bar
+from .workspace import Workspace
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from ..store import FormatError, ShardStore, atomic_directory, load_tensors, rea
 PEFS_FORMAT = "npeff_tl.pefs"
 D_NORM_EPS = 1e-9  # added to the norm when normalising D-PEFs (reference value)
 LRM_NORM_FLOOR = 1e-12  # floor of sqrt(norm) when normalising LRM-PEFs (reference value)
-# Keys of ``metadata`` that must agree for two PEF sets to be combined or compared.
-COMPATIBILITY_KEYS = ("target", "model", "normalized")
+# Keys of ``metadata`` that PEFs share with anything made from PEFs of the same origin (a decomposition keeps them).
+ORIGIN_KEYS = ("target", "model")
 
 
 @dataclass(kw_only=True)
@@ -93,7 +93,12 @@ class PEFs(ABC):
             raise ValueError("concatenate needs at least one PEF set")
         first = parts[0]
         for other in parts[1:]:
-            _check_compatible(first, other)
+            if type(first) is not type(other):
+                raise ValueError(f"cannot combine {type(first).__name__} with {type(other).__name__}")
+            if first.nnz != other.nnz:
+                raise ValueError(f"the PEF sets have different nnz ({first.nnz} vs {other.nnz})")
+            check_compatible(other, first.kind, first.space, first.metadata, "the first set holds",
+                             keys=(*ORIGIN_KEYS, "normalized"))
         rows = {name: torch.cat([getattr(p, name) for p in parts]) for name in first._row_fields}
         keys = set.intersection(*(set(p.per_example) for p in parts))
         per_example = {name: torch.cat([p.per_example[name] for p in parts]) for name in first.per_example if name in keys}
@@ -153,16 +158,18 @@ class PEFs(ABC):
         """Per-example divisor that normalises the PEFs (each kind has its reference convention)."""
 
 
-def _check_compatible(a: PEFs, b: PEFs) -> None:
-    if type(a) is not type(b):
-        raise ValueError(f"cannot combine {type(a).__name__} with {type(b).__name__}")
-    if a.space != b.space:
-        raise ValueError("the PEF sets are over different parameter spaces")
-    if a.nnz != b.nnz:
-        raise ValueError(f"the PEF sets have different nnz ({a.nnz} vs {b.nnz})")
-    for key in COMPATIBILITY_KEYS:
-        if a.metadata.get(key) != b.metadata.get(key):
-            raise ValueError(f"the PEF sets differ in {key}: {a.metadata.get(key)} vs {b.metadata.get(key)}")
+def check_compatible(pefs: PEFs, kind: str, space: ParamSpace, metadata: dict[str, Any], holder: str,
+                     keys: Sequence[str] = ORIGIN_KEYS) -> None:
+    """``pefs`` must match what ``holder`` ("the decomposition was fit on", "the first set holds") holds: its
+    kind of PEF, parameter space and the ``keys`` of its metadata (target rule and model); a clear error otherwise."""
+    if pefs.kind != kind:
+        raise ValueError(f"these are {pefs.kind} PEFs but {holder} {kind} PEFs")
+    if pefs.space != space:
+        raise ValueError(f"these PEFs are over different parameter spaces from those {holder}")
+    for key in keys:
+        if pefs.metadata.get(key) != metadata.get(key):
+            raise ValueError(f"these PEFs differ in {key} from those {holder}: {pefs.metadata.get(key)} vs "
+                             f"{metadata.get(key)}")
 
 
 def sorted_csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:

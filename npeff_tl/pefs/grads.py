@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from ..adapters import ModelAdapter, as_adapter
 from ..examples import Examples, TokensLike, resolve_positions
 from ..params import ParamSpace
+from ..progress import progress_bar
 from ..store import ShardStore, tensor_fingerprint
 from ..targets import Position
 from .linear_grads import linear_map_grads
-from .workspace import Workspace
 from .objectives import Objective, ObjectiveFor
-from ..progress import progress_bar
+from .workspace import Workspace
 
 GRADS_FORMAT = "npeff_tl.grads"
 

@@ -19,9 +19,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ..progress import progress_bar
 from .corpus import Corpus
 from .tokenizer import CODE_TOKENIZER_DIR, END_OF_TEXT, load_code_tokenizer
-from ..progress import progress_bar
 
 
 @dataclass(frozen=True)

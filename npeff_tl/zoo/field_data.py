@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .code_labels import CATEGORIES, SourceFacts, target_labels
 from ..progress import progress_bar
+from .code_labels import CATEGORIES, SourceFacts, target_labels
 
 FIELD_DATA_DIR = Path(__file__).parent / "field_data"
 WINDOW = 64

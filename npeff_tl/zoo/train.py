@@ -20,14 +20,14 @@ import torch
 
 from ..examples import Examples
 from ..interventions import accuracy as example_accuracy
+from ..progress import progress_bar
 from ..store import save_json, save_tensors, versions
 from . import MODELS_DIR, FieldEntry, build_model, dataset, entry, load_model
+from .corpus import Corpus
 from .field import record_strata, train_field
 from .field_data import build_field_data
 from .tasks import VOCAB, generate
-from .corpus import Corpus
 from .tokenizer import TOKENIZER_DIR, build_code_tokenizer, build_tokenizer
-from ..progress import progress_bar
 
 
 def batch_tensors(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .decomp import Decomposition
+if TYPE_CHECKING:  # a Decomposition makes its Components; this module needs the name only
+    from .decomposition import Decomposition
+
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(attn|mlp)\.(\w+)$")
 _HEAD_PARAMS = {"W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"}  # head axis first in TL layouts
