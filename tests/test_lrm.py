@@ -68,6 +68,16 @@ def test_loss_identity_and_gradient_match_the_dense_computation():
     assert torch.allclose(fit.gradient().T, autograd, rtol=1e-9, atol=1e-12)
 
 
+def test_fitted_components_come_at_unit_norm_with_the_same_reconstruction():
+    _, matrix, W, G = _small_problem(2)
+    G[1] *= 7.0  # components of very different scales, as a fit may leave them
+    fit = _Fit(LRMNPEFF(n_components=4), matrix, W.clone(), G.clone(), n_free=4)
+    dec = fit.decomposition()
+    assert torch.allclose(torch.linalg.vector_norm(dec.G, dim=1), torch.ones(4, dtype=torch.float64))
+    for i in range(matrix.n_examples):  # W_ij g_j g_j^T summed over j: the same matrix in either gauge
+        assert torch.allclose((dec.G.T * dec.W[i]) @ dec.G, (G.T * W[i]) @ G, rtol=1e-10, atol=1e-12)
+
+
 def test_multiplicative_updates_never_increase_the_loss_for_fixed_components():
     _, matrix, W, G = _small_problem(1)
     fit = _Fit(LRMNPEFF(n_components=4), matrix, W, G, n_free=4)

@@ -11,7 +11,10 @@ G steps reusing that iteration's AG and GG). Differences, all deliberate: the co
 with a step that halves whenever it would raise the loss (and grows 5% after each accepted step), so no
 setting depends on the number of examples and the loss never increases; optional orthogonal
 regularisation lambda ||GG^T - sI||_F^2 (s = 2/r, the initial scale); expansion learns new components
-while given ones stay frozen bit for bit; fits checkpoint and resume.
+while given ones stay frozen bit for bit; fits checkpoint and resume. The fitted (non-frozen) components are
+returned at unit norm, W_ij scaled by ||g_j||^2 so that W_ij g_j g_j^T is unchanged: the loss leaves the scale
+of each g_j free, and without a fixed gauge coefficients of different components (argmax assignments,
+training mass) would not compare. D-NPEFF's unit rows of H play the same part.
 """
 
 from __future__ import annotations
@@ -209,9 +212,13 @@ class _Fit:
         self._products()
 
     def decomposition(self) -> Decomposition:
-        m = self.matrix
+        m, free = self.matrix, self.n_free
+        G, W = m.gather(self.Gt.T), self.W
+        norms = torch.linalg.vector_norm(G[:free], dim=1).clamp(min=1e-30)  # new components first, frozen after
+        G = torch.cat([G[:free] / norms[:, None], G[free:]])
+        W = torch.cat([W[:, :free] * norms.square(), W[:, free:]], dim=1)
         return Decomposition(
-            kind="lowrank", W=self.W, components=m.gather(self.Gt.T), kept_columns=m.kept_columns, space=m.space,
+            kind="lowrank", W=W, components=G, kept_columns=m.kept_columns, space=m.space,
             metadata=m.fit_metadata,
             settings={**asdict(self.s), "algorithm": "LRM-NPEFF", "n_frozen": self.Gt.shape[1] - self.n_free,
                       "final_lr": self.lr, "empty_examples": list(m.empty_examples)},
