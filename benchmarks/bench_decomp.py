@@ -28,7 +28,7 @@ import torch
 
 import npeff_tl as nt
 from npeff_tl.decomp import prepare
-from npeff_tl.decomp.lrm import _Fit
+from npeff_tl.decomp.lrm import LRMFit
 
 
 def synthetic_diagonal(n: int, size: int, nnz: int, n_latent: int = 64, support: int = 20_000, seed: int = 0):
@@ -135,7 +135,7 @@ def bench_lrm(n: int, size: int, nnz: int, rank: int, repeats: int, seed: int = 
           f"non-zeros ({matrix.values.numel() / A.numel():.1%} dense), rank {rank}")
     W = torch.rand(n, rank, generator=g)
     G = torch.randn(rank, matrix.n_columns, generator=g) * math.sqrt(2 / (rank * matrix.n_columns))
-    fit = _Fit(nt.LRMNPEFF(rank), matrix, W.clone(), G.clone(), n_free=rank)
+    fit = LRMFit(nt.LRMNPEFF(rank), matrix, W.clone(), G.clone(), n_free=rank)
     fit.step(update_w=True)  # warm-up
     ours = []
     for _ in range(repeats):

@@ -9,7 +9,7 @@ import logging
 from . import baselines, zoo
 from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
 from .decomp.component import Component, Readout
-from .decomp import DNPEFF, LRMNPEFF, Decomposition, load_decomposition, matched_cosines
+from .decomp import DNPEFF, LRMNPEFF, ConvergenceWarning, Decomposition, load_decomposition, matched_cosines
 from .dictionaries import Dictionary, NPEFFDictionary, ParameterDictionary
 from .examples import Examples, LabeledExamples
 from .interventions import (
@@ -59,7 +59,7 @@ __all__ = [
     "AnswerLogProb", "ClassLogProbs", "CrossEntropy", "FunctionObjective", "Objective", "GradBlock",
     "DiagonalPEFs", "LowRankPEFs", "PEFs", "compute_pefs", "fisher_traces", "load_pefs", "per_example_grads",
     "FormatError", "LockedError", "Candidates", "ClassRule", "Sampled", "Target", "Threshold", "TopK", "TopKWithTail", "zoo", "baselines",
-    "DNPEFF", "LRMNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
+    "ConvergenceWarning", "DNPEFF", "LRMNPEFF", "Decomposition", "load_decomposition", "matched_cosines",
     "Component", "Readout", "ParameterPerturbation", "kl_divergence", "lrm_direction", "perturb", "random_direction",
     "dnpeff_direction", "sign_pattern", "LabeledExamples", "HookIntervention", "KLProbe", "ParameterDirection", "calibrate_magnitude",
     "Dictionary", "NPEFFDictionary", "ParameterDictionary", "compare",

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from npeff_tl import DNPEFF, DiagonalPEFs, load_decomposition, matched_cosines
+from npeff_tl import DNPEFF, ConvergenceWarning, DiagonalPEFs, load_decomposition, matched_cosines
 from npeff_tl.decomp import prepare
 from planted import killed_after_checkpoint, planted_diagonal
 
@@ -102,3 +102,12 @@ def test_bad_input_gets_clear_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dec.fit_coefficients(pefs, n_iter=3, progress=False)
+
+
+def test_a_fit_that_stops_at_its_cap_warns_and_a_converged_one_does_not():
+    A, _, H_true = planted_diagonal(0, noise=0.1)
+    with pytest.warns(ConvergenceWarning, match="D-NPEFF stopped at its cap of 20 iterations"):
+        DNPEFF(n_components=H_true.shape[0], max_iter=20, tol=1e-12).fit(_pefs(A), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        DNPEFF(n_components=H_true.shape[0], max_iter=3000, tol=1e-4).fit(_pefs(A), progress=False)

@@ -1,11 +1,13 @@
 """LRM-NPEFF on planted truth and its contracts: loss identity, gradient, monotone steps, expansion, resume."""
 
+import warnings
+
 import pytest
 import torch
 
-from npeff_tl import LRMNPEFF, DNPEFF, LowRankPEFs, matched_cosines
+from npeff_tl import DNPEFF, LRMNPEFF, ConvergenceWarning, LowRankPEFs, matched_cosines
 from npeff_tl.decomp import prepare
-from npeff_tl.decomp.lrm import _Fit
+from npeff_tl.decomp.lrm import LRMFit
 from planted import killed_after_checkpoint, planted_lowrank
 
 
@@ -58,7 +60,7 @@ def _small_problem(seed=0):
 
 def test_loss_identity_and_gradient_match_the_dense_computation():
     _, matrix, W, G = _small_problem()
-    fit = _Fit(LRMNPEFF(n_components=4, orthogonal_strength=0.3), matrix, W.clone(), G.clone(), n_free=4)
+    fit = LRMFit(LRMNPEFF(n_components=4, orthogonal_strength=0.3), matrix, W.clone(), G.clone(), n_free=4)
     dense = _dense_loss(matrix, W, G)
     assert fit.loss == pytest.approx(float(dense), rel=1e-10)
     G_var = G.clone().requires_grad_(True)
@@ -71,7 +73,7 @@ def test_loss_identity_and_gradient_match_the_dense_computation():
 def test_fitted_components_come_at_unit_norm_with_the_same_reconstruction():
     _, matrix, W, G = _small_problem(2)
     G[1] *= 7.0  # components of very different scales, as a fit may leave them
-    fit = _Fit(LRMNPEFF(n_components=4), matrix, W.clone(), G.clone(), n_free=4)
+    fit = LRMFit(LRMNPEFF(n_components=4), matrix, W.clone(), G.clone(), n_free=4)
     dec = fit.decomposition()
     assert torch.allclose(torch.linalg.vector_norm(dec.G, dim=1), torch.ones(4, dtype=torch.float64))
     for i in range(matrix.n_examples):  # W_ij g_j g_j^T summed over j: the same matrix in either gauge
@@ -80,10 +82,10 @@ def test_fitted_components_come_at_unit_norm_with_the_same_reconstruction():
 
 def test_multiplicative_updates_never_increase_the_loss_for_fixed_components():
     _, matrix, W, G = _small_problem(1)
-    fit = _Fit(LRMNPEFF(n_components=4), matrix, W, G, n_free=4)
+    fit = LRMFit(LRMNPEFF(n_components=4), matrix, W, G, n_free=4)
     losses = [fit.loss]
     for _ in range(50):
-        fit.W = fit.W * fit.N / (fit.W @ fit.HH + 1e-9)
+        fit.W = fit.W * fit.N / (fit.W @ fit.pseudo_fisher_gram + 1e-9)
         losses.append(fit.loss)
     assert all(b <= a + 1e-12 * abs(a) for a, b in zip(losses, losses[1:]))
     assert losses[-1] < 0.9 * losses[0]
@@ -163,3 +165,13 @@ def _diagonal(factors):
     from npeff_tl import DiagonalPEFs
 
     return DiagonalPEFs.from_dense(torch.stack([u.square().sum(0) for u in factors]).float())
+
+
+def test_a_fit_that_stops_at_its_cap_warns_and_a_converged_one_does_not():
+    factors, _, G_true = planted_lowrank(0, noise=0.1)
+    pefs = _pefs(factors)
+    with pytest.warns(ConvergenceWarning, match="LRM-NPEFF stopped at its cap of 30 iterations"):
+        LRMNPEFF(n_components=G_true.shape[0], n_iters_g_only=10, n_iters_joint=20, tol=1e-12).fit(pefs, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        LRMNPEFF(n_components=G_true.shape[0], n_iters_g_only=50, n_iters_joint=3000, tol=1e-4).fit(pefs, progress=False)

@@ -24,27 +24,10 @@ from ..pefs.containers import check_compatible
 from ..progress import progress_bar
 from ..store import FormatError, atomic_directory, load_tensors, read_metadata, save_json, save_tensors, versions
 from .component import Component
-from .matrix import PEFMatrix, prepare
+from .matrix import prepare
+from .solver import multiplicative_w, numerators
 
 DECOMPOSITION_FORMAT = "npeff_tl.decomposition"
-
-
-def numerators(matrix: PEFMatrix, components: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, K) for the coefficient update W <- W * N / (W K + eps): D: N = A H^T, K = H H^T;
-    LRM: N_ij = g_j^T F_i g_j = sum over the rows of example i of (A G^T)^2, K = (G G^T)^2."""
-    product = matrix.times(components.T.contiguous())  # [rows, r]
-    gram = components @ components.T
-    if matrix.kind == "diagonal":
-        return product, gram
-    return matrix.example_sums(product.square()), gram.square()
-
-
-def multiplicative_w(W: Tensor, numerator: Tensor, gram: Tensor, n_iter: int, eps: float) -> Tensor:
-    """``n_iter`` Lee-Seung steps W <- W * N / (W K + eps) with N and K fixed (also the H step of D-NPEFF,
-    in its transposed layout)."""
-    for _ in range(n_iter):
-        W = W * numerator / (W @ gram + eps)
-    return W
 
 
 @dataclass(kw_only=True)

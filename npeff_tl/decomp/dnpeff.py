@@ -15,13 +15,13 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from .. import distributed
 from ..pefs import PEFs
+from ..progress import progress_bar
 from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
-from .decomposition import Decomposition, multiplicative_w
+from .decomposition import Decomposition
 from .matrix import PEFMatrix, prepare
+from .solver import multiplicative_w, warn_unconverged
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class DNPEFF:
                              f"got {self.n_components}")
         W, H = self._initial_factors(matrix) if init is None else matrix.check_init(init, self.n_components, "H")
         Ht = matrix.local(H).T.contiguous()  # [m, r] (this rank's columns): the layout the sparse products want
-        losses, start = [], 0
+        losses, start, converged = [], 0, False
         saver = None
         if checkpoint is not None:
             trajectory = {k: v for k, v in asdict(self).items() if k not in ("max_iter", "tol", "h_threshold", "device")}
@@ -73,9 +73,10 @@ class DNPEFF:
             if resumed is not None:
                 tensors, state = resumed
                 W, Ht = W.copy_(tensors["W"]), Ht.copy_(tensors["H"].T)  # fresh aligned memory: bitwise-equal BLAS
-                losses, start = state["losses"], self.max_iter if state["converged"] else state["iteration"]
+                losses, converged = state["losses"], state["converged"]
+                start = self.max_iter if converged else state["iteration"]
                 logger.info("resuming D-NPEFF from iteration %d of %s", state["iteration"], checkpoint)
-        bar = tqdm(total=self.max_iter, initial=start, desc="D-NPEFF", disable=not progress or distributed.rank() > 0)
+        bar = progress_bar(total=self.max_iter, initial=start, desc="D-NPEFF", enabled=progress)
         for iteration in range(start, self.max_iter):
             W = multiplicative_w(W, matrix.times(Ht), matrix.gram(Ht), 1, self.eps)
             AtW = matrix.t_times(W)  # (W^T A)^T
@@ -95,6 +96,8 @@ class DNPEFF:
             if converged:
                 break
         bar.close()
+        if not converged and self.tol > 0:
+            warn_unconverged("D-NPEFF", self.max_iter, self.tol, losses)
         return self._decomposition(matrix, W, matrix.gather(Ht.T), losses)
 
     def _initial_factors(self, matrix: PEFMatrix) -> tuple[torch.Tensor, torch.Tensor]:

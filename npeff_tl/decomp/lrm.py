@@ -26,15 +26,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from .. import distributed
 from ..pefs import PEFs
 from ..pefs.containers import check_compatible
+from ..progress import progress_bar
 from ..store import tensor_fingerprint
 from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
-from .decomposition import Decomposition, multiplicative_w
+from .decomposition import Decomposition
 from .matrix import PEFMatrix, prepare
+from .solver import multiplicative_w, warn_unconverged
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class LRMNPEFF:
                              f"got {self.n_components}")
         r = self.n_components + fixed.shape[0]
         W, G = self._initial_factors(matrix, fixed) if init is None else matrix.check_init(init, r, "G")
-        fit = _Fit(self, matrix, W, matrix.local(G), n_free=self.n_components)
+        fit = LRMFit(self, matrix, W, matrix.local(G), n_free=self.n_components)
         total = self.n_iters_g_only + self.n_iters_joint
         saver = None
         if checkpoint is not None:
@@ -102,7 +102,7 @@ class LRMNPEFF:
                 tensors, state = resumed
                 fit.restore(tensors, state)
                 logger.info("resuming LRM-NPEFF from iteration %d of %s", fit.iteration, checkpoint)
-        bar = tqdm(total=total, initial=fit.iteration, desc="LRM-NPEFF", disable=not progress or distributed.rank() > 0)
+        bar = progress_bar(total=total, initial=fit.iteration, desc="LRM-NPEFF", enabled=progress)
         while fit.iteration < total and not fit.converged:
             joint = fit.iteration >= self.n_iters_g_only
             fit.step(update_w=joint)
@@ -113,6 +113,8 @@ class LRMNPEFF:
             if saver and (fit.iteration % checkpoint_every == 0 or fit.iteration == total or fit.converged):
                 saver.save(fit.tensors(), **fit.state())
         bar.close()
+        if not fit.converged and self.tol > 0:
+            warn_unconverged("LRM-NPEFF", total, self.tol, fit.losses)
         return fit.decomposition()
 
     def _initial_factors(self, matrix: PEFMatrix, fixed: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,12 +129,12 @@ class LRMNPEFF:
         return W.to(**to), torch.cat([G.to(**to), fixed])
 
 
-class _Fit:
+class LRMFit:
     """The state of one LRM-NPEFF fit and its steps (components past ``n_free`` are frozen). G is held
     transposed, Gt [m, r] (this rank's columns), the layout the sparse products want."""
 
     def __init__(self, settings: LRMNPEFF, matrix: PEFMatrix, W: Tensor, G: Tensor, n_free: int):
-        self.s, self.matrix, self.W, self.Gt, self.n_free = settings, matrix, W, G.T.contiguous(), n_free
+        self.settings, self.matrix, self.W, self.Gt, self.n_free = settings, matrix, W, G.T.contiguous(), n_free
         self.n = matrix.n_examples
         self.target_scale = 2 / G.shape[0]
         self.lr, self.iteration, self.converged, self.losses = settings.lr, 0, False, []
@@ -143,40 +145,41 @@ class _Fit:
         self.AG = self.matrix.times(self.Gt)  # [rows, r]
         self.GG = self.matrix.gram(self.Gt)
         self.N = self.matrix.example_sums(self.AG.square())
-        self.HH = self.GG.square()
+        self.pseudo_fisher_gram = self.GG.square()  # <g_j g_j^T, g_l g_l^T>_F = (g_j . g_l)^2
 
     @property
     def loss(self) -> float:
         """The true reconstruction error sum_i ||F_i - F_hat_i||_F^2 (no penalty), float64 accumulation."""
         W = self.W.double()
-        return self.matrix.constant - 2 * float((W * self.N.double()).sum()) + float((W.T @ W * self.HH.double()).sum())
+        cross = float((W * self.N.double()).sum())
+        return self.matrix.constant - 2 * cross + float((W.T @ W * self.pseudo_fisher_gram.double()).sum())
 
     def _objective(self) -> float:
         """What the G steps minimise: the mean loss over examples plus the orthogonal penalty."""
         return self.loss / self.n + self._penalty()
 
     def _penalty(self) -> float:
-        if not self.s.orthogonal_strength:
+        if not self.settings.orthogonal_strength:
             return 0.0
         eye = torch.eye(self.GG.shape[0], dtype=torch.float64, device=self.GG.device)
-        return self.s.orthogonal_strength * float((self.GG.double() - self.target_scale * eye).square().sum())
+        return self.settings.orthogonal_strength * float((self.GG.double() - self.target_scale * eye).square().sum())
 
     def gradient(self) -> Tensor:
         """d(mean loss + penalty)/dG^T [m, r] with the current W, AG and GG."""
         WAG = self.W[self.matrix.row_example] * self.AG
         grad = self.Gt @ (self.W.T @ self.W * self.GG) - self.matrix.t_times(WAG)
         grad = grad * (4 / self.n)
-        if self.s.orthogonal_strength:
+        if self.settings.orthogonal_strength:
             eye = torch.eye(self.GG.shape[0], dtype=self.GG.dtype, device=self.GG.device)
-            grad = grad + 4 * self.s.orthogonal_strength * self.Gt @ (self.GG - self.target_scale * eye)
+            grad = grad + 4 * self.settings.orthogonal_strength * self.Gt @ (self.GG - self.target_scale * eye)
         return grad
 
     # ------------------------------------------------------------------------------ steps
     def step(self, update_w: bool) -> None:
         if update_w:
-            self.W = multiplicative_w(self.W, self.N, self.HH, 1, self.s.eps)
+            self.W = multiplicative_w(self.W, self.N, self.pseudo_fisher_gram, 1, self.settings.eps)
         before = self._objective()
-        saved = (self.Gt, self.AG, self.GG, self.N, self.HH)
+        saved = (self.Gt, self.AG, self.GG, self.N, self.pseudo_fisher_gram)
         grad = self.gradient()
         Gt = self.Gt.clone()
         Gt[:, : self.n_free] -= self.lr * grad[:, : self.n_free]
@@ -184,7 +187,7 @@ class _Fit:
         self._products()
         after = self._objective()
         if after > before:  # reject: keep G, halve the step
-            self.Gt, self.AG, self.GG, self.N, self.HH = saved
+            self.Gt, self.AG, self.GG, self.N, self.pseudo_fisher_gram = saved
             self.lr /= 2
         else:
             self.lr *= 1.05
@@ -195,7 +198,7 @@ class _Fit:
         in_joint = phase == "joint"
         if in_joint and len(self.losses) >= 2 and self.losses[-2]["phase"] == "joint":
             previous, current = self.losses[-2]["loss"], self.losses[-1]["loss"]
-            self.converged = abs(previous - current) <= self.s.tol * max(abs(previous), 1e-30)
+            self.converged = abs(previous - current) <= self.settings.tol * max(abs(previous), 1e-30)
 
     # ------------------------------------------------------------------------------ checkpoints
     def tensors(self) -> dict[str, Tensor]:
@@ -220,7 +223,7 @@ class _Fit:
         return Decomposition(
             kind="lowrank", W=W, components=G, kept_columns=m.kept_columns, space=m.space,
             metadata=m.fit_metadata,
-            settings={**asdict(self.s), "algorithm": "LRM-NPEFF", "n_frozen": self.Gt.shape[1] - self.n_free,
+            settings={**asdict(self.settings), "algorithm": "LRM-NPEFF", "n_frozen": self.Gt.shape[1] - self.n_free,
                       "final_lr": self.lr, "empty_examples": list(m.empty_examples)},
             losses=self.losses,
         )

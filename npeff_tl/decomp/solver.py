@@ -1,0 +1,42 @@
+"""What the NPEFF solvers share: the multiplicative coefficient update and its numerators (the D-NPEFF and
+LRM-NPEFF fits and coefficient fitting all use it), and the warning for a fit that stops at its iteration cap."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import Tensor
+
+from .matrix import PEFMatrix
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit stopped at its iteration cap before the loss settled to within ``tol`` (as scikit-learn's)."""
+
+
+def warn_unconverged(algorithm: str, iterations: int, tol: float, losses: list[dict]) -> None:
+    """Warn that ``algorithm`` used all ``iterations`` without meeting ``tol``, with the last relative change."""
+    change = ""
+    if len(losses) >= 2 and losses[-2]["loss"]:
+        change = f" (last relative change {abs(losses[-2]['loss'] - losses[-1]['loss']) / abs(losses[-2]['loss']):.1e})"
+    warnings.warn(f"{algorithm} stopped at its cap of {iterations} iterations before the loss changed by less than "
+                  f"tol={tol:g}{change}; raise the iteration cap, or accept the fit as it is", ConvergenceWarning,
+                  stacklevel=3)
+
+
+def numerators(matrix: PEFMatrix, components: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, K) for the coefficient update W <- W * N / (W K + eps): D: N = A H^T, K = H H^T;
+    LRM: N_ij = g_j^T F_i g_j = sum over the rows of example i of (A G^T)^2, K = (G G^T)^2."""
+    product = matrix.times(components.T.contiguous())  # [rows, r]
+    gram = components @ components.T
+    if matrix.kind == "diagonal":
+        return product, gram
+    return matrix.example_sums(product.square()), gram.square()
+
+
+def multiplicative_w(W: Tensor, numerator: Tensor, gram: Tensor, n_iter: int, eps: float) -> Tensor:
+    """``n_iter`` Lee-Seung steps W <- W * N / (W K + eps) with N and K fixed (also the H step of D-NPEFF,
+    in its transposed layout)."""
+    for _ in range(n_iter):
+        W = W * numerator / (W @ gram + eps)
+    return W
