@@ -31,7 +31,7 @@ import torch
 import npeff_tl as nt
 from npeff_tl.baselines import ActivationKMeans, GradientClustering, SAEDictionary, train_sae
 from npeff_tl.baselines.activations import middle_hook, residual_hooks
-from npeff_tl.comparison import label_metrics, train_ami
+from npeff_tl.evaluation.metrics import label_metrics, train_ami
 from npeff_tl.zoo import MODELS_DIR
 
 METRICS = ("ami", "nmi", "purity_at_20", "best_match_f1", "multi_factor_recall")

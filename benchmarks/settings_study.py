@@ -27,7 +27,7 @@ import time
 import torch
 
 import npeff_tl as nt
-from npeff_tl.comparison import label_metrics
+from npeff_tl.evaluation.metrics import label_metrics
 
 METRICS = ("ami", "purity_at_20", "multi_factor_recall")
 GROUPS = {"attn+mlp": ["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"], "attn": ["blocks.*.attn.W_[QKVO]"],

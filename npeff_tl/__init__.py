@@ -8,9 +8,17 @@ import logging
 
 from . import baselines, zoo
 from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
+from .decomp import DNPEFF, LRMNPEFF, ConvergenceWarning, Decomposition, load_decomposition
 from .decomp.component import Component, Readout
-from .decomp import DNPEFF, LRMNPEFF, ConvergenceWarning, Decomposition, load_decomposition, matched_cosines
 from .dictionaries import Dictionary, NPEFFDictionary, ParameterDictionary
+from .evaluation import (
+    SelectivityConfig,
+    SelectivityResult,
+    compare,
+    load_selectivity,
+    matched_cosines,
+    measure_selectivity,
+)
 from .examples import Examples, LabeledExamples
 from .interventions import (
     HookIntervention,
@@ -41,11 +49,9 @@ from .pefs import (
     load_pefs,
     per_example_grads,
 )
-from .comparison import compare
 from .config import RunConfig, load_config
 from .pipeline import Run, run_all
 from .report import write_report
-from .selectivity import SelectivityConfig, SelectivityResult, load_selectivity, measure_selectivity
 from .sources import load_model, save_checkpoint
 from .store import FormatError, LockedError
 from .targets import Candidates, ClassRule, Sampled, Target, Threshold, TopK, TopKWithTail

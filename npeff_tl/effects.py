@@ -15,7 +15,7 @@ from torch import Tensor
 from .dictionaries import Dictionary, top_of
 from .examples import LabeledExamples
 from .interventions import target_log_probs
-from .selectivity import SelectivityResult
+from .evaluation.selectivity import SelectivityResult
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch
 from . import distributed
 from .config import RunConfig
 from .memory import batch_size_for, estimate_memory, shortfall
-from .selectivity import FIGURES as SELECTIVITY_FIGURES
+from .evaluation.selectivity import FIGURES as SELECTIVITY_FIGURES
 from .store import DirectoryLock, load_json, load_tensors, save_json, save_tensors
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def stage_fit(run: Run) -> None:
 
 
 def _selectivity_config(run: Run):
-    from .selectivity import SelectivityConfig
+    from .evaluation.selectivity import SelectivityConfig
 
     p = run.config.perturb
     return SelectivityConfig(n_top=p.n_top, n_baseline=p.n_baseline, kl_targets=tuple(p.kl_targets), seed=p.seed)
@@ -265,15 +265,15 @@ def _measure(run: Run, dictionary) -> None:
     by the test examples' Fisher traces over the run's space, computed once for every dictionary that perturbs
     that space or acts on activations (gradient clustering perturbs a space of its own, and takes its own)."""
     from .dictionaries import ParameterDictionary
-    from .selectivity import measure_selectivity
+    from .evaluation.labels import components_by_mass
+    from .evaluation.selectivity import measure_selectivity
 
     path = run.out / "selectivity" / dictionary.name
     if not (path / "selectivity.json").exists():
         run.save_coefficients(dictionary)
         own_space = isinstance(dictionary, ParameterDictionary) and dictionary.space != run.space
         traces = None if own_space else run.test_traces
-        mass = torch.as_tensor(dictionary.train_coefficients).double().sum(0)
-        components = mass.topk(min(run.config.perturb.components, len(mass))).indices.sort().values.tolist()
+        components = sorted(components_by_mass(dictionary.train_coefficients, run.config.perturb.components))
         measure_selectivity(dictionary, run.data.test, components=components,
                             coefficients=run.coefficients(dictionary.name)["test"], fisher_traces=traces,
                             config=_selectivity_config(run), progress=run.progress).save(path)
@@ -284,7 +284,7 @@ def _measure(run: Run, dictionary) -> None:
 def _save_effects(run: Run, dictionary, path: Path) -> None:
     """The logit effects of the measured components (``npeff_tl.effects``), with the text of every token named."""
     from .effects import logit_effects
-    from .selectivity import load_selectivity
+    from .evaluation.selectivity import load_selectivity
     from .sources import str_tokens
 
     effects = [e.to_dict() for e in logit_effects(dictionary, run.data.test, load_selectivity(path),
@@ -342,15 +342,15 @@ def _baselines(run: Run) -> list:
 
 def _with_labels(candidates: list, train):
     """The candidate (one per hook) with the best AMI against the labels on the train split: an oracle choice."""
-    from .comparison import train_ami
+    from .evaluation.metrics import train_ami
 
     return max(candidates, key=train_ami)
 
 
 def stage_compare(run: Run) -> None:
     """Baselines next to NPEFF on the test split (label metrics, matching, selectivity), and summary.json."""
-    from .comparison import compare
-    from .selectivity import load_selectivity
+    from .evaluation.comparison import compare
+    from .evaluation.selectivity import load_selectivity
 
     dictionaries = run.npeff_dictionaries + _baselines(run)
     if not (run.out / "comparison" / "comparison.json").exists():
@@ -398,7 +398,8 @@ def run_all(out: str | Path, config: RunConfig | None = None, progress: bool = T
 def write_summary(run: Run) -> dict:
     """summary.json from the comparison: per method the figures of FIGURES, per control the medians pooled
     over the NPEFF methods' components; ``seconds`` is the sum of the stages' first-run times."""
-    from .selectivity import load_selectivity
+    from .evaluation.metrics import median_ignoring_missing
+    from .evaluation.selectivity import load_selectivity
 
     rows = {row["method"]: row for row in load_json(run.out / "comparison" / "comparison.json")["rows"]}
     methods = {name: {key: _finite(row.get(key)) for key in FIGURES} for name, row in rows.items() if "/" not in name}
@@ -409,7 +410,7 @@ def write_summary(run: Run) -> dict:
             result = load_selectivity(run.out / "selectivity" / name)
             first = result.settings["kl_targets"][0]
             records += [r for r in result.records if r["method"] == control and r["kl_target"] == first]
-        controls[control] = {f"median_{figure}": _median([r.get(figure) for r in records])
+        controls[control] = {f"median_{figure}": _finite(median_ignoring_missing([r.get(figure) for r in records]))
                              for figure in SELECTIVITY_FIGURES}
     summary = {"model": run.model_name, "n_examples": len(run.data.train) + len(run.data.test),
                "seconds": round(sum(t for k, t in run.timings.items() if k != "report"), 1), "methods": methods,
@@ -420,8 +421,3 @@ def write_summary(run: Run) -> dict:
 
 def _finite(value):
     return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
-
-
-def _median(values) -> float | None:
-    finite = [v for v in values if _finite(v) is not None]
-    return float(torch.tensor(finite, dtype=torch.float64).median()) if finite else None

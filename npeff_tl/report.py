@@ -12,13 +12,14 @@ from __future__ import annotations
 import html
 import math
 import os
-from collections import Counter
 from importlib import resources
 from pathlib import Path
 from string import Template
 
 import torch
 
+from .dictionaries import top_of
+from .evaluation.labels import components_by_mass, most_frequent
 from .store import load_json, load_tensors
 
 N_EXAMPLES_SHOWN = 8
@@ -75,7 +76,7 @@ class _Report:
         self.display = self._json("data/examples.json")
         comparison = self._json("comparison/comparison.json")
         self.rows = comparison["rows"] if comparison else []
-        from .selectivity import load_selectivity
+        from .evaluation.selectivity import load_selectivity
 
         order = self.config["fit"]["methods"] + [r["method"] for r in self.rows]
         self.selectivity = _ordered({p.parent.name: load_selectivity(p.parent)
@@ -250,12 +251,12 @@ class _Report:
                 for r in result.records:
                     if r["kl_target"] == first:
                         records.setdefault(r["component"], {})[r["method"]] = r
-            mass = W_train.double().sum(0)
-            order = [j for j in mass.argsort(descending=True).tolist() if mass[j] > 0][:MAX_COMPONENTS_SHOWN]
+            order = components_by_mass(W_train)
+            left_out = len(order) - MAX_COMPONENTS_SHOWN
+            order = order[:MAX_COMPONENTS_SHOWN]
             largest = torch.bincount(W_test.double().argmax(1)[W_test.double().max(1).values > 0],
                                      minlength=W_test.shape[1]).double() / max(len(W_test), 1)
             dec = self.decompositions.get(method)
-            left_out = int((mass > 0).sum()) - len(order)
             more = f" (the {len(order)} with the most training mass; {left_out} more)" if left_out > 0 else ""
             parts.append(f"<h3>{_e(method)}{more}</h3>")
             for rank, j in enumerate(order):
@@ -341,9 +342,8 @@ class _Report:
         """The label most frequent among the component's top training examples (as selectivity assigns it)."""
         if not self.display or any(row.get("label") is None for row in self.display["train"]):
             return None
-        top = train.topk(min(20, len(train)))
-        labels = [self.display["train"][i]["label"] for i, v in zip(top.indices.tolist(), top.values.tolist()) if v > 0]
-        return Counter(labels).most_common(1)[0][0] if labels else None
+        found = most_frequent(self.display["train"][i]["label"] for i in top_of(train, 20).tolist())
+        return found[0] if found else None
 
     def _examples(self, coefficients: torch.Tensor) -> str:
         if not self.display:

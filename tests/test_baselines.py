@@ -6,7 +6,7 @@ import torch
 import npeff_tl as nt
 from npeff_tl.baselines import ActivationKMeans, GradientClustering
 from npeff_tl.baselines.activations import hook_activations
-from npeff_tl.comparison import label_metrics
+from npeff_tl.evaluation.metrics import label_metrics
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,8 @@ import pytest
 import torch
 
 import npeff_tl as nt
-from npeff_tl.comparison import (
-    best_match_f1,
-    compare,
-    label_metrics,
-    component_labels,
-    match_coefficients,
-    multi_factor_recall,
-    purity_at,
-    train_ami,
-)
+from npeff_tl.evaluation import compare, component_labels, label_metrics, match_coefficients, train_ami
+from npeff_tl.evaluation.metrics import best_match_f1, multi_factor_recall, purity_at
 from npeff_tl.dictionaries import top_of
 
 

@@ -3,8 +3,7 @@
 from .decomposition import Decomposition, load_decomposition
 from .dnpeff import DNPEFF
 from .lrm import LRMNPEFF
-from .matching import matched_cosines
 from .matrix import PEFMatrix, prepare
 from .solver import ConvergenceWarning
 
-__all__ = ["ConvergenceWarning", "DNPEFF", "LRMNPEFF", "Decomposition", "PEFMatrix", "load_decomposition", "matched_cosines", "prepare"]
+__all__ = ["ConvergenceWarning", "DNPEFF", "LRMNPEFF", "Decomposition", "PEFMatrix", "load_decomposition", "prepare"]

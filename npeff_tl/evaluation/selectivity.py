@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,12 +36,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .dictionaries import Dictionary, ParameterDictionary, draw_baseline, mean_ratio, top_of
-from .examples import LabeledExamples
-from .interventions import KLProbe, calibrate_magnitude, perturb, random_direction
-from .progress import progress_bar
-from .store import atomic_directory, load_json, load_tensors, save_json, save_tensors, versions
-from .targets import ClassRule, TopKWithTail
+from ..dictionaries import Dictionary, ParameterDictionary, draw_baseline, mean_ratio, top_of
+from ..examples import LabeledExamples
+from ..interventions import KLProbe, calibrate_magnitude, perturb, random_direction
+from ..progress import progress_bar
+from ..store import atomic_directory, load_json, load_tensors, save_json, save_tensors, versions
+from ..targets import ClassRule, TopKWithTail
+from .labels import component_strategy
+from .metrics import median_ignoring_missing
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class SelectivityResult:
         out = {}
         for method in self.methods:
             rows = [r for r in self.records if r["method"] == method and r["kl_target"] == kl_target]
-            out[method] = {key: _median([r.get(key) for r in rows]) for key in FIGURES}
+            out[method] = {key: median_ignoring_missing([r.get(key) for r in rows]) for key in FIGURES}
         return out
 
     def to_frame(self):
@@ -160,11 +161,6 @@ def load_selectivity(path: str | os.PathLike) -> SelectivityResult:
         mats[kind][method] = value
     return SelectivityResult(meta["records"], tuple(meta["strategies"]), meta["components"], mats["kl"],
                              mats["accuracy_drop"], meta["settings"])
-
-
-def _median(values: Sequence[float | None]) -> float | None:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return float(torch.tensor(finite, dtype=torch.float64).median()) if finite else None
 
 
 def measure_selectivity(
@@ -227,7 +223,7 @@ def measure_selectivity(
         baseline = draw_baseline(len(heldout), top, config.n_baseline, config.seed * 100_003 + j)
         strategy = None
         if train_labels is not None and strategies:
-            strategy = Counter(train_labels[i] for i in top_train.tolist()).most_common(1)[0][0]
+            strategy = component_strategy(dictionary, j, config.n_top_train)
         trace_ratios = {"trace_ratio": None, "strategy_trace_ratio": None}
         if traces is not None:
             trace_ratios = {"trace_ratio": mean_ratio(traces[top], traces[baseline]),
