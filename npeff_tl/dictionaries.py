@@ -61,6 +61,14 @@ class Dictionary(Protocol):
     def magnitude_bounds(self, j: int) -> tuple[float, float]:
         """(a natural first magnitude, the largest meaningful one) for searches over magnitudes."""
 
+    def intervention_settings(self, j: int) -> dict[str, float | None]:
+        """What component j's intervention was chosen with (e.g. D-NPEFF's mixing weight), recorded beside its
+        selectivity; empty for none."""
+
+    def figures(self) -> dict[str, float]:
+        """Figures of its own shown beside it in comparisons (e.g. an SAE's reconstruction quality); empty for
+        none."""
+
     def describe(self) -> str: ...
 
 
@@ -118,6 +126,12 @@ class ParameterDictionary(ABC):
     def magnitude_bounds(self, j: int) -> tuple[float, float]:
         norm = float(torch.linalg.vector_norm(self.space.gather(as_adapter(self.model)).double()))
         return 0.05 * norm, self.max_relative_magnitude * norm
+
+    def intervention_settings(self, j: int) -> dict[str, float | None]:
+        return {}
+
+    def figures(self) -> dict[str, float]:
+        return {}
 
     def fisher_traces(self, examples: LabeledExamples | Examples, classes: ClassRule) -> Float64[Tensor, " n"]:
         """tr F_i over this dictionary's space per example, under the class rule ``classes`` (what normalised
@@ -251,6 +265,9 @@ class NPEFFDictionary(ParameterDictionary):
             raise ValueError(f"component {j} has no parameter with both a non-zero value and a non-zero sign "
                              "pattern; it cannot be perturbed")
         return best[1], best[2]
+
+    def intervention_settings(self, j: int) -> dict[str, float | None]:
+        return {"mix": self.mixes.get(j)}  # D-NPEFF's mixing weight, once its direction is built (None for LRM)
 
     def describe(self) -> str:
         kind = "D-NPEFF" if self.decomposition.kind == "diagonal" else "LRM-NPEFF"

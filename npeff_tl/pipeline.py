@@ -314,21 +314,22 @@ def _baselines(run: Run) -> list:
         raise ValueError("compare.oracle_hooks chooses a hook with the examples' labels, but they have none; "
                          "turn it off or give labels")
 
-    def sae_at(hook_name: str, width: int, k: int, name: str):
+    def sae_at(hook_name: str, width: int, k: int, name: str, evaluate: bool = True):
         path = run.out / "saes" / f"{width}_{hook_name}"
         sae = (load_sae(path) if (path / "cfg.json").exists() else
                train_sae(model, train, hook_name, width, k=k, steps=c.sae_steps, seed=c.seed, out=path, progress=False))
-        return SAEDictionary(model, sae, train, name=name)
+        figures = evaluate_sae(model, sae, run.data.test) if evaluate else None
+        return SAEDictionary(model, sae, train, name=name, evaluation=figures)
 
     out = []
     for width, k in zip(c.sae_widths, c.sae_k):
-        rows = [sae_at(hook, width, k, f"sae_{width}")]
+        out.append(sae_at(hook, width, k, f"sae_{width}"))
         if oracle:
-            rows.append(_with_labels([sae_at(h, width, k, f"sae_{width}_oracle_hook") for h in oracle], train))
-        for d in rows:
-            d.evaluation = evaluate_sae(model, d.sae, run.data.test)
+            name = f"sae_{width}_oracle_hook"
+            chosen = _with_labels([sae_at(h, width, k, name, evaluate=False) for h in oracle], train)
+            out.append(sae_at(chosen.hook_name, width, k, name))  # the chosen one again, with its figures
+        for d in out[-2 if oracle else -1:]:
             run.say(f"  {d.name}: TopK k={k} at {d.hook_name}")
-        out += rows
     r = run.config.fit.components
     if c.gradient_clustering:
         out.append(GradientClustering(model, train, r, seed=c.seed))

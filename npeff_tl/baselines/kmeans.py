@@ -72,6 +72,12 @@ class ActivationKMeans:
     def magnitude_bounds(self, j: int) -> tuple[float, float]:
         return 0.25, 100.0  # 1 removes it; beyond, it is reversed (sign +1) or amplified (sign -1)
 
+    def intervention_settings(self, j: int) -> dict[str, float | None]:
+        return {}
+
+    def figures(self) -> dict[str, float]:
+        return {}
+
     def describe(self) -> str:
         return (f"activation k-means: {self.n_components} clusters of {self.hook_name} at the target position, "
                 f"fitted to {len(self.train)} examples")

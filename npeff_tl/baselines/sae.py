@@ -227,6 +227,12 @@ class SAEDictionary:
     def magnitude_bounds(self, j: int) -> tuple[float, float]:
         return 0.25, 100.0  # 1 removes it; beyond, it is reversed (sign +1) or amplified (sign -1)
 
+    def intervention_settings(self, j: int) -> dict[str, float | None]:
+        return {}
+
+    def figures(self) -> dict[str, float]:
+        return dict(self.evaluation or {})
+
     def describe(self) -> str:
         figures = "" if not self.evaluation else " (" + ", ".join(f"{k} {v:.3g}" for k, v in self.evaluation.items()) + ")"
         return (f"SAE ({self.sae.cfg.architecture()}, {self.n_components} features) at {self.hook_name}, "

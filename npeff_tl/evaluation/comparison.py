@@ -71,7 +71,7 @@ def compare(
             if other is not d:
                 correlations = match_coefficients(coefficients[d.name], coefficients[other.name])[2]
                 row[f"matched_corr_{other.name}"] = mean_ignoring_missing(correlations)
-        row.update(getattr(d, "evaluation", None) or {})
+        row.update(d.figures())
         if selectivity or d.name in (measured or {}):
             if d.name in (measured or {}):
                 result = measured[d.name]

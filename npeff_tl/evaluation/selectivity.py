@@ -248,7 +248,7 @@ def measure_selectivity(
                 logger.warning("%s component %d: mean KL %.3g on the top set is out of reach for sign(s) %s with "
                                "magnitudes up to %.3g; those signs are left out", dictionary.name, j, target,
                                [s for s, m in magnitudes.items() if m is None], limit)
-            extra = {"mix": dictionary.mixes.get(j)} if hasattr(dictionary, "mixes") else {}  # set by the search
+            extra = dictionary.intervention_settings(j)  # after the search above: what it settled on
             for name, make in makers.items():
                 record = {"method": name, "component": j, "kl_target": target, "strategy": strategy,
                           **(extra if name == dictionary.name else dict.fromkeys(extra))}
