@@ -19,6 +19,7 @@ from torch import nn
 
 from .adapters import as_adapter
 from .params import ParamSpace
+from .pefs.kinds import PEFKind, pef_kind
 from .pefs.linear_grads import requiring_grad_only
 from .targets import Target
 
@@ -78,7 +79,7 @@ def estimate_pefs_memory(
     model: nn.Module,
     space: ParamSpace,
     target: Target,
-    kind: str,
+    kind: str | PEFKind,
     *,
     batch_size: int,
     nnz: int,
@@ -93,8 +94,7 @@ def estimate_pefs_memory(
     maps (the ``torch.func`` path) are counted at twice their per-example gradients. Runs the model on two
     dummy sequences to count the activations its architecture saves for backward (``activations``: that
     count from ``_activations``, when several estimates share it)."""
-    if kind not in ("diagonal", "lowrank"):
-        raise ValueError(f"kind must be 'diagonal' or 'lowrank', got {kind!r}")
+    kind = pef_kind(kind)
     adapter = as_adapter(model)
     cfg = model.cfg
     f = torch.tensor([], dtype=dtype or adapter.dtype).element_size()
@@ -117,8 +117,7 @@ def estimate_pefs_memory(
         "torch.func gradients": 2 * k * b * func * f,
         "top-k candidates": b * 3 * nnz * (2 * f + INDEX),
     }
-    if kind == "lowrank":  # U^T U is accumulated in float64 over chunks of up to 2^20 columns
-        per_batch["float64 chunk of the class Gram matrices"] = k * b * min(largest, 1 << 20) * FLOAT64
+    per_batch.update(kind.batch_memory(b, k, largest))
     rows = nnz * (f + STORED_INDEX)
     shard = min(shard_size, n_examples) * rows
     compute = {**per_batch, "Fisher sum": P * FLOAT64, "shard being filled": shard}

@@ -147,12 +147,14 @@ class Run:
         """compute_pefs's settings for ``kind``: the batch size is picked from pefs.memory_budget_gb if set."""
         if kind in self._pef_settings:
             return self._pef_settings[kind]
-        p, examples = self.config.pefs, self.data.train.examples
         from .pefs.containers import check_nnz
+        from .pefs.kinds import pef_kind
 
-        size = self.space.size * (self.target.classes.max_classes if kind == "lowrank" else 1)
+        p, examples = self.config.pefs, self.data.train.examples
+        pefs_kind = pef_kind(kind)
+        size = pefs_kind.choice_size(self.space.size, self.target.classes.max_classes)
         try:  # the API's own check, named as the setting
-            nnz = check_nnz(p.nnz, size, "classes x parameters" if kind == "lowrank" else "parameters")
+            nnz = check_nnz(p.nnz, size, pefs_kind.counted)
         except ValueError as error:
             raise ValueError(f"pefs.{error}") from None
         sizes = {"model": self.model, "space": self.space, "target": self.target, "kind": kind, "nnz": nnz,

@@ -24,30 +24,13 @@ from ..params import ParamSpace
 from ..progress import progress_bar
 from ..store import FormatError, ShardStore, load_tensors, save_tensors, tensor_fingerprint, versions
 from ..targets import ClassRule, Target, TopK
-from .containers import (
-    PEFS_FORMAT,
-    DiagonalPEFs,
-    LowRankPEFs,
-    PEFs,
-    check_nnz,
-    load_pefs,
-    lowrank_gram,
-    lowrank_rows,
-)
+from .containers import PEFS_FORMAT, PEFs, check_nnz, load_pefs
 from .grads import as_examples, batch_grads, hooked_names
+from .kinds import PEFKind, pef_kind
 from .objectives import ClassLogProbs
-from .topk import StreamingTopK
 from .workspace import Workspace
 
 logger = logging.getLogger(__name__)
-
-def _sum_squares(x: Float[Tensor, "b n"], chunk: int = 1024) -> Float64[Tensor, " b"]:
-    """Row sums of squares: norms of chunks of ``chunk`` entries in the working dtype, summed in float64.
-    Float64 accuracy (relative error ~1e-8 in float32) without a float64 copy of the rows."""
-    b, n = x.shape
-    whole = n - n % chunk
-    parts = torch.linalg.vector_norm(x[:, :whole].view(b, -1, chunk), dim=-1).double().square().sum(-1)
-    return parts + torch.linalg.vector_norm(x[:, whole:], dim=-1).double().square()
 
 
 def fisher_diagonal(factors: Float[Tensor, "b k n"], out: Float[Tensor, "b n"]) -> Float[Tensor, "b n"]:
@@ -64,7 +47,7 @@ def _batch_pefs(
     examples: Examples,
     index: Int[Tensor, " b"],
     target: Target,
-    kind: str,
+    kind: PEFKind,
     nnz: int,
     n_top_logits: int,
     store_logits: bool,
@@ -96,37 +79,17 @@ def _batch_pefs(
     logits, selection = seen["logits"], seen["selection"]
     b, k = selection.class_ids.shape
     device = logits.device
-    sum_sq = torch.zeros(b, dtype=torch.float64, device=device)
     trace = torch.zeros(b, dtype=torch.float64, device=device)
-    gram = torch.zeros(b, k, k, dtype=torch.float64, device=device)
-    if kind == "diagonal":
-        top = StreamingTopK(b, nnz, space.size, workspace=workspace)
-    else:
-        top = StreamingTopK(b, nnz, space.size * target.classes.max_classes, key=torch.abs, workspace=workspace)
+    batch_rows = kind.batch_rows(b, k, nnz, space.size, target.classes.max_classes, workspace, device)
     for name, factors in pieces:  # [b, k, numel]: u_c restricted to one parameter tensor
         start, stop = space.offsets[name]
-        numel = stop - start
-        diagonal = fisher_diagonal(factors, workspace.get("diagonal", (b, numel), factors.dtype, device))
+        diagonal = fisher_diagonal(factors, workspace.get("diagonal", (b, stop - start), factors.dtype, device))
         fisher_sum[start:stop] += diagonal.sum(0)  # b terms in the working dtype; across batches in float64
         trace += diagonal.sum(1, dtype=torch.float64)
-        if kind == "diagonal":
-            sum_sq += _sum_squares(diagonal)
-            top.add(diagonal, start)
-        else:
-            gram += lowrank_gram(factors)
-            for c in range(k):  # (class c, parameter j) has joint index c * size + j
-                top.add(factors[:, c], c * space.size + start)
+        batch_rows.add(start, factors, diagonal)
         del factors, diagonal
     _check_finite(trace, index, adapter)
-    if kind == "diagonal":
-        values, indices = top.result()  # descending
-        rows = {"values": values, "indices": indices, "norms": sum_sq.sqrt()}
-    else:
-        values, indices, col_offsets = lowrank_rows(*top.result(), space.size, k)
-        rows = {
-            "values": values, "indices": indices, "norms": gram.flatten(1).norm(dim=1),
-            "col_offsets": col_offsets, "ranks": (selection.class_ids >= 0).sum(1),
-        }
+    rows = batch_rows.rows(selection.class_ids)
     top_values, top_ids = logits.topk(min(n_top_logits, logits.shape[-1]), dim=-1)
     per_example = {
         "example_index": index,
@@ -222,7 +185,7 @@ def compute_pefs(
     examples: Examples | TokensLike,
     space: ParamSpace,
     target: Target = Target(),
-    kind: str = "diagonal",
+    kind: str | PEFKind = "diagonal",
     *,
     nnz: int | None = None,
     batch_size: int = 16,
@@ -239,8 +202,8 @@ def compute_pefs(
 
     Args:
         examples: ``Examples``, or token sequences whose target positions ``target.position`` gives.
-        kind: ``"diagonal"`` (D-PEFs) or ``"lowrank"`` (LRM-PEFs, the factor U_i with F_i = U_i U_i^T);
-            a plain ``str`` so that a typo gets npeff_tl's own error message.
+        kind: ``"diagonal"`` (D-PEFs) or ``"lowrank"`` (LRM-PEFs, the factor U_i with F_i = U_i U_i^T), or
+            the ``PEFKind`` object itself (``npeff_tl.pefs.kinds``); an unknown name gets a clear error.
         nnz: entries kept per example (default: min(65536, size of the space they are chosen from: the
             parameters for diagonal PEFs, classes x parameters for low-rank PEFs)).
         batch_size: examples per batch; peak memory is about batch_size x classes x space size floats.
@@ -257,17 +220,14 @@ def compute_pefs(
     adapter = as_adapter(model)
     examples = as_examples(examples, target.position, adapter=adapter)
     n = len(examples)
-    if kind not in ("diagonal", "lowrank"):
-        raise ValueError(f"kind must be 'diagonal' or 'lowrank', got {kind!r}")
+    kind = pef_kind(kind)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     space.check_model(adapter)
     hooked_names(adapter, space.names, method)  # a bad method fails here, not at the first batch
-    if kind == "diagonal":
-        nnz = check_nnz(nnz if nnz is not None else min(65536, space.size), space.size)
-    else:  # low-rank entries are chosen jointly over classes x parameters
-        joint = space.size * target.classes.max_classes
-        nnz = check_nnz(nnz if nnz is not None else min(65536, joint), joint, "classes x parameters")
+    max_classes = target.classes.max_classes
+    nnz = check_nnz(nnz if nnz is not None else kind.default_nnz(space.size, max_classes),
+                    kind.choice_size(space.size, max_classes), kind.counted)
     if answers is not None:
         answers = torch.as_tensor(answers, dtype=torch.long).reshape(-1)
         if answers.shape[0] != n:
@@ -287,8 +247,7 @@ def compute_pefs(
         "examples_sha256": examples.fingerprint(),
         "model_sha256": tensor_fingerprint(list(adapter.named_parameters().values())),
     }
-    config = {"kind": kind, "nnz": nnz, "space": space.to_dict(), "metadata": metadata}
-    cls = DiagonalPEFs if kind == "diagonal" else LowRankPEFs
+    config = {"kind": kind.name, "nnz": nnz, "space": space.to_dict(), "metadata": metadata}
     if distributed.active() and store is None:
         raise ValueError("under torch.distributed, compute_pefs needs store= (a directory every rank can reach): "
                          "each rank writes its own shards there")
@@ -311,7 +270,7 @@ def compute_pefs(
         workspace = Workspace()
         remaining = sum(ranges[j][1] - ranges[j][0] for j in mine)
         resumed = n - remaining if distributed.world_size() == 1 else 0  # a resumed run starts where it stopped
-        with progress_bar(total=remaining + resumed, initial=resumed, desc=f"{kind} PEFs", unit="ex",
+        with progress_bar(total=remaining + resumed, initial=resumed, desc=f"{kind.name} PEFs", unit="ex",
                           enabled=progress) as bar:
             for j, (shard_start, shard_stop) in enumerate(ranges):
                 if j not in mine:
@@ -355,7 +314,7 @@ def compute_pefs(
                 path.unlink(missing_ok=True)
             distributed.barrier()
             return load_pefs(store)
-        pefs = cls._from_shards([everything.tensors], space, {"config": config, "provenance": provenance})
+        pefs = kind.container._from_shards([everything.tensors], space, {"config": config, "provenance": provenance})
         pefs.dataset_fisher = dataset_fisher
         return pefs
     finally:

@@ -385,7 +385,7 @@ def load_pefs(path: str | os.PathLike) -> DiagonalPEFs | LowRankPEFs:
             "again with the same arguments"
         )
     config = meta.get("config", {})
-    classes = {cls.kind: cls for cls in (DiagonalPEFs, LowRankPEFs)}
+    classes = {cls.kind: cls for cls in PEFs.__subclasses__()}  # one container per kind of PEF
     if config.get("kind") not in classes or "space" not in config:
         raise FormatError(f"{path}/metadata.json does not describe PEFs (kind {config.get('kind')!r})")
     cls = classes[config["kind"]]

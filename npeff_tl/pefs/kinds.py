@@ -1,0 +1,138 @@
+"""The kinds of per-example Fisher, one object each: its container, what its ``nnz`` is chosen from, and what
+it keeps of a batch's factor columns u_c = sqrt(w_c) grad log p_c while they stream past one parameter tensor
+at a time. ``pef_kind(name)`` finds one by the name files store ("diagonal", "lowrank"); another kind is one more
+object here, with its container."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float, Float64, Int
+from torch import Tensor
+
+from .containers import DiagonalPEFs, LowRankPEFs, PEFs, lowrank_gram, lowrank_rows
+from .topk import StreamingTopK
+from .workspace import Workspace
+
+class BatchRows(ABC):
+    """One batch's stored rows, built from its factor columns as they come, one parameter tensor at a time."""
+
+    @abstractmethod
+    def add(self, start: int, factors: Float[Tensor, "b k numel"], diagonal: Float[Tensor, "b numel"]) -> None:
+        """The factor columns over parameters [start, start + numel) and their D-PEF entries sum_c u_c^2."""
+
+    @abstractmethod
+    def rows(self, class_ids: Int[Tensor, "b k"]) -> dict[str, Tensor]:
+        """The batch's stored rows (values, indices, norms and what the kind adds); ``class_ids``: the classes
+        chosen per example (-1: padding)."""
+
+
+class PEFKind(ABC):
+    """A kind of PEF: its name in files, its container, what nnz counts, and its batch rows."""
+
+    name: ClassVar[str]
+    container: ClassVar[type[PEFs]]
+    counted: ClassVar[str]  # what nnz entries are chosen from, for error messages
+
+    @abstractmethod
+    def choice_size(self, space_size: int, max_classes: int) -> int:
+        """How many entries each example's nnz are chosen from."""
+
+    def default_nnz(self, space_size: int, max_classes: int) -> int:
+        return min(65536, self.choice_size(space_size, max_classes))
+
+    @abstractmethod
+    def batch_rows(self, b: int, k: int, nnz: int, space_size: int, max_classes: int, workspace: Workspace,
+                   device: torch.device) -> BatchRows:
+        """Rows for a batch of ``b`` examples with ``k`` class slots."""
+
+    def batch_memory(self, b: int, k: int, largest: int) -> dict[str, int]:
+        """Bytes the kind's own batch work adds beside what every kind holds (``largest``: the largest tensor)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"PEFKind({self.name!r})"
+
+
+class Diagonal(PEFKind):
+    """D-PEFs: the diagonal f_i = sum_c u_c^2, its nnz largest entries (descending), norm ||f_i||."""
+
+    name, container, counted = "diagonal", DiagonalPEFs, "parameters"
+
+    def choice_size(self, space_size: int, max_classes: int) -> int:
+        return space_size
+
+    def batch_rows(self, b, k, nnz, space_size, max_classes, workspace, device) -> BatchRows:
+        return _DiagonalRows(b, nnz, space_size, workspace, device)
+
+
+class LowRank(PEFKind):
+    """LRM-PEFs: the factor U_i itself, its nnz largest |entries| over classes x parameters, norm ||U_i^T U_i||."""
+
+    name, container, counted = "lowrank", LowRankPEFs, "classes x parameters"
+
+    def choice_size(self, space_size: int, max_classes: int) -> int:
+        return space_size * max_classes
+
+    def batch_rows(self, b, k, nnz, space_size, max_classes, workspace, device) -> BatchRows:
+        return _LowRankRows(b, k, nnz, space_size, max_classes, workspace, device)
+
+    def batch_memory(self, b: int, k: int, largest: int) -> dict[str, int]:
+        # U^T U is accumulated in float64 (8 bytes) over chunks of up to 2^20 columns
+        return {"float64 chunk of the class Gram matrices": k * b * min(largest, 1 << 20) * 8}
+
+
+DIAGONAL, LOWRANK = Diagonal(), LowRank()
+PEF_KINDS: dict[str, PEFKind] = {kind.name: kind for kind in (DIAGONAL, LOWRANK)}
+
+
+def pef_kind(kind: str | PEFKind) -> PEFKind:
+    """The kind named ``kind`` (or ``kind`` itself), with a clear error for an unknown name."""
+    if isinstance(kind, PEFKind):
+        return kind
+    if kind not in PEF_KINDS:
+        raise ValueError(f"kind must be {' or '.join(repr(k) for k in PEF_KINDS)}, got {kind!r}")
+    return PEF_KINDS[kind]
+
+
+def sum_squares(x: Float[Tensor, "b n"], chunk: int = 1024) -> Float64[Tensor, " b"]:
+    """Row sums of squares: norms of chunks of ``chunk`` entries in the working dtype, summed in float64.
+    Float64 accuracy (relative error ~1e-8 in float32) without a float64 copy of the rows."""
+    b, n = x.shape
+    whole = n - n % chunk
+    parts = torch.linalg.vector_norm(x[:, :whole].view(b, -1, chunk), dim=-1).double().square().sum(-1)
+    return parts + torch.linalg.vector_norm(x[:, whole:], dim=-1).double().square()
+
+
+class _DiagonalRows(BatchRows):
+    def __init__(self, b: int, nnz: int, size: int, workspace: Workspace, device: torch.device):
+        self.sum_sq = torch.zeros(b, dtype=torch.float64, device=device)
+        self.top = StreamingTopK(b, nnz, size, workspace=workspace)
+
+    def add(self, start, factors, diagonal) -> None:
+        self.sum_sq += sum_squares(diagonal)
+        self.top.add(diagonal, start)
+
+    def rows(self, class_ids) -> dict[str, Tensor]:
+        values, indices = self.top.result()  # descending
+        return {"values": values, "indices": indices, "norms": self.sum_sq.sqrt()}
+
+
+class _LowRankRows(BatchRows):
+    def __init__(self, b: int, k: int, nnz: int, size: int, max_classes: int, workspace: Workspace,
+                 device: torch.device):
+        self.k, self.size = k, size
+        self.gram = torch.zeros(b, k, k, dtype=torch.float64, device=device)
+        self.top = StreamingTopK(b, nnz, size * max_classes, key=torch.abs, workspace=workspace)
+
+    def add(self, start, factors, diagonal) -> None:
+        self.gram += lowrank_gram(factors)
+        for c in range(self.k):  # (class c, parameter j) has joint index c * size + j
+            self.top.add(factors[:, c], c * self.size + start)
+
+    def rows(self, class_ids) -> dict[str, Tensor]:
+        values, indices, col_offsets = lowrank_rows(*self.top.result(), self.size, self.k)
+        return {"values": values, "indices": indices, "norms": self.gram.flatten(1).norm(dim=1),
+                "col_offsets": col_offsets, "ranks": (class_ids >= 0).sum(1)}
