@@ -19,7 +19,7 @@ from jaxtyping import Float, Float64, Int
 from torch import Tensor, nn
 
 from .adapters import as_adapter
-from .decomp import Decomposition
+from .decomp import Decomposition, variant
 from .examples import Examples, LabeledExamples
 from .interventions import (
     KLProbe,
@@ -184,13 +184,14 @@ class NPEFFDictionary(ParameterDictionary):
             raise ValueError(f"the decomposition has coefficients for {decomposition.W.shape[0]} examples but train "
                              f"has {len(self.train)}; pass the examples its PEFs were computed from, in order")
         self.dataset_fisher = train_pefs.dataset_fisher if train_pefs is not None else None
-        if decomposition.kind == "diagonal" and self.dataset_fisher is None:
+        if not variant(decomposition.kind).rank_one and self.dataset_fisher is None:
             raise ValueError("D-NPEFF perturbations need the dataset-level Fisher: pass train_pefs (the PEFs the "
                              "decomposition was fitted to, from compute_pefs)")
         if mix != "auto" and not (isinstance(mix, float) and 0 < mix < 1):
             raise ValueError(f"mix must be 'auto' or a float in (0, 1), got {mix!r}")
         self.nnz = nnz if nnz is not None else (train_pefs.nnz if train_pefs is not None else None)
-        self.name = name or ("dnpeff" if decomposition.kind == "diagonal" else "lrm_npeff")
+        self.variant = variant(decomposition.kind)
+        self.name = name or self.variant.name
         self.mix, self.mix_grid, self.mix_kl_target = mix, tuple(mix_grid), mix_kl_target
         self.fisher_floor, self.max_abs_cos = fisher_floor, max_abs_cos
         self.max_relative_magnitude, self.n_top_train, self.seed = max_relative_magnitude, n_top_train, seed
@@ -223,7 +224,7 @@ class NPEFFDictionary(ParameterDictionary):
 
     def direction(self, j: int) -> Float[Tensor, " size"]:
         if j not in self._directions:
-            if self.decomposition.kind == "lowrank":
+            if self.variant.rank_one:
                 self._directions[j] = lrm_direction(self.decomposition, j, self.max_abs_cos).double().cpu()
             else:
                 self.mixes[j], self._directions[j] = self._dnpeff_direction(j)
@@ -270,6 +271,5 @@ class NPEFFDictionary(ParameterDictionary):
         return {"mix": self.mixes.get(j)}  # D-NPEFF's mixing weight, once its direction is built (None for LRM)
 
     def describe(self) -> str:
-        kind = "D-NPEFF" if self.decomposition.kind == "diagonal" else "LRM-NPEFF"
-        return (f"{kind}: {self.n_components} components over {self.space.size:,} parameters in "
+        return (f"{self.variant.display}: {self.n_components} components over {self.space.size:,} parameters in "
                 f"{len(self.space.names)} tensors, fitted to the PEFs of {len(self.train)} examples")

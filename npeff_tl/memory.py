@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import as_adapter
+from .decomp.variants import VARIANTS
 from .params import ParamSpace
 from .pefs.kinds import PEFKind, pef_kind
 from .pefs.linear_grads import requiring_grad_only
@@ -221,9 +222,9 @@ def estimate_memory(stage: str, **settings) -> MemoryEstimate:
     and "lrm_npeff" (low-rank)."""
     if stage == "pefs":
         return estimate_pefs_memory(**settings)
-    if stage in ("dnpeff", "lrm_npeff"):
-        return estimate_decomposition_memory("diagonal" if stage == "dnpeff" else "lowrank", **settings)
-    raise ValueError(f"unknown stage {stage!r}; choose from pefs, dnpeff, lrm_npeff")
+    if stage in VARIANTS:
+        return estimate_decomposition_memory(VARIANTS[stage].pefs.name, **settings)
+    raise ValueError(f"unknown stage {stage!r}; choose from pefs, {', '.join(VARIANTS)}")
 
 
 def batch_size_for(budget_bytes: int, **settings) -> int:

@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("pefs", "fit", "perturb", "compare", "report")
 DISTRIBUTED_STAGES = ("pefs", "fit")  # under torch.distributed, every rank takes part; rank 0 alone does the rest
-KINDS = {"dnpeff": "diagonal", "lrm_npeff": "lowrank"}
 FIGURES = ("ami", "nmi", "purity_at_20", "multi_factor_recall", *(f"median_{f}" for f in SELECTIVITY_FIGURES))
 # Which settings each stage's artifacts depend on: a directory refuses other settings for a finished stage.
 DEPENDS = {"pefs": ("model", "data", "pefs"), "fit": ("fit",), "perturb": ("perturb",), "compare": ("compare",)}
@@ -138,9 +137,11 @@ class Run:
         return Target(classes=self.config.pefs.class_rule())
 
     def methods(self) -> list[str]:
-        unknown = [m for m in self.config.fit.methods if m not in KINDS]
+        from .decomp import VARIANTS
+
+        unknown = [m for m in self.config.fit.methods if m not in VARIANTS]
         if unknown:
-            raise ValueError(f"fit.methods {unknown} are unknown; choose from {', '.join(KINDS)}")
+            raise ValueError(f"fit.methods {unknown} are unknown; choose from {', '.join(VARIANTS)}")
         return list(self.config.fit.methods)
 
     def pef_settings(self, kind: str) -> dict:
@@ -186,10 +187,12 @@ class Run:
 
     @cached_property
     def npeff_dictionaries(self) -> list:
+        from .decomp import VARIANTS
         from .dictionaries import NPEFFDictionary
 
         return [NPEFFDictionary(self.model, self.decomposition(m), self.data.train, self.target,
-                                self.pefs(KINDS[m]), name=m, seed=self.config.fit.seed) for m in self.methods()]
+                                self.pefs(VARIANTS[m].pefs.name), name=m, seed=self.config.fit.seed)
+                for m in self.methods()]
 
     @cached_property
     def test_traces(self) -> torch.Tensor:
@@ -220,8 +223,10 @@ def stage_pefs(run: Run) -> None:
             f"{space.size:,} parameters -> {run.out}")
     if run.writes:
         save_json(data.display, run.out / "data" / "examples.json")
+    from .decomp import VARIANTS
+
     for method in run.methods():
-        kind = KINDS[method]
+        kind = VARIANTS[method].pefs.name
         if not (run.out / "pefs" / f"train_{kind}" / "dataset_fisher.safetensors").exists():
             settings = run.pef_settings(kind)
             estimate = estimate_memory("pefs", **settings)
@@ -238,18 +243,18 @@ def _warn_if_short(estimate, what: str) -> None:
 
 def stage_fit(run: Run) -> None:
     """D-NPEFF / LRM-NPEFF decompositions of the train PEFs."""
-    from .decomp import DNPEFF, LRMNPEFF
+    from .decomp import VARIANTS
 
-    solvers = {"dnpeff": DNPEFF, "lrm_npeff": LRMNPEFF}
     for method in run.methods():
         if not (run.out / method / "metadata.json").exists():
-            fit, pefs = run.config.fit, run.pefs(KINDS[method])
+            fit, variant = run.config.fit, VARIANTS[method]
+            pefs = run.pefs(variant.pefs.name)
             columns = int((torch.bincount(pefs.indices.flatten(), minlength=pefs.space.size) > 0).sum())
             estimate = estimate_memory(method, n_examples=len(pefs), nnz=pefs.nnz, n_columns=columns,
                                        rank=fit.components, classes=getattr(pefs, "max_rank", 1))
             run.say(f"  {method}: {fit.components} components over {columns:,} parameters, about {estimate}")
             _warn_if_short(estimate, f"the {method} fit")
-            decomposition = solvers[method](fit.components, seed=fit.seed).fit(pefs, progress=run.progress)
+            decomposition = variant.solver(fit.components, seed=fit.seed).fit(pefs, progress=run.progress)
             if run.writes:
                 decomposition.save(run.out / method)
         run.say(f"  {method}: {run.config.fit.components} components fitted")

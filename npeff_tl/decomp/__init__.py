@@ -5,5 +5,6 @@ from .dnpeff import DNPEFF
 from .lrm import LRMNPEFF
 from .matrix import PEFMatrix, prepare
 from .solver import ConvergenceWarning
+from .variants import VARIANTS, Variant, variant
 
-__all__ = ["ConvergenceWarning", "DNPEFF", "LRMNPEFF", "Decomposition", "PEFMatrix", "load_decomposition", "prepare"]
+__all__ = ["ConvergenceWarning", "DNPEFF", "LRMNPEFF", "Decomposition", "PEFMatrix", "load_decomposition", "prepare", "VARIANTS", "Variant", "variant"]

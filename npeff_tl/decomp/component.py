@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..pefs.kinds import pef_kind
+
 if TYPE_CHECKING:  # a Decomposition makes its Components; this module needs the name only
     from .decomposition import Decomposition
 
@@ -57,11 +59,11 @@ class Component:
     def pseudo_fisher(self) -> dict[str, Tensor]:
         """The diagonal of the component's pseudo-Fisher as TL-shaped tensors (h_j, or g_j^2 for LRM-NPEFF)."""
         full = self.decomposition.full(self.index)
-        return self.decomposition.space.to_named(full.square() if self.decomposition.kind == "lowrank" else full)
+        return self.decomposition.space.to_named(pef_kind(self.decomposition.kind).component_diagonal(full))
 
     def direction(self) -> dict[str, Tensor]:
         """LRM-NPEFF only: g_j itself as TL-shaped tensors (the pseudo-Fisher is g_j g_j^T)."""
-        if self.decomposition.kind != "lowrank":
+        if not pef_kind(self.decomposition.kind).rank_one:
             raise ValueError("D-NPEFF components are diagonals, not directions; use pseudo_fisher()")
         return self.decomposition.named(self.index)
 

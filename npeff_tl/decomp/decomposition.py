@@ -21,6 +21,7 @@ from .. import distributed
 from ..params import ParamSpace
 from ..pefs import PEFs
 from ..pefs.containers import check_compatible
+from ..pefs.kinds import pef_kind
 from ..progress import progress_bar
 from ..store import FormatError, atomic_directory, load_tensors, read_metadata, save_json, save_tensors, versions
 from .component import Component
@@ -45,8 +46,7 @@ class Decomposition:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.kind not in ("diagonal", "lowrank"):
-            raise ValueError(f"kind must be 'diagonal' or 'lowrank', got {self.kind!r}")
+        pef_kind(self.kind)  # a known kind of PEF, else a clear error
         if self.W.shape[1] != self.components.shape[0]:
             raise ValueError(f"W has {self.W.shape[1]} columns but there are {self.components.shape[0]} components")
         if self.components.shape[1] != self.kept_columns.shape[0]:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..pefs import PEFs
+from ..pefs.kinds import DIAGONAL
 from ..progress import progress_bar
 from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
 from .decomposition import Decomposition
@@ -52,7 +53,7 @@ class DNPEFF:
     ) -> Decomposition:
         """Factor ``pefs`` (diagonal). ``init``: (W0, H0) to start from instead of the seeded draw;
         ``checkpoint``: a directory to save the state to every ``checkpoint_every`` iterations and resume from."""
-        if pefs.kind != "diagonal":
+        if pefs.kind != DIAGONAL.name:
             raise ValueError(f"D-NPEFF factors diagonal PEFs; these are {pefs.kind} (use LRMNPEFF)")
         matrix = prepare(pefs, min_nnz_per_column=self.min_nnz_per_column, device=self.device,
                          dtype=getattr(torch, self.dtype), shard_columns=True)
@@ -118,7 +119,7 @@ class DNPEFF:
         if self.h_threshold is not None:
             H = torch.where(H >= self.h_threshold, H, torch.zeros_like(H))
         return Decomposition(
-            kind="diagonal", W=W, components=H, kept_columns=matrix.kept_columns, space=matrix.space,
+            kind=DIAGONAL.name, W=W, components=H, kept_columns=matrix.kept_columns, space=matrix.space,
             metadata=matrix.fit_metadata,
             settings={**asdict(self), "algorithm": "D-NPEFF", "empty_examples": list(matrix.empty_examples)},
             losses=losses,

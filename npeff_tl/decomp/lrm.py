@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..pefs import PEFs
 from ..pefs.containers import check_compatible
+from ..pefs.kinds import LOWRANK
 from ..progress import progress_bar
 from ..store import tensor_fingerprint
 from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
@@ -69,13 +70,13 @@ class LRMNPEFF:
         """Factor ``pefs`` (low-rank). ``frozen``: an LRM-NPEFF decomposition whose components are kept fixed
         while ``n_components`` new ones are learned (the result lists the new ones first). ``init``: (W0, G0)
         instead of the seeded draw; ``checkpoint``: a directory to save the state to and resume from."""
-        if pefs.kind != "lowrank":
+        if pefs.kind != LOWRANK.name:
             raise ValueError(f"LRM-NPEFF factors low-rank PEFs; these are {pefs.kind} (use DNPEFF)")
         dtype = getattr(torch, self.dtype)
         if frozen is not None:
             if init is not None:
                 raise ValueError("give either init= or frozen=, not both (expansion draws the new components itself)")
-            check_compatible(pefs, "lowrank", frozen.space, frozen.metadata, "the decomposition was fit on")
+            check_compatible(pefs, LOWRANK.name, frozen.space, frozen.metadata, "the decomposition was fit on")
             matrix = prepare(pefs, columns=frozen.kept_columns, device=self.device, dtype=dtype, shard_columns=True)
             fixed = frozen.G.to(device=self.device, dtype=dtype)
         else:
@@ -221,7 +222,7 @@ class LRMFit:
         G = torch.cat([G[:free] / norms[:, None], G[free:]])
         W = torch.cat([W[:, :free] * norms.square(), W[:, free:]], dim=1)
         return Decomposition(
-            kind="lowrank", W=W, components=G, kept_columns=m.kept_columns, space=m.space,
+            kind=LOWRANK.name, W=W, components=G, kept_columns=m.kept_columns, space=m.space,
             metadata=m.fit_metadata,
             settings={**asdict(self.settings), "algorithm": "LRM-NPEFF", "n_frozen": self.Gt.shape[1] - self.n_free,
                       "final_lr": self.lr, "empty_examples": list(m.empty_examples)},

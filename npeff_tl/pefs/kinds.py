@@ -35,6 +35,11 @@ class PEFKind(ABC):
     name: ClassVar[str]
     container: ClassVar[type[PEFs]]
     counted: ClassVar[str]  # what nnz entries are chosen from, for error messages
+    rank_one: ClassVar[bool]  # an NPEFF component of these PEFs is a direction g (pseudo-Fisher g g^T), not a diagonal
+
+    def component_diagonal(self, component: Float[Tensor, " size"]) -> Float[Tensor, " size"]:
+        """The diagonal of an NPEFF component's pseudo-Fisher (where its Fisher mass sits): h, or g^2."""
+        return component.square() if self.rank_one else component
 
     @abstractmethod
     def choice_size(self, space_size: int, max_classes: int) -> int:
@@ -59,7 +64,7 @@ class PEFKind(ABC):
 class Diagonal(PEFKind):
     """D-PEFs: the diagonal f_i = sum_c u_c^2, its nnz largest entries (descending), norm ||f_i||."""
 
-    name, container, counted = "diagonal", DiagonalPEFs, "parameters"
+    name, container, counted, rank_one = "diagonal", DiagonalPEFs, "parameters", False
 
     def choice_size(self, space_size: int, max_classes: int) -> int:
         return space_size
@@ -71,7 +76,7 @@ class Diagonal(PEFKind):
 class LowRank(PEFKind):
     """LRM-PEFs: the factor U_i itself, its nnz largest |entries| over classes x parameters, norm ||U_i^T U_i||."""
 
-    name, container, counted = "lowrank", LowRankPEFs, "classes x parameters"
+    name, container, counted, rank_one = "lowrank", LowRankPEFs, "classes x parameters", True
 
     def choice_size(self, space_size: int, max_classes: int) -> int:
         return space_size * max_classes
