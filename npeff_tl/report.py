@@ -20,7 +20,7 @@ import torch
 
 from .dictionaries import top_of
 from .evaluation.labels import components_by_mass, most_frequent
-from .store import load_json, load_tensors
+from .store import load_json, load_tensors, save_text
 
 N_EXAMPLES_SHOWN = 8
 MAX_COMPONENTS_SHOWN = 32  # per dictionary (wide SAEs have many features)
@@ -41,11 +41,8 @@ def write_report(out: str | os.PathLike) -> Path:
     if not (out / "config.json").exists():
         raise FileNotFoundError(f"{out} is not a run directory (no config.json); run `npeff-tl pefs --out {out}` "
                                 f"or `npeff-tl demo --out {out}` first")
-    page = _Report(out).render()
     path = out / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    save_text(_Report(out).render(), path)
     return path
 
 

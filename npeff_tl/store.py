@@ -149,15 +149,20 @@ def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
-def save_json(data: Any, path: str | os.PathLike) -> None:
-    """Write a JSON file atomically."""
+def save_text(text: str, path: str | os.PathLike) -> None:
+    """Write a UTF-8 text file atomically (a temporary name, then a rename)."""
     path = Path(path)
     tmp = _atomic_target(path)
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_json(data: Any, path: str | os.PathLike) -> None:
+    """Write a JSON file atomically."""
+    save_text(json.dumps(data, indent=2, sort_keys=True), path)
 
 
 @contextmanager

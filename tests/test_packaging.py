@@ -43,6 +43,7 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     location = _run(python, "-c", "import npeff_tl; print(npeff_tl.__file__)", cwd=tmp_path).strip()
     assert location.startswith(str(venv)), location
+    assert (Path(location).parent / "py.typed").is_file()  # the package says it is typed (PEP 561)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     _run(venv / "bin" / "npeff-tl", "demo", "--per-task", "32", "--components", "4", "--sae-steps", "50", "--quiet",
          "--out", tmp_path / "demo", cwd=tmp_path, env=env)
