@@ -20,6 +20,7 @@ import torch
 
 from .dictionaries import top_of
 from .evaluation.labels import components_by_mass, most_frequent
+from .evaluation.selectivity import SelectivityConfig, load_selectivity
 from .store import load_json, load_tensors, save_text
 
 N_EXAMPLES_SHOWN = 8
@@ -73,8 +74,6 @@ class _Report:
         self.display = self._json("data/examples.json")
         comparison = self._json("comparison/comparison.json")
         self.rows = comparison["rows"] if comparison else []
-        from .evaluation.selectivity import load_selectivity
-
         order = self.config["fit"]["methods"] + [r["method"] for r in self.rows]
         self.selectivity = _ordered({p.parent.name: load_selectivity(p.parent)
                                      for p in (out / "selectivity").glob("*/selectivity.json")}, order)
@@ -126,9 +125,11 @@ class _Report:
         elif self.timings:
             facts.append(("wall time", f"{sum(self.timings.values()):.0f} s so far"))
         rows = "".join(f'<tr><td class="name">{_e(k)}</td><td class="name">{_e(v)}</td></tr>' for k, v in facts)
+        perturb = self.config["perturb"]
         return (f'<div class="card"><table>{rows}</table></div>'
-                '<p class="note">Coefficient selectivity: mean KL on a component\'s 20 highest held-out examples '
-                'divided by mean KL on 200 other held-out examples, with the perturbation scaled so the top set '
+                f'<p class="note">Coefficient selectivity: mean KL on a component\'s {perturb["n_top"]} highest '
+                f'held-out examples divided by mean KL on {perturb["n_baseline"]} other held-out examples, with the '
+                'perturbation scaled so the top set '
                 'moves by the first KL target. Strategy selectivity: mean KL on held-out examples of the '
                 'component\'s strategy divided by that on all others. Normalised: each ratio divided by the ratio of '
                 'the two sets\' mean Fisher traces (a random step moves an example in proportion to its trace, so a '
@@ -339,7 +340,8 @@ class _Report:
         """The label most frequent among the component's top training examples (as selectivity assigns it)."""
         if not self.display or any(row.get("label") is None for row in self.display["train"]):
             return None
-        found = most_frequent(self.display["train"][i]["label"] for i in top_of(train, 20).tolist())
+        top = top_of(train, SelectivityConfig().n_top_train)  # the pipeline measures at the default
+        found = most_frequent(self.display["train"][i]["label"] for i in top.tolist())
         return found[0] if found else None
 
     def _examples(self, coefficients: torch.Tensor) -> str:
