@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..layout import RunLayout
 from ..store import save_text
 from .page import _Report
 
@@ -21,9 +22,9 @@ __all__ = ["write_report"]
 def write_report(out: str | os.PathLike) -> Path:
     """Write ``out/report.html`` from the run directory ``out``; returns its path."""
     out = Path(out)
-    if not (out / "config.json").exists():
+    layout = RunLayout(out)
+    if not layout.config.exists():
         raise FileNotFoundError(f"{out} is not a run directory (no config.json); run `npeff-tl pefs --out {out}` "
                                 f"or `npeff-tl demo --out {out}` first")
-    path = out / "report.html"
-    save_text(_Report(out).render(), path)
-    return path
+    save_text(_Report(out).render(), layout.report)
+    return layout.report

@@ -11,6 +11,7 @@ import torch
 from ..dictionaries import top_of
 from ..evaluation.labels import components_by_mass, most_frequent
 from ..evaluation.selectivity import SelectivityConfig, load_selectivity
+from ..layout import RunLayout
 from ..store import load_json, load_tensors
 from .charts import dot_plot, escape, fmt, heat_table, histogram, readout_bars, selectivity_table
 
@@ -34,26 +35,24 @@ def _asset(name: str) -> str:
 
 class _Report:
     def __init__(self, out: Path):
-        self.out = out
-        self.config = load_json(out / "config.json")
-        self.summary = self._json("summary.json")
-        self.timings = self._json("timings.json") or {}
-        self.display = self._json("data/examples.json")
-        comparison = self._json("comparison/comparison.json")
-        self.rows = comparison["rows"] if comparison else []
-        order = self.config["fit"]["methods"] + [r["method"] for r in self.rows]
-        self.selectivity = _ordered({p.parent.name: load_selectivity(p.parent)
-                                     for p in (out / "selectivity").glob("*/selectivity.json")}, order)
-        self.coefficients = _ordered({p.stem: load_tensors(p) for p in (out / "coefficients").glob("*.safetensors")},
-                                     order)
         from ..decomp import load_decomposition
 
-        self.decompositions = {m: load_decomposition(out / m) for m in self.config["fit"]["methods"]
-                               if (out / m / "metadata.json").exists()}
-        self.effects = {p.parent.name: load_json(p) for p in (out / "selectivity").glob("*/effects.json")}
-
-    def _json(self, name: str):
-        return load_json(self.out / name) if (self.out / name).exists() else None
+        layout = RunLayout(out)
+        self.config = load_json(layout.config)
+        self.summary = _json(layout.summary)
+        self.timings = _json(layout.timings) or {}
+        self.display = _json(layout.examples)
+        comparison = _json(layout.comparison / "comparison.json")
+        self.rows = comparison["rows"] if comparison else []
+        order = self.config["fit"]["methods"] + [r["method"] for r in self.rows]
+        self.selectivity = _ordered({name: load_selectivity(layout.selectivity(name)) for name in layout.measured()},
+                                    order)
+        self.coefficients = _ordered({name: load_tensors(layout.coefficients(name))
+                                      for name in layout.with_coefficients()}, order)
+        self.decompositions = {m: load_decomposition(layout.decomposition(m)) for m in self.config["fit"]["methods"]
+                               if layout.has_decomposition(m)}
+        self.effects = {name: load_json(layout.selectivity(name) / "effects.json") for name in layout.measured()
+                        if layout.has_effects(name)}
 
     def render(self) -> str:
         from .. import __version__
@@ -325,6 +324,10 @@ class _Report:
         answer = f' <span class="answer">&rarr; {escape(row["answer"])}</span>' if row.get("answer") is not None else ""
         return (f'<div class="{css}"><span class="coef" data-value="{value!r}">{value:.3g}</span>'
                 f'<span class="label">{escape(row.get("label") or "")}</span>{tokens}{answer}</div>')
+
+
+def _json(path: Path):
+    return load_json(path) if path.exists() else None
 
 
 def _ordered(items: dict, order: list[str]) -> dict:
