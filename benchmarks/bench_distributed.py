@@ -35,7 +35,7 @@ def make_data(out: Path, n: int, size: int, nnz: int) -> None:
     into 3 disjoint column groups, square roots of the values with random signs)."""
     import npeff_tl as nt
     from bench_decomp import synthetic_diagonal
-    from npeff_tl.pefs.containers import lowrank_rows
+    from npeff_tl.pefs.sparse import lowrank_rows
 
     diagonal = synthetic_diagonal(n, size, nnz)
     diagonal.save(out / "diagonal")

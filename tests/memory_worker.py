@@ -56,7 +56,7 @@ def pefs(cfg: dict) -> tuple[int, int]:
 
 def decomposition(cfg: dict) -> tuple[int, int]:
     """Synthetic PEFs of ``n`` examples x ``nnz`` entries over ``size`` parameters (low-rank: 4 classes)."""
-    from npeff_tl.pefs.containers import lowrank_rows
+    from npeff_tl.pefs.sparse import lowrank_rows
 
     n, nnz, size, rank, k = cfg["n"], cfg["nnz"], cfg["size"], cfg["rank"], 4
     g = torch.Generator().manual_seed(0)

@@ -20,7 +20,8 @@ from torch import Tensor
 from .. import distributed
 from ..params import ParamSpace
 from ..pefs import DiagonalPEFs, LowRankPEFs, PEFs
-from ..pefs.containers import ORIGIN_KEYS, sorted_csr
+from ..pefs.containers import ORIGIN_KEYS
+from ..pefs.sparse import sorted_csr
 from ..store import tensor_fingerprint
 
 BLOCK_COLUMNS = 8192  # the widest block of A on CPU: a block's rows of the dense factor stay in cache

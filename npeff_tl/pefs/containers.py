@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from ..params import ParamSpace
 from ..store import FormatError, ShardStore, atomic_directory, load_tensors, read_metadata, save_tensors, versions
+from .sparse import lowrank_gram, sorted_csr, sparsify_lowrank
 
 PEFS_FORMAT = "npeff_tl.pefs"
 D_NORM_EPS = 1e-9  # added to the norm when normalising D-PEFs (reference value)
@@ -172,17 +172,6 @@ def check_compatible(pefs: PEFs, kind: str, space: ParamSpace, metadata: dict[st
                              f"{metadata.get(key)}")
 
 
-def sorted_csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    """A CSR matrix from per-entry (row, col, value), columns sorted within each row."""
-    order = torch.argsort(rows * shape[1] + cols)
-    rows, cols, values = rows[order], cols[order], values[order]
-    crow = torch.zeros(shape[0] + 1, dtype=torch.long)
-    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
-    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, cols, values, size=shape, check_invariants=False)
-
-
 @dataclass(kw_only=True, repr=False)
 class DiagonalPEFs(PEFs):
     kind: ClassVar[str] = "diagonal"
@@ -323,35 +312,6 @@ class LowRankPEFs(PEFs):
             values=values, indices=indices, norms=lowrank_gram(padded).flatten(1).norm(dim=1), col_offsets=col_offsets, ranks=ranks,
             space=space, metadata=_synthetic(metadata), provenance={"versions": versions()},
         )
-
-
-def sparsify_lowrank(factors: Float[Tensor, "b k size"], nnz: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``nnz`` |entries| of each example's factor jointly over classes x parameters, in (class, parameter)
-    order: (values [b, nnz], parameter indices [b, nnz], col_offsets [b, k + 1])."""
-    b, k, size = factors.shape
-    flat = factors.reshape(b, k * size)
-    chosen = flat.abs().topk(nnz, dim=1).indices  # flat index = class * size + parameter
-    return lowrank_rows(flat.gather(1, chosen), chosen, size, k)
-
-
-def lowrank_rows(values: Tensor, joint: Tensor, size: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Stored layout of chosen low-rank entries given by joint index class * size + parameter: sorted in
-    (class, parameter) order, as (values, parameter indices, col_offsets [b, k + 1])."""
-    joint, order = joint.sort(dim=1)
-    col_offsets = torch.zeros(joint.shape[0], k + 1, dtype=torch.long, device=joint.device)
-    col_offsets[:, 1:] = torch.nn.functional.one_hot(joint // size, k).sum(1).cumsum(1)
-    return values.gather(1, order), joint % size, col_offsets
-
-
-def lowrank_gram(factors: Float[Tensor, "b k size"], chunk: int = 1 << 20) -> Float64[Tensor, "b k k"]:
-    """The k x k Gram matrices U^T U (classes x classes), accumulated in float64 over column chunks.
-    ||U U^T||_F = ||U^T U||_F, so the PEF's norm never needs the size x size matrix."""
-    b, k, size = factors.shape
-    gram = torch.zeros(b, k, k, dtype=torch.float64, device=factors.device)
-    for start in range(0, size, chunk):
-        block = factors[..., start : start + chunk].double()
-        gram += block @ block.mT
-    return gram
 
 
 def _space_for(space: ParamSpace | None, size: int) -> ParamSpace:

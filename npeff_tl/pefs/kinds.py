@@ -12,7 +12,8 @@ import torch
 from jaxtyping import Float, Float64, Int
 from torch import Tensor
 
-from .containers import DiagonalPEFs, LowRankPEFs, PEFs, lowrank_gram, lowrank_rows
+from .containers import DiagonalPEFs, LowRankPEFs, PEFs
+from .sparse import lowrank_gram, lowrank_rows
 from .topk import StreamingTopK
 from .workspace import Workspace
 
