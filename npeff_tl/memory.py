@@ -5,7 +5,7 @@ step allocates and what is still alive), and take the largest phase: the memory 
 that already holds the model and the PEFs. The activations a model saves for backward are counted by running
 it on two dummy sequences. ``batch_size_for`` picks the largest PEF batch that fits a budget. On CPU the
 measured peaks (resident memory, with glibc returning freed blocks: ``MALLOC_MMAP_THRESHOLD_=65536``) are
-within 25% of the estimates on the configurations of ``tests/test_memory.py``; ``MemoryEstimate.parts`` names
+within 25% of the estimates on the configurations of ``tests/unit/test_memory.py``; ``MemoryEstimate.parts`` names
 the terms so that a surprise can be traced.
 """
 

@@ -1,6 +1,6 @@
-"""Measure one stage's peak memory in a fresh process, next to its estimate (run by tests/test_memory.py).
+"""Measure one stage's peak memory in a fresh process, next to its estimate (run by tests/unit/test_memory.py).
 
-    MALLOC_MMAP_THRESHOLD_=65536 python tests/memory_worker.py '{"stage": "pefs", ...}'
+    MALLOC_MMAP_THRESHOLD_=65536 python tests/helpers/memory_worker.py '{"stage": "pefs", ...}'
 
 Prints {"measured": bytes, "estimated": bytes}. The measurement is the peak resident memory the stage adds
 (Linux: VmHWM after resetting it through /proc/self/clear_refs, minus VmRSS before the stage); with the mmap

@@ -92,7 +92,7 @@ def test_interventions_compose_with_each_other_and_with_tl_hooks(model64, tokens
 
 
 def test_lrm_directions_and_controls():
-    from planted import planted_lowrank
+    from helpers.planted import planted_lowrank
 
     factors, _, _ = planted_lowrank(0, n=60)
     pefs = nt.LowRankPEFs.from_dense([u.float() for u in factors])

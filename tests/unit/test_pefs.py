@@ -9,7 +9,7 @@ from npeff_tl import (
     Candidates, DiagonalPEFs, Examples, FormatError, LowRankPEFs, ParamSpace, Sampled, Target, Threshold, TopK,
     TopKWithTail, compute_pefs, fisher_traces, load_pefs,
 )
-from oracles import dense_fishers
+from helpers.oracles import dense_fishers
 
 SPACE = ["blocks.*.attn.W_[QKV]", "blocks.1.mlp.W_in", "blocks.0.ln2.w", "unembed.b_U"]
 
@@ -219,7 +219,7 @@ def test_bad_input_errors(model64, tokens, space):
 
 
 def test_nan_logits_are_reported(tokens):
-    from conftest import make_model
+    from helpers.models import make_model
 
     model = make_model()
     with torch.no_grad():
@@ -288,7 +288,7 @@ def test_a_target_position_beside_examples_must_match_their_positions(model64, t
 
 def test_nan_weights_are_named_when_the_fishers_are_not_finite(tokens, space):
     """A NaN in W_Q leaves the logits finite (TransformerLens zeroes NaN attention patterns) but not the Fishers."""
-    from conftest import make_model
+    from helpers.models import make_model
 
     model = make_model()
     with torch.no_grad():

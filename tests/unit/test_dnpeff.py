@@ -7,7 +7,7 @@ import torch
 
 from npeff_tl import DNPEFF, ConvergenceWarning, DiagonalPEFs, load_decomposition, matched_cosines
 from npeff_tl.decomp import prepare
-from planted import killed_after_checkpoint, planted_diagonal
+from helpers.planted import killed_after_checkpoint, planted_diagonal
 
 
 def _pefs(A, **metadata):

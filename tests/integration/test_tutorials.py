@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("*.py"))
+TUTORIALS = sorted((Path(__file__).resolve().parents[2] / "tutorials").glob("*.py"))
 
 
 def test_there_are_tutorials():

@@ -13,7 +13,7 @@ import torch
 
 from npeff_tl.store import load_tensors
 
-WORKER = Path(__file__).parent / "distributed_worker.py"
+WORKER = Path(__file__).parents[1] / "helpers" / "distributed_worker.py"
 KINDS = ("diagonal", "lowrank")
 
 

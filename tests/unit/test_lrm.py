@@ -8,7 +8,7 @@ import torch
 from npeff_tl import DNPEFF, LRMNPEFF, ConvergenceWarning, LowRankPEFs, matched_cosines
 from npeff_tl.decomp import prepare
 from npeff_tl.decomp.lrm import LRMFit
-from planted import killed_after_checkpoint, planted_lowrank
+from helpers.planted import killed_after_checkpoint, planted_lowrank
 
 
 def _pefs(factors):

@@ -12,7 +12,7 @@ import pytest
 import npeff_tl as nt
 from npeff_tl.memory import MemoryEstimate, batch_size_for, estimate_memory
 
-WORKER = Path(__file__).parent / "memory_worker.py"
+WORKER = Path(__file__).parents[1] / "helpers" / "memory_worker.py"
 
 CONFIGS = [
     {"stage": "pefs", "layers": 2, "d_model": 256, "heads": 4, "vocab": 500, "seq_len": 32, "n": 24, "classes": 4,

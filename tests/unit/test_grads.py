@@ -11,7 +11,7 @@ from npeff_tl import (
     as_adapter,
     per_example_grads,
 )
-from oracles import loop_grads
+from helpers.oracles import loop_grads
 
 
 def test_target_logits_match_full_forward(model64, tokens):
@@ -22,7 +22,7 @@ def test_target_logits_match_full_forward(model64, tokens):
 
 
 def test_target_logits_without_layernorm():
-    from conftest import make_model
+    from helpers.models import make_model
 
     model = make_model(normalization_type=None)
     toks = torch.randint(0, 23, (3, 5))
@@ -103,7 +103,7 @@ def test_hook_path_equals_torch_func_on_every_linear_map(model64):
 
 @pytest.mark.parametrize("frozen", ["all", "some"])
 def test_hook_path_works_on_frozen_models_and_restores_them(tokens, frozen):
-    from conftest import make_model
+    from helpers.models import make_model
 
     model = make_model()
     for i, p in enumerate(model.parameters()):

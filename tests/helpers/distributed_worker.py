@@ -1,6 +1,6 @@
-"""One rank of the torch.distributed tests (launched by tests/test_distributed.py through torchrun, gloo on CPU).
+"""One rank of the torch.distributed tests (launched by tests/integration/test_distributed.py through torchrun, gloo on CPU).
 
-    python -m torch.distributed.run --nproc_per_node N tests/distributed_worker.py OUT [--die-after-shards K]
+    python -m torch.distributed.run --nproc_per_node N tests/helpers/distributed_worker.py OUT [--die-after-shards K]
                                     [--only-pefs] [--late-rank R]
 
 Computes diagonal and low-rank PEFs of a tiny model into OUT/pefs_{kind}, fits D-NPEFF and LRM-NPEFF to them
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for helpers
 torch.set_num_threads(1)
 
-from conftest import make_model  # noqa: E402
-from planted import planted_lowrank  # noqa: E402
+from helpers.models import make_model  # noqa: E402
+from helpers.planted import planted_lowrank  # noqa: E402
 
 import npeff_tl as nt  # noqa: E402
 from npeff_tl import distributed  # noqa: E402

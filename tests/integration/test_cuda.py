@@ -4,7 +4,7 @@ needs a GPU (the CPU paths are checked against their oracles there)."""
 import pytest
 import torch
 
-from conftest import make_model
+from helpers.models import make_model
 from npeff_tl import AnswerLogProb, ParamSpace, Target, TopK, compute_pefs, per_example_grads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -139,7 +139,7 @@ def test_sampled_classes_follow_the_example_not_its_place_in_the_call(model64):
 
 
 def test_examples_print_briefly_and_padded_bidirectional_models_are_refused():
-    from conftest import make_model
+    from helpers.models import make_model
 
     examples = Examples.from_tokens(torch.randint(0, 20, (300, 50)))
     assert repr(examples) == "Examples(300 examples in 300 sequences of up to 50 tokens)"
