@@ -124,7 +124,7 @@ class ParameterDictionary(ABC):
         return perturb(self.model, self.direction(j), self.space, magnitude, sign)
 
     def magnitude_bounds(self, j: int) -> tuple[float, float]:
-        norm = float(torch.linalg.vector_norm(self.space.gather(as_adapter(self.model)).double()))
+        norm = float(torch.linalg.vector_norm(self.space.flat_values(as_adapter(self.model)).double()))
         return 0.05 * norm, self.max_relative_magnitude * norm
 
     def intervention_settings(self, j: int) -> dict[str, float | None]:

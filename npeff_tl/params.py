@@ -120,7 +120,7 @@ class ParamSpace:
         return {name: params[name] for name in self.names}
 
     # ------------------------------------------------------------------------------- flat <-> named
-    def gather(self, model: nn.Module | ModelAdapter) -> Float[Tensor, " size"]:
+    def flat_values(self, model: nn.Module | ModelAdapter) -> Float[Tensor, " size"]:
         """The model's current values of this space as one flat vector (a copy)."""
         return torch.cat([p.detach().reshape(-1) for p in self.check_model(model).values()])
 

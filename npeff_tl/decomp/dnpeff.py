@@ -62,7 +62,7 @@ class DNPEFF:
             raise ValueError(f"n_components must lie in [1, {n_real}] (the examples with non-zero PEFs), "
                              f"got {self.n_components}")
         W, H = self._initial_factors(matrix) if init is None else matrix.check_init(init, self.n_components, "H")
-        Ht = matrix.local(H).T.contiguous()  # [m, r] (this rank's columns): the layout the sparse products want
+        Ht = matrix.local_columns(H).T.contiguous()  # [m, r] (this rank's columns): the layout the sparse products want
         losses, start, converged = [], 0, False
         saver = None
         if checkpoint is not None:
@@ -99,7 +99,7 @@ class DNPEFF:
         bar.close()
         if not converged and self.tol > 0:
             warn_unconverged("D-NPEFF", self.max_iter, self.tol, losses)
-        return self._decomposition(matrix, W, matrix.gather(Ht.T), losses)
+        return self._decomposition(matrix, W, matrix.all_columns(Ht.T), losses)
 
     def _initial_factors(self, matrix: PEFMatrix) -> tuple[torch.Tensor, torch.Tensor]:
         """Uniform(0, 1) draws, W then H from one generator over the full matrices, scaled so that W H has the

@@ -89,7 +89,7 @@ class LRMNPEFF:
                              f"got {self.n_components}")
         r = self.n_components + fixed.shape[0]
         W, G = self._initial_factors(matrix, fixed) if init is None else matrix.check_init(init, r, "G")
-        fit = LRMFit(self, matrix, W, matrix.local(G), n_free=self.n_components)
+        fit = LRMFit(self, matrix, W, matrix.local_columns(G), n_free=self.n_components)
         total = self.n_iters_g_only + self.n_iters_joint
         saver = None
         if checkpoint is not None:
@@ -217,7 +217,7 @@ class LRMFit:
 
     def decomposition(self) -> Decomposition:
         m, free = self.matrix, self.n_free
-        G, W = m.gather(self.Gt.T), self.W
+        G, W = m.all_columns(self.Gt.T), self.W
         norms = torch.linalg.vector_norm(G[:free], dim=1).clamp(min=1e-30)  # new components first, frozen after
         G = torch.cat([G[:free] / norms[:, None], G[free:]])
         W = torch.cat([W[:, :free] * norms.square(), W[:, free:]], dim=1)

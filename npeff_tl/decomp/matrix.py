@@ -68,11 +68,11 @@ class PEFMatrix:
     def n_columns(self) -> int:
         return int(self.kept_columns.shape[0])
 
-    def local(self, C: Float[Tensor, "r m"]) -> Float[Tensor, "r m_local"]:
+    def local_columns(self, C: Float[Tensor, "r m"]) -> Float[Tensor, "r m_local"]:
         """This rank's columns of a [r, all kept columns] factor."""
         return C[:, self.shard[0] : self.shard[1]]
 
-    def gather(self, C: Float[Tensor, "r m_local"]) -> Float[Tensor, "r m"]:
+    def all_columns(self, C: Float[Tensor, "r m_local"]) -> Float[Tensor, "r m"]:
         """The full factor from every rank's columns (contiguous either way: reductions over a row then run in
         the same order in any number of processes)."""
         return distributed.all_gather_rows(C.T.contiguous()).T.contiguous() if self.sharded else C.contiguous()

@@ -36,9 +36,9 @@ def test_leaving_restores_the_model_bit_for_bit_also_after_an_exception(model64,
 
 def test_the_step_is_theta_plus_sign_magnitude_unit_direction(model64, space):
     direction = nt.random_direction(space, seed=2)
-    theta = space.gather(model64)
+    theta = space.flat_values(model64)
     with nt.perturb(model64, direction, space, magnitude=0.5, sign=-1):
-        moved = space.gather(model64)
+        moved = space.flat_values(model64)
     expected = theta - 0.5 * direction.vector.double() / direction.vector.double().norm()
     assert torch.allclose(moved, expected.to(moved.dtype), atol=1e-12)
 
@@ -135,7 +135,7 @@ def test_a_direction_is_refused_for_another_space_of_the_same_size(model64):
         nt.perturb(model64, direction, b, 0.1)
     with pytest.raises(ValueError, match="the direction has shape"):
         nt.perturb(model64, torch.ones(a.size + 1), a, 0.1)
-    theta = a.gather(model64).clone()
+    theta = a.flat_values(model64).clone()
     with nt.perturb(model64, direction, a, 0.1):  # its own space: applied
-        assert not torch.equal(a.gather(model64), theta)
-    assert torch.equal(a.gather(model64), theta)
+        assert not torch.equal(a.flat_values(model64), theta)
+    assert torch.equal(a.flat_values(model64), theta)

@@ -29,7 +29,7 @@ def test_empty_selection_is_an_error(model64):
 
 def test_flat_named_round_trip(model64):
     space = ParamSpace(model64, include=["blocks.*.attn.W_*", "ln_final.*"])
-    flat = space.gather(model64)
+    flat = space.flat_values(model64)
     named = space.to_named(flat)
     params = dict(model64.named_parameters())
     for name, tensor in named.items():
@@ -41,7 +41,7 @@ def test_flat_named_round_trip(model64):
 
 def test_index_maps_are_inverse(model64):
     space = ParamSpace(model64, include=["blocks.0.attn.W_Q", "blocks.0.attn.b_O", "blocks.1.mlp.W_in"])
-    flat = space.gather(model64)
+    flat = space.flat_values(model64)
     everything = torch.arange(space.size)
     params = dict(model64.named_parameters())
     for i, (name, index) in zip(everything.tolist(), space.locate(everything)):
