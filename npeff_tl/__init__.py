@@ -52,7 +52,8 @@ from .pefs import (
 from .config import RunConfig, load_config
 from .pipeline import Run, run_all
 from .report import write_report
-from .sources import load_model, save_checkpoint
+from .checkpoints import save_checkpoint
+from .sources import load_model
 from .store import FormatError, LockedError
 from .targets import Candidates, ClassRule, Sampled, Target, Threshold, TopK, TopKWithTail
 

@@ -23,7 +23,8 @@ from ..pefs import PEFs
 from ..pefs.containers import check_compatible
 from ..pefs.kinds import pef_kind
 from ..progress import progress_bar
-from ..store import FormatError, atomic_directory, load_tensors, read_metadata, save_json, save_tensors, versions
+from ..provenance import versions
+from ..store import FormatError, atomic_directory, load_tensors, read_metadata, save_json, save_tensors
 from .component import Component
 from .matrix import prepare
 from .solver import multiplicative_w, numerators

@@ -31,7 +31,7 @@ from ..pefs import PEFs
 from ..pefs.containers import check_compatible
 from ..pefs.kinds import LOWRANK
 from ..progress import progress_bar
-from ..store import tensor_fingerprint
+from ..provenance import tensor_fingerprint
 from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
 from .decomposition import Decomposition
 from .matrix import PEFMatrix, prepare

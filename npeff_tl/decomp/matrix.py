@@ -22,7 +22,7 @@ from ..params import ParamSpace
 from ..pefs import DiagonalPEFs, LowRankPEFs, PEFs
 from ..pefs.containers import ORIGIN_KEYS
 from ..pefs.sparse import sorted_csr
-from ..store import tensor_fingerprint
+from ..provenance import tensor_fingerprint
 
 BLOCK_COLUMNS = 8192  # the widest block of A on CPU: a block's rows of the dense factor stay in cache
 TARGET_BLOCKS = 64  # blocks per matrix, so up to this many ranks share it (fewer blocks under 1,024 columns)

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ..dictionaries import Dictionary, ParameterDictionary, as_labeled
 from ..examples import Examples, LabeledExamples
-from ..store import atomic_directory, save_json, versions
+from ..provenance import versions
+from ..store import atomic_directory, save_json
 from .labels import components_by_mass
 from .matching import match_coefficients
 from .metrics import mean_ignoring_missing, label_metrics

@@ -40,7 +40,8 @@ from ..dictionaries import Dictionary, ParameterDictionary, draw_baseline, mean_
 from ..examples import LabeledExamples
 from ..interventions import KLProbe, calibrate_magnitude, perturb, random_direction
 from ..progress import progress_bar
-from ..store import atomic_directory, load_json, load_tensors, save_json, save_tensors, versions
+from ..provenance import versions
+from ..store import atomic_directory, load_json, load_tensors, save_json, save_tensors
 from ..targets import ClassRule, TopKWithTail
 from .labels import component_strategy
 from .metrics import median_ignoring_missing

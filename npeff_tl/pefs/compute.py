@@ -22,7 +22,8 @@ from ..adapters import ModelAdapter, as_adapter
 from ..examples import Examples, TokensLike
 from ..params import ParamSpace
 from ..progress import progress_bar
-from ..store import FormatError, ShardStore, load_tensors, save_tensors, tensor_fingerprint, versions
+from ..provenance import tensor_fingerprint, versions
+from ..store import FormatError, ShardStore, load_tensors, save_tensors
 from ..targets import ClassRule, Target, TopK
 from .containers import PEFS_FORMAT, PEFs, check_nnz, load_pefs
 from .grads import as_examples, batch_grads, hooked_names

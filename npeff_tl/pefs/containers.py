@@ -27,7 +27,8 @@ from jaxtyping import Float, Float64, Int
 from torch import Tensor
 
 from ..params import ParamSpace
-from ..store import FormatError, ShardStore, atomic_directory, load_tensors, read_metadata, save_tensors, versions
+from ..provenance import versions
+from ..store import FormatError, ShardStore, atomic_directory, load_tensors, read_metadata, save_tensors
 from .sparse import lowrank_gram, sorted_csr, sparsify_lowrank
 
 PEFS_FORMAT = "npeff_tl.pefs"

@@ -23,7 +23,8 @@ from ..adapters import ModelAdapter, as_adapter
 from ..examples import Examples, TokensLike, resolve_positions
 from ..params import ParamSpace
 from ..progress import progress_bar
-from ..store import ShardStore, tensor_fingerprint
+from ..provenance import tensor_fingerprint
+from ..store import ShardStore
 from ..targets import Position
 from .linear_grads import linear_map_grads
 from .objectives import Objective, ObjectiveFor

@@ -149,7 +149,8 @@ def _fit(entry: FieldEntry, train_stream: Int[Tensor, " n"], progress: bool):
 def train_field(entry: FieldEntry, directory: Path, progress: bool = True) -> dict:
     """Train ``entry`` from scratch on the stdlib's training files with the shipped tokenizer; write
     ``model.safetensors`` (float16) and a card with the held-out figures to ``directory``. Returns the card."""
-    from ..store import save_json, save_tensors, versions
+    from ..provenance import versions
+    from ..store import save_json, save_tensors
     from .ngram import Bigram
 
     tokenizer = load_code_tokenizer()

@@ -21,7 +21,8 @@ import torch
 from ..examples import Examples
 from ..interventions import accuracy as example_accuracy
 from ..progress import progress_bar
-from ..store import save_json, save_tensors, versions
+from ..provenance import versions
+from ..store import save_json, save_tensors
 from . import MODELS_DIR, FieldEntry, build_model, dataset, entry, load_model
 from .corpus import Corpus
 from .field import record_strata, train_field

@@ -1,0 +1,54 @@
+"""Local checkpoints, so that a model needs no hub: a directory with ``config.json`` (the HookedTransformerConfig),
+``model.safetensors`` (the state dict) and, when the model has one, its tokenizer (``save_pretrained`` files).
+``save_checkpoint`` writes one; ``load_model(PATH)`` and ``--set model.name=PATH`` read it."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .store import atomic_directory, save_json
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a HookedTransformer as a local checkpoint that ``load_model`` (and ``--set model.name=PATH``) reads."""
+    from safetensors.torch import save_file
+
+    config = model.cfg.to_dict()
+    config["dtype"] = str(config["dtype"]).removeprefix("torch.")
+    config.pop("device", None)
+    with atomic_directory(path) as tmp:
+        save_json(config, tmp / "config.json")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        if getattr(model, "tokenizer", None) is not None:
+            model.tokenizer.save_pretrained(str(tmp))
+    return Path(path)
+
+
+def load_checkpoint(path: Path, device: str = "cpu") -> nn.Module:
+    """The HookedTransformer saved at ``path`` by ``save_checkpoint``, in eval mode on ``device``."""
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    for required in ("config.json", "model.safetensors"):
+        if not (path / required).is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint: it lacks {required} (write one with "
+                                    "npeff_tl.save_checkpoint(model, path))")
+    values = json.loads((path / "config.json").read_text())
+    values["dtype"] = getattr(torch, values.get("dtype", "float32"))
+    values["device"] = device
+    tokenizer = None
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(HookedTransformerConfig.from_dict(values), tokenizer=tokenizer)
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device=device), strict=True)
+    return model.eval()
