@@ -46,6 +46,12 @@ class FixedDictionary:
     def magnitude_bounds(self, j):
         return 1.0, 10.0
 
+    def intervention_settings(self, j):
+        return {}
+
+    def figures(self):
+        return {}
+
     def describe(self):
         return f"fixed {self.name}"
 
