@@ -184,13 +184,13 @@ class NPEFFDictionary(ParameterDictionary):
             raise ValueError(f"the decomposition has coefficients for {decomposition.W.shape[0]} examples but train "
                              f"has {len(self.train)}; pass the examples its PEFs were computed from, in order")
         self.dataset_fisher = train_pefs.dataset_fisher if train_pefs is not None else None
-        if not variant(decomposition.kind).rank_one and self.dataset_fisher is None:
+        self.variant = variant(decomposition.kind)
+        if not self.variant.rank_one and self.dataset_fisher is None:
             raise ValueError("D-NPEFF perturbations need the dataset-level Fisher: pass train_pefs (the PEFs the "
                              "decomposition was fitted to, from compute_pefs)")
         if mix != "auto" and not (isinstance(mix, float) and 0 < mix < 1):
             raise ValueError(f"mix must be 'auto' or a float in (0, 1), got {mix!r}")
         self.nnz = nnz if nnz is not None else (train_pefs.nnz if train_pefs is not None else None)
-        self.variant = variant(decomposition.kind)
         self.name = name or self.variant.name
         self.mix, self.mix_grid, self.mix_kl_target = mix, tuple(mix_grid), mix_kl_target
         self.fisher_floor, self.max_abs_cos = fisher_floor, max_abs_cos

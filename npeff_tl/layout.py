@@ -51,6 +51,9 @@ class RunLayout:
     def selectivity(self, name: str) -> Path:
         return self.root / "selectivity" / name
 
+    def effects(self, name: str) -> Path:
+        return self.selectivity(name) / "effects.json"
+
     def sae(self, width: int, hook: str) -> Path:
         return self.root / "saes" / f"{width}_{hook}"
 
@@ -77,7 +80,7 @@ class RunLayout:
         return (self.selectivity(name) / "selectivity.json").exists()
 
     def has_effects(self, name: str) -> bool:
-        return (self.selectivity(name) / "effects.json").exists()
+        return self.effects(name).exists()
 
     def has_comparison(self) -> bool:
         return (self.comparison / "comparison.json").exists()

@@ -99,7 +99,7 @@ def _save_effects(run: Run, dictionary, path: Path) -> None:
                                                   run.coefficients(dictionary.name)["test"])]
     ids = sorted({t for e in effects for key in ("promoted", "suppressed", "before", "after") for t, _ in e[key]})
     save_json({"effects": effects, "tokens": dict(zip(map(str, ids), str_tokens(run.model, ids)))},
-              path / "effects.json")
+              run.layout.effects(dictionary.name))
 
 
 def stage_perturb(run: Run) -> None:

@@ -51,7 +51,7 @@ class _Report:
                                       for name in layout.with_coefficients()}, order)
         self.decompositions = {m: load_decomposition(layout.decomposition(m)) for m in self.config["fit"]["methods"]
                                if layout.has_decomposition(m)}
-        self.effects = {name: load_json(layout.selectivity(name) / "effects.json") for name in layout.measured()
+        self.effects = {name: load_json(layout.effects(name)) for name in layout.measured()
                         if layout.has_effects(name)}
 
     def render(self) -> str:
