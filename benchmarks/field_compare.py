@@ -70,7 +70,7 @@ def main() -> None:
     model, data = nt.zoo.load(args.model, n_train=args.per_group, n_test=args.test_per_group)
     train = nt.LabeledExamples.from_dataset(data["train"])
     test = nt.LabeledExamples.from_dataset(data["test"])
-    r, seeds = defaults.fit.components, range(args.seeds)
+    r, seeds = defaults.fit.n_components, range(args.seeds)
     space = nt.ParamSpace(model, include=defaults.pefs.include, exclude=defaults.pefs.exclude)
     target = nt.Target(classes=defaults.pefs.class_rule())
     hook, oracle_hooks = middle_hook(model), ([] if args.no_oracle else residual_hooks(model))

@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     defaults = nt.RunConfig()
-    base = Setting(nnz=defaults.pefs.nnz, components=defaults.fit.components)
+    base = Setting(nnz=defaults.pefs.nnz, components=defaults.fit.n_components)
     model, data = nt.zoo.load(args.model, n_train=args.per_group, n_test=args.test_per_group)
     train = nt.LabeledExamples.from_dataset(data["train"])
     test = nt.LabeledExamples.from_dataset(data["test"])

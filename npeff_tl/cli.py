@@ -1,7 +1,7 @@
 """The ``npeff-tl`` command.
 
 ``npeff-tl demo --out DIR`` runs the main job end to end on the embedded default, a zoo model (shipped weights,
-no downloads). The stage commands ``pefs``, ``fit``, ``perturb``, ``compare`` and ``report`` run the same
+no downloads). The stage commands ``pefs``, ``fit``, ``selectivity``, ``compare`` and ``report`` run the same
 pipeline on any model and data, driven by a config file (``npeff-tl config`` prints the defaults) and
 ``--set section.key=value`` flags; each runs the earlier stages that are not finished yet, and ``run`` runs them
 all. Mistakes a user can make get a one-line message and exit code 2.
@@ -20,7 +20,7 @@ from .store import FormatError, LockedError
 STAGE_HELP = {
     "pefs": "per-example Fishers of the train split (diagonal and/or low-rank)",
     "fit": "D-NPEFF / LRM-NPEFF decompositions of the PEFs",
-    "perturb": "held-out selectivity of the NPEFF components, with random-direction controls",
+    "selectivity": "held-out selectivity of the NPEFF components' perturbations, with random-direction controls",
     "compare": "SAE, gradient-clustering and activation k-means baselines; the comparison and summary.json",
     "report": "report.html from whatever the directory holds",
     "run": "every stage, then the report",
@@ -31,15 +31,16 @@ STAGE_DETAIL = {
             "pefs.",
     "fit": "Fits D-NPEFF and/or LRM-NPEFF into DIR/dnpeff and DIR/lrm_npeff, with the components' coefficients on "
            "both splits; computes the PEFs first if they are not finished. Config section: fit.",
-    "perturb": "Scales each component's parameter perturbation to a KL target on its top held-out examples and "
-               "measures the KL on other held-out examples; writes DIR/selectivity. Runs pefs and fit first if "
-               "they are not finished. Config section: perturb.",
+    "selectivity": "Scales each component's parameter perturbation to a KL target on its top held-out examples "
+                   "and measures the KL on other held-out examples; writes DIR/selectivity. Runs pefs and fit first "
+                   "if they are not finished. Config section: selectivity. (Earlier versions called this stage "
+                   "perturb; that name still works.)",
     "compare": "Trains the baselines on the same train split and compares every method on the test split into "
                "DIR/comparison and DIR/summary.json. Runs the "
                "earlier stages first if they are not finished. Config section: compare.",
     "report": "Writes DIR/report.html from what the directory holds; it runs no other stage (run `npeff-tl run "
               "--out DIR` for everything).",
-    "run": "Runs pefs, fit, perturb, compare and report, reusing whatever is finished.",
+    "run": "Runs pefs, fit, selectivity, compare and report, reusing whatever is finished.",
 }
 
 
@@ -70,13 +71,14 @@ def _demo(args: argparse.Namespace) -> None:
     config.model.name = ZOO_PREFIX + name
     per_task = args.per_task or config.data.per_task
     groups = len(set(zoo.dataset(name, 1, 1)["test"]["strategy"]))  # tasks or strata
-    needed = config.perturb.n_top + config.perturb.n_baseline
+    needed = config.selectivity.n_top + config.selectivity.n_baseline
     if per_task * groups < needed:
         raise ValueError(f"--per-task {per_task} leaves too few held-out examples for selectivity (top "
-                         f"{config.perturb.n_top} + baseline {config.perturb.n_baseline} from {groups} example groups); "
+                         f"{config.selectivity.n_top} + baseline {config.selectivity.n_baseline} from {groups} "
+                         f"example groups); "
                          f"use --per-task {-(-needed // groups)} or more")
     config.data.per_task = per_task
-    config.fit.components = args.components
+    config.fit.n_components = args.components
     config.compare.sae_widths = [args.components, 128]
     config.compare.sae_steps = args.sae_steps
     config.compare.oracle_hooks = args.oracle_hooks
@@ -100,15 +102,16 @@ def _config(args: argparse.Namespace):
 
 
 def _stage(args: argparse.Namespace) -> None:
-    from .pipeline import STAGES, Run, run_stages
+    from .pipeline import RENAMED_STAGES, STAGES, Run, run_stages
 
-    if args.command == "report":
+    command = RENAMED_STAGES.get(args.command, args.command)
+    if command == "report":
         if not (Path(args.out) / "config.json").exists():
             raise FileNotFoundError(f"{args.out} is not a run directory (no config.json); run a stage into it first, "
                                     f"e.g. npeff-tl run --out {args.out}")
         names = ["report"]
     else:
-        names = list(STAGES) if args.command == "run" else list(STAGES[: STAGES.index(args.command) + 1])
+        names = list(STAGES) if command == "run" else list(STAGES[: STAGES.index(command) + 1])
     with Run(args.out, _config(args), progress=not args.quiet) as run:
         summary = run_stages(run, names)
     if summary is not None:
@@ -136,6 +139,8 @@ def _start_distributed(args: argparse.Namespace) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .pipeline import RENAMED_STAGES
+
     parser = argparse.ArgumentParser(
         prog="npeff-tl", description="NPEFF (Non-Negative Per-Example Fisher Factorization) for TransformerLens "
         "models. `npeff-tl demo` runs everything on a shipped zoo model; the stage commands run the same pipeline "
@@ -167,13 +172,13 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, text in STAGE_HELP.items():
         stage = commands.add_parser(
-            name, help=text, description=f"{STAGE_DETAIL[name]} Settings come from "
+            name, help=text, aliases=[old for old, new in RENAMED_STAGES.items() if new == name], description=f"{STAGE_DETAIL[name]} Settings come from "
             "--config, else DIR/config.json, else the defaults (`npeff-tl config` prints them with what each means), "
             "then --set overrides.")
         stage.add_argument("--out", required=True, help="the run directory (created if needed; finished work in it "
                                                         "is reused)")
         stage.add_argument("--config", help="settings file (TOML or JSON) with sections model, data, pefs, fit, "
-                                            "perturb, compare")
+                                            "selectivity, compare")
         stage.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                            help="override one setting, e.g. --set model.name=gpt2 --set pefs.nnz=2048 (repeatable)")
         stage.add_argument("--quiet", action="store_true", help="no progress output")

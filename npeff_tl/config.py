@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .decomp import DNPEFF, LRMNPEFF
+from .evaluation.selectivity import SelectivityConfig
+from .targets import ClassRule
+
+logger = logging.getLogger(__name__)
 
 # The defaults below come from the settings study (docs/settings.md): on the language model of real text, the
 # MLP weights alone, the threshold class rule and nnz 16,384 gave the purest components.
@@ -98,28 +105,44 @@ class PEFConfig:
         return rules[self.classes]()
 
 
+# Settings of the nested solver tables that the fit section sets for every method alike.
+SET_BY_FIT = {"n_components": "fit.n_components", "seed": "fit.seed"}
+
+
 @dataclass
 class FitConfig:
+    """The decompositions; each method's solver settings are a table of its own (``[fit.dnpeff]``: ``DNPEFF``,
+    ``[fit.lrm_npeff]``: ``LRMNPEFF``), except ``n_components`` and ``seed``, which this section sets for all."""
+
     methods: list[str] = field(default_factory=lambda: ["dnpeff", "lrm_npeff"], metadata=_help(
         "decompositions to fit: \"dnpeff\" (diagonal PEFs) and/or \"lrm_npeff\" (low-rank PEFs)"))
-    components: int = field(default=16, metadata=_help("components per decomposition (and per baseline)"))
+    n_components: int = field(default=16, metadata=_help("components per decomposition (and per baseline)"))
     seed: int = field(default=0, metadata=_help("seeds the initialisation"))
+    dnpeff: DNPEFF = field(default_factory=lambda: DNPEFF(n_components=16), metadata=_help(
+        "D-NPEFF solver settings (npeff_tl.DNPEFF)"))
+    lrm_npeff: LRMNPEFF = field(default_factory=lambda: LRMNPEFF(n_components=16), metadata=_help(
+        "LRM-NPEFF solver settings (npeff_tl.LRMNPEFF)"))
+
+    def solver(self, method: str) -> DNPEFF | LRMNPEFF:
+        """``method``'s solver with this section's number of components and seed."""
+        return dataclasses.replace(getattr(self, method), n_components=self.n_components, seed=self.seed)
 
 
-@dataclass
-class PerturbConfig:
-    """Held-out selectivity of the NPEFF components, with random controls (``SelectivityConfig``)."""
+@dataclass(frozen=True)
+class SelectivitySettings(SelectivityConfig):
+    """Held-out selectivity of the NPEFF components (and of the baselines that can intervene), with random
+    controls: ``SelectivityConfig``'s settings, and how many components per method to measure.
 
-    n_top: int = field(default=20, metadata=_help(
-        "held-out examples with the largest coefficients per component (the top set)"))
-    n_baseline: int = field(default=200, metadata=_help(
-        "other held-out examples per component (the baseline set); n_top + n_baseline must not exceed the "
-        "test split"))
-    kl_targets: list[float] = field(default_factory=lambda: [0.5, 0.1], metadata=_help(
-        "mean KL (nats) on the top set that a perturbation is scaled to"))
-    components: int = field(default=16, metadata=_help(
-        "components measured per method: those with the most training mass"))
-    seed: int = field(default=0, metadata=_help("seeds the baseline sets and the random-direction controls"))
+    Attributes:
+        n_measured: components measured per method: those with the most training mass.
+    """
+
+    n_measured: int = 16
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_measured < 1:
+            raise ValueError(f"n_measured must be >= 1, got {self.n_measured}")
 
 
 @dataclass
@@ -153,11 +176,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     pefs: PEFConfig = field(default_factory=PEFConfig)
     fit: FitConfig = field(default_factory=FitConfig)
-    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    selectivity: SelectivitySettings = field(default_factory=SelectivitySettings)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Plain values (what config.json holds and ``from_dict`` reads back)."""
+        return {f.name: _values(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -167,19 +191,27 @@ class RunConfig:
         return config
 
     def with_overrides(self, overrides: list[str]) -> RunConfig:
-        """Apply ``section.key=value`` overrides (values parsed as JSON, else taken as strings)."""
+        """Apply ``section.key=value`` overrides (``section.table.key=value`` in a nested table; values parsed as
+        JSON, else taken as strings)."""
         config = RunConfig.from_dict(self.to_dict())
         for item in overrides:
             key, sep, raw = item.partition("=")
-            section, dot, name = key.strip().partition(".")
-            if not sep or not dot:
+            section, *names = parts = key.strip().split(".")
+            if not sep or not names or not all(parts):
                 raise ValueError(f"--set {item!r}: write section.key=value, e.g. --set pefs.nnz=2048")
             try:
                 value = json.loads(raw)
             except json.JSONDecodeError:
                 value = raw
-            _set_section(config, section, {name: value})
+            for name in reversed(names):
+                value = {name: value}
+            _set_section(config, section, value)
         return config
+
+
+# Earlier names of sections and keys, still read (config.json of older run directories, old scripts).
+RENAMED_SECTIONS = {"perturb": "selectivity"}
+RENAMED_KEYS = {"fit.components": "n_components", "selectivity.components": "n_measured"}
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -203,20 +235,50 @@ def _sections() -> list[str]:
 
 
 def _set_section(config: RunConfig, section: str, entries: Any) -> None:
+    if section in RENAMED_SECTIONS:
+        logger.warning("config section %r is now called %r", section, RENAMED_SECTIONS[section])
+        section = RENAMED_SECTIONS[section]
     if section not in _sections():
         raise ValueError(f"unknown config section {section!r}; the sections are {', '.join(_sections())}")
+    setattr(config, section, _updated(getattr(config, section), section, entries))
+
+
+def _updated(settings: Any, path: str, entries: Any) -> Any:
+    """A copy of the dataclass ``settings`` with ``entries`` set, each checked against the key's type; nested
+    tables are dataclasses too. The copy is made by ``dataclasses.replace``, so the class's own checks run."""
     if not isinstance(entries, dict):
-        raise ValueError(f"config section {section!r} must be a table of keys, got {entries!r}")
-    target = getattr(config, section)
-    known = {f.name: f for f in dataclasses.fields(target)}
+        raise ValueError(f"config section {path!r} must be a table of keys, got {entries!r}")
+    known = {f.name: f for f in dataclasses.fields(settings)}
+    changes = {}
     for key, value in entries.items():
+        if f"{path}.{key}" in RENAMED_KEYS:
+            logger.warning("config key %s.%s is now called %s.%s", path, key, path, RENAMED_KEYS[f"{path}.{key}"])
+            key = RENAMED_KEYS[f"{path}.{key}"]
+        name = f"{path}.{key}"
+        if "." in path and key in SET_BY_FIT:
+            raise ValueError(f"config key {name} is set by {SET_BY_FIT[key]} for every method; set that instead")
         if key not in known:
-            raise ValueError(f"unknown config key {section}.{key}; {section} has {', '.join(known)}")
-        setattr(target, key, _checked(f"{section}.{key}", getattr(target, key), value, known[key].type))
+            raise ValueError(f"unknown config key {name}; {path} has {', '.join(_keys(settings, '.' in path))}")
+        current = getattr(settings, key)
+        if isinstance(current, ClassRule):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {name} must be a class rule table, e.g. {current.to_dict()}")
+            try:
+                changes[key] = ClassRule.from_dict(value)
+            except ValueError as error:
+                raise ValueError(f"config key {name}: {error}") from None
+        elif dataclasses.is_dataclass(current):
+            changes[key] = _updated(current, name, value)
+        else:
+            changes[key] = _checked(name, current, value, known[key].type)
+    try:
+        return dataclasses.replace(settings, **changes)
+    except ValueError as error:
+        raise ValueError(f"config {path}: {error}") from None
 
 
 def _checked(name: str, default: Any, value: Any, annotation: str) -> Any:
-    """``value`` if it has the type the key expects (ints are accepted for floats)."""
+    """``value`` if it has the type the key expects (ints are accepted for floats, lists for tuples)."""
     optional = "None" in str(annotation)
     if value is None and optional:
         return None
@@ -225,23 +287,73 @@ def _checked(name: str, default: Any, value: Any, annotation: str) -> Any:
         float if "float" in names else int if "int" in names else str)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if expected is list and isinstance(value, (list, tuple)):
-        return list(value)
+    if expected in (list, tuple) and isinstance(value, (list, tuple)):
+        return expected(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ValueError(f"config key {name} must be {expected.__name__}, got {value!r}")
     return value
 
 
+def _keys(settings: Any, nested: bool) -> list[str]:
+    """The keys a file may set in this table (a nested solver table leaves out what the fit section sets)."""
+    return [f.name for f in dataclasses.fields(settings) if not (nested and f.name in SET_BY_FIT)]
+
+
+def _values(settings: Any, nested: bool = False) -> dict[str, Any]:
+    """``settings`` as plain values: nested tables as dicts, class rules as ``ClassRule.to_dict``, tuples as lists."""
+    out = {}
+    for key in _keys(settings, nested):
+        value = getattr(settings, key)
+        if isinstance(value, ClassRule):
+            value = value.to_dict()
+        elif dataclasses.is_dataclass(value):
+            value = _values(value, nested=True)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[key] = value
+    return out
+
+
+def _help_texts(settings: Any) -> dict[str, str]:
+    """Each key's one-line description: the field's ``help`` metadata, else the class docstring's Attributes."""
+    texts = {}
+    for cls in reversed(type(settings).__mro__):
+        lines = (cls.__doc__ or "").partition("Attributes:")[2].splitlines()
+        for line in lines:
+            key, colon, text = line.strip().partition(": ")
+            if colon and key.isidentifier() and len(line) - len(line.lstrip()) <= 8:
+                texts[key] = text
+            elif texts and line.strip():
+                texts[list(texts)[-1]] += " " + line.strip()
+    texts = {key: text.replace("``", "").rstrip(".") for key, text in texts.items()}
+    texts.update({f.name: f.metadata["help"] for f in dataclasses.fields(settings) if "help" in f.metadata})
+    return texts
+
+
 def to_toml(config: RunConfig) -> str:
     """The settings as a TOML file that ``load_config`` reads back, each after a comment saying what it means
     (None values become comments)."""
-    lines = []
-    for section in dataclasses.fields(config):
-        lines.append(f"[{section.name}]")
-        values = getattr(config, section.name)
-        for f in dataclasses.fields(values):
-            value = getattr(values, f.name)
-            lines.append(f"# {f.metadata.get('help', '')}")
-            lines.append(f"# {f.name} =  (not set)" if value is None else f"{f.name} = {json.dumps(value)}")
+    lines: list[str] = []
+
+    def table(path: str, settings: Any) -> None:
+        texts, nested = _help_texts(settings), []
+        lines.append(f"[{path}]")
+        for key, value in _values(settings, "." in path).items():
+            if isinstance(value, dict) and not isinstance(getattr(settings, key), ClassRule):
+                nested.append(key)
+                continue
+            lines.append(f"# {texts.get(key, '')}")
+            lines.append(f"# {key} =  (not set)" if value is None else f"{key} = {_toml_value(value)}")
         lines.append("")
+        for key in nested:
+            table(f"{path}.{key}", getattr(settings, key))
+
+    for section in dataclasses.fields(config):
+        table(section.name, getattr(config, section.name))
     return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)

@@ -7,7 +7,6 @@ re-running a directory is cheap and an interrupted run goes on where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from functools import cached_property
@@ -24,10 +23,12 @@ from .store import DirectoryLock, load_json, load_tensors, save_json, save_tenso
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("pefs", "fit", "perturb", "compare", "report")
+STAGES = ("pefs", "fit", "selectivity", "compare", "report")
+RENAMED_STAGES = {"perturb": "selectivity"}  # earlier names, still read from timings.json and the command line
 DISTRIBUTED_STAGES = ("pefs", "fit")  # under torch.distributed, every rank takes part; rank 0 alone does the rest
 # Which settings each stage's artifacts depend on: a directory refuses other settings for a finished stage.
-DEPENDS = {"pefs": ("model", "data", "pefs"), "fit": ("fit",), "perturb": ("perturb",), "compare": ("compare",)}
+DEPENDS = {"pefs": ("model", "data", "pefs"), "fit": ("fit",), "selectivity": ("selectivity",),
+           "compare": ("compare",)}
 
 
 class Run:
@@ -42,7 +43,8 @@ class Run:
         self._pef_settings: dict[str, dict] = {}
         self._pefs: dict = {}
         saved = self.saved_config(out)
-        self.timings = load_json(self.layout.timings) if self.layout.timings.exists() else {}
+        timings = load_json(self.layout.timings) if self.layout.timings.exists() else {}
+        self.timings = {RENAMED_STAGES.get(stage, stage): seconds for stage, seconds in timings.items()}
         if config is None:
             config = saved or RunConfig()
         elif saved:
@@ -75,13 +77,13 @@ class Run:
         return RunConfig.from_dict(load_json(path)) if path.exists() else None
 
     def _check_compatible(self, saved: RunConfig, config: RunConfig) -> None:
+        old_values, new_values = _flat(saved.to_dict()), _flat(config.to_dict())
         for stage, sections in DEPENDS.items():
             if stage not in self.timings:
                 continue
             for section in sections:
-                old, new = getattr(saved, section), getattr(config, section)
-                changed = [f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
-                           for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)]
+                changed = [f"{key}: {old_values[key]!r} -> {new_values[key]!r}" for key in old_values
+                           if key.split(".")[0] == section and old_values[key] != new_values[key]]
                 if changed:
                     raise ValueError(f"{self.out} holds a finished '{stage}' stage made with other settings "
                                      f"({'; '.join(changed)}); use a new --out directory")
@@ -183,21 +185,13 @@ class Run:
                 for m in self.methods()]
 
     @cached_property
-    def selectivity_config(self):
-        """The ``SelectivityConfig`` of the perturb section (and of the baselines' selectivity)."""
-        from .evaluation.selectivity import SelectivityConfig
-
-        p = self.config.perturb
-        return SelectivityConfig(n_top=p.n_top, n_baseline=p.n_baseline, kl_targets=tuple(p.kl_targets), seed=p.seed)
-
-    @cached_property
     def test_traces(self) -> torch.Tensor:
         """tr F_i over the run's space of the test examples, for normalised selectivity; computed once and saved."""
         from .pefs import fisher_traces
 
         path = self.layout.test_traces
         if not path.exists():
-            rule = self.selectivity_config.trace_classes
+            rule = self.config.selectivity.trace_classes
             save_tensors({"fisher_trace": fisher_traces(self.model, self.data.test.examples, self.space, rule,
                                                         batch_size=self.config.pefs.batch_size)}, path)
         return load_tensors(path)["fisher_trace"]
@@ -210,6 +204,17 @@ class Run:
 
     def coefficients(self, name: str) -> dict[str, torch.Tensor]:
         return load_tensors(self.layout.coefficients(name))
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """Nested settings as {"section.key": value} ({"fit.dnpeff.tol": ...} for a nested table)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and "rule" not in value:  # a nested table, not a class rule
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def run_stages(run: Run, names: list[str]) -> dict | None:

@@ -1,5 +1,5 @@
-"""The pipeline's stages, each a function of a ``Run``: ``pefs`` -> ``fit`` -> ``perturb`` (held-out selectivity of
-the NPEFF components) -> ``compare`` (the baselines, the comparison table, summary.json) -> ``report``. Each
+"""The pipeline's stages, each a function of a ``Run``: ``pefs`` -> ``fit`` -> ``selectivity`` (held-out
+selectivity of the NPEFF components' perturbations) -> ``compare`` (the baselines, the comparison table, summary.json) -> ``report``. Each
 skips what its artifacts show to be finished (``RunLayout``), so a re-run goes on where it stopped."""
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ def stage_fit(run: Run) -> None:
             pefs = run.pefs(variant.pefs.name)
             columns = int((torch.bincount(pefs.indices.flatten(), minlength=pefs.space.size) > 0).sum())
             estimate = estimate_memory(method, n_examples=len(pefs), nnz=pefs.nnz, n_columns=columns,
-                                       rank=fit.components, classes=getattr(pefs, "max_rank", 1))
-            run.say(f"  {method}: {fit.components} components over {columns:,} parameters, about {estimate}")
+                                       rank=fit.n_components, classes=getattr(pefs, "max_rank", 1))
+            run.say(f"  {method}: {fit.n_components} components over {columns:,} parameters, about {estimate}")
             _warn_if_short(estimate, f"the {method} fit")
-            decomposition = variant.solver(fit.components, seed=fit.seed).fit(pefs, progress=run.progress)
+            decomposition = fit.solver(method).fit(pefs, progress=run.progress)
             if run.writes:
                 decomposition.save(run.layout.decomposition(method))
-        run.say(f"  {method}: {run.config.fit.components} components fitted")
+        run.say(f"  {method}: {run.config.fit.n_components} components fitted")
 
 
 def _measure(run: Run, dictionary) -> None:
@@ -81,10 +81,10 @@ def _measure(run: Run, dictionary) -> None:
         run.save_coefficients(dictionary)
         own_space = isinstance(dictionary, ParameterDictionary) and dictionary.space != run.space
         traces = None if own_space else run.test_traces
-        components = sorted(components_by_mass(dictionary.train_coefficients, run.config.perturb.components))
+        components = sorted(components_by_mass(dictionary.train_coefficients, run.config.selectivity.n_measured))
         measure_selectivity(dictionary, run.data.test, components=components,
                             coefficients=run.coefficients(dictionary.name)["test"], fisher_traces=traces,
-                            config=run.selectivity_config, progress=run.progress).save(path)
+                            config=run.config.selectivity, progress=run.progress).save(path)
     if run.writes and not run.layout.has_effects(dictionary.name):
         _save_effects(run, dictionary, path)
 
@@ -102,7 +102,7 @@ def _save_effects(run: Run, dictionary, path: Path) -> None:
               run.layout.effects(dictionary.name))
 
 
-def stage_perturb(run: Run) -> None:
+def stage_selectivity(run: Run) -> None:
     """Perturb along each NPEFF component: held-out coefficient and strategy selectivity with random controls."""
     for dictionary in run.npeff_dictionaries:
         _measure(run, dictionary)
@@ -115,7 +115,7 @@ def stage_compare(run: Run) -> None:
     from .evaluation.selectivity import load_selectivity
 
     dictionaries = run.npeff_dictionaries + build_baselines(
-        run.model, run.data.train, run.data.test, run.config.compare, run.config.fit.components, run.layout.sae,
+        run.model, run.data.train, run.data.test, run.config.compare, run.config.fit.n_components, run.layout.sae,
         run.say)
     if not run.layout.has_comparison():
         for d in dictionaries:
@@ -135,8 +135,8 @@ def stage_report(run: Run) -> None:
     run.say(f"  report: {run.layout.report}")
 
 
-STAGE_FUNCTIONS = {"pefs": stage_pefs, "fit": stage_fit, "perturb": stage_perturb, "compare": stage_compare,
-                   "report": stage_report}
+STAGE_FUNCTIONS = {"pefs": stage_pefs, "fit": stage_fit, "selectivity": stage_selectivity,
+                   "compare": stage_compare, "report": stage_report}
 
 
 def write_summary(run: Run) -> dict:

@@ -57,6 +57,19 @@ class ClassRule(ABC):
     def to_dict(self) -> dict[str, Any]:
         return {"rule": type(self).__name__, **asdict(self)}
 
+    @staticmethod
+    def from_dict(values: dict[str, Any]) -> ClassRule:
+        """The rule ``to_dict`` wrote, e.g. ``{"rule": "TopK", "k": 4}`` (lists become tuples)."""
+        rules = {cls.__name__: cls for cls in ClassRule.__subclasses__()}
+        values = dict(values)
+        name = values.pop("rule", None)
+        if name not in rules:
+            raise ValueError(f"class rule {name!r} is unknown; give rule = one of {', '.join(rules)}")
+        try:
+            return rules[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        except TypeError as error:
+            raise ValueError(f"class rule {name}: {error}") from None
+
 
 def _full_probs(logits: Tensor) -> Tensor:
     return logits.double().softmax(-1)

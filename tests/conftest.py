@@ -29,8 +29,8 @@ def tokens():
 
 # -- a run directory made by the stage commands on a user's own model (local checkpoint) and data (JSONL) ------
 
-STAGE_SETTINGS = ["--set", "fit.components=4", "--set", "pefs.nnz=1024", "--set", "perturb.n_top=5",
-                  "--set", "perturb.n_baseline=40", "--set", "perturb.components=2", "--set", "compare.sae_widths=[8]",
+STAGE_SETTINGS = ["--set", "fit.n_components=4", "--set", "pefs.nnz=1024", "--set", "selectivity.n_top=5",
+                  "--set", "selectivity.n_baseline=40", "--set", "selectivity.n_measured=2", "--set", "compare.sae_widths=[8]",
                   "--set", "compare.sae_k=[2]", "--set", "compare.sae_steps=30",
                   "--set", 'compare.hooks=["blocks.1.hook_resid_pre"]', "--set", "compare.selectivity=false"]
 
@@ -53,12 +53,12 @@ def own_model_and_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def staged_run(own_model_and_data):
-    """`npeff-tl pefs`, then `fit`, `perturb`, `compare`, `report` on the user's checkpoint and JSONL."""
+    """`npeff-tl pefs`, then `fit`, `selectivity`, `compare`, `report` on the user's checkpoint and JSONL."""
     root, _, _ = own_model_and_data
     out = root / "run"
     config = root / "settings.toml"
     config.write_text(f'[model]\nname = "{root / "checkpoint"}"\n\n[data]\nsource = "{root / "prompts.jsonl"}"\n')
     assert cli_main(["pefs", "--out", str(out), "--config", str(config), "--quiet", *STAGE_SETTINGS]) == 0
-    for stage in ("fit", "perturb", "compare", "report"):
+    for stage in ("fit", "selectivity", "compare", "report"):
         assert cli_main([stage, "--out", str(out), "--quiet"]) == 0, stage  # settings come from DIR/config.json
     return out

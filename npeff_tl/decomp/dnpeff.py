@@ -22,14 +22,27 @@ from ..progress import progress_bar
 from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
 from .decomposition import Decomposition
 from .matrix import PEFMatrix, prepare
-from .solver import multiplicative_w, warn_unconverged
+from .solver import check_settings, multiplicative_w, warn_unconverged
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class DNPEFF:
-    """Settings of a D-NPEFF fit; ``DNPEFF(n_components=32).fit(pefs)`` returns a ``Decomposition``."""
+    """Settings of a D-NPEFF fit; ``DNPEFF(n_components=32).fit(pefs)`` returns a ``Decomposition``.
+
+    Attributes:
+        n_components: components to learn (rows of H).
+        max_iter: multiplicative-update iterations at most.
+        tol: stop when the loss changes by less than this (relative) between two logs; 0 runs max_iter.
+        eps: added to the update's denominators (keeps them positive).
+        seed: seeds the initial W and H.
+        min_nnz_per_column: parameters kept by fewer examples' PEFs than this are dropped before the fit.
+        log_every: iterations between loss evaluations (and convergence checks).
+        h_threshold: if set, entries of the unit-norm rows of H below it become 0 after the fit.
+        device: where the fit runs ("cpu", "cuda").
+        dtype: the factors' dtype ("float32" or "float64"); the loss is always summed in float64.
+    """
 
     n_components: int
     max_iter: int = 500
@@ -41,6 +54,10 @@ class DNPEFF:
     h_threshold: float | None = None
     device: str = "cpu"
     dtype: str = "float32"
+
+    def __post_init__(self):
+        check_settings(self, at_least_one=("n_components", "max_iter", "min_nnz_per_column", "log_every"),
+                       non_negative=("tol",), positive=("eps",))
 
     def fit(
         self,

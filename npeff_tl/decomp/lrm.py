@@ -35,14 +35,29 @@ from ..provenance import tensor_fingerprint
 from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
 from .decomposition import Decomposition
 from .matrix import PEFMatrix, prepare
-from .solver import multiplicative_w, warn_unconverged
+from .solver import check_settings, multiplicative_w, warn_unconverged
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class LRMNPEFF:
-    """Settings of an LRM-NPEFF fit; ``LRMNPEFF(n_components=32).fit(pefs)`` returns a ``Decomposition``."""
+    """Settings of an LRM-NPEFF fit; ``LRMNPEFF(n_components=32).fit(pefs)`` returns a ``Decomposition``.
+
+    Attributes:
+        n_components: components to learn (rows of G).
+        n_iters_g_only: warm-up iterations that update G alone, against the initial W.
+        n_iters_joint: iterations that then update W and G in turn.
+        lr: the first G step size (halved whenever a step would raise the loss, grown 5% after each accepted one).
+        orthogonal_strength: weight of the orthogonality penalty on G (0: none).
+        eps: added to the W update's denominator (keeps it positive).
+        tol: stop when the loss changes by less than this (relative) between two logs; 0 runs every iteration.
+        seed: seeds the initial W and G.
+        min_nnz_per_column: parameters kept by fewer example-class rows than this are dropped before the fit.
+        log_every: iterations between loss evaluations (and convergence checks).
+        device: where the fit runs ("cpu", "cuda").
+        dtype: the factors' dtype ("float32" or "float64"); the loss is always summed in float64.
+    """
 
     n_components: int
     n_iters_g_only: int = 100
@@ -56,6 +71,11 @@ class LRMNPEFF:
     log_every: int = 10
     device: str = "cpu"
     dtype: str = "float32"
+
+    def __post_init__(self):
+        check_settings(self, at_least_one=("n_components", "min_nnz_per_column", "log_every"),
+                       non_negative=("n_iters_g_only", "n_iters_joint", "orthogonal_strength", "tol"),
+                       positive=("lr", "eps"))
 
     def fit(
         self,

@@ -1,5 +1,6 @@
-"""What the NPEFF solvers share: the multiplicative coefficient update and its numerators (the D-NPEFF and
-LRM-NPEFF fits and coefficient fitting all use it), and the warning for a fit that stops at its iteration cap."""
+"""What the NPEFF solvers share: the check of their settings, the multiplicative coefficient update and its
+numerators (the D-NPEFF and LRM-NPEFF fits and coefficient fitting all use it), and the warning for a fit that
+stops at its iteration cap."""
 
 from __future__ import annotations
 
@@ -8,6 +9,18 @@ import warnings
 from torch import Tensor
 
 from .matrix import PEFMatrix
+
+
+def check_settings(settings, *, at_least_one: tuple[str, ...], non_negative: tuple[str, ...],
+                   positive: tuple[str, ...]) -> None:
+    """A one-line error for the first solver setting out of its range, when the settings are made."""
+    for names, test, bound in ((at_least_one, lambda v: v >= 1, ">= 1"), (non_negative, lambda v: v >= 0, ">= 0"),
+                               (positive, lambda v: v > 0, "> 0")):
+        for name in names:
+            if not test(getattr(settings, name)):
+                raise ValueError(f"{name} must be {bound}, got {getattr(settings, name)!r}")
+    if settings.dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be \"float32\" or \"float64\", got {settings.dtype!r}")
 
 
 class ConvergenceWarning(UserWarning):

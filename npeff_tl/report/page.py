@@ -10,7 +10,8 @@ import torch
 
 from ..dictionaries import top_of
 from ..evaluation.labels import components_by_mass, most_frequent
-from ..evaluation.selectivity import SelectivityConfig, load_selectivity
+from ..evaluation.selectivity import load_selectivity
+from ..config import RunConfig
 from ..layout import RunLayout
 from ..store import load_json, load_tensors
 from .charts import dot_plot, escape, fmt, heat_table, histogram, readout_bars, selectivity_table
@@ -38,18 +39,18 @@ class _Report:
         from ..decomp import load_decomposition
 
         layout = RunLayout(out)
-        self.config = load_json(layout.config)
+        self.config = RunConfig.from_dict(load_json(layout.config))
         self.summary = _json(layout.summary)
         self.timings = _json(layout.timings) or {}
         self.display = _json(layout.examples)
         comparison = _json(layout.comparison / "comparison.json")
         self.rows = comparison["rows"] if comparison else []
-        order = self.config["fit"]["methods"] + [r["method"] for r in self.rows]
+        order = self.config.fit.methods + [r["method"] for r in self.rows]
         self.selectivity = _ordered({name: load_selectivity(layout.selectivity(name)) for name in layout.measured()},
                                     order)
         self.coefficients = _ordered({name: load_tensors(layout.coefficients(name))
                                       for name in layout.with_coefficients()}, order)
-        self.decompositions = {m: load_decomposition(layout.decomposition(m)) for m in self.config["fit"]["methods"]
+        self.decompositions = {m: load_decomposition(layout.decomposition(m)) for m in self.config.fit.methods
                                if layout.has_decomposition(m)}
         self.effects = {name: load_json(layout.effects(name)) for name in layout.measured()
                         if layout.has_effects(name)}
@@ -64,7 +65,7 @@ class _Report:
                     ("coefficients", "Coefficients", self._coefficient_plots()),
                     ("components", "Components", self._components())]
         sections = [(key, title, body) for key, title, body in sections if body]
-        model = self.summary["model"] if self.summary else self.config["model"]["name"]
+        model = self.summary["model"] if self.summary else self.config.model.name
         subtitle = ("Non-Negative Per-Example Fisher Factorization (Matena &amp; Raffel, arXiv 2310.04649) with "
                     "npeff_tl: components of per-example Fishers, the parameter perturbations they define, and "
                     "baselines on held-out examples.")
@@ -78,23 +79,23 @@ class _Report:
     # -- overview -------------------------------------------------------------------------------------------
 
     def _overview(self) -> str:
-        facts = [("model", self.config["model"]["name"]), ("data", self.config["data"]["source"])]
+        facts = [("model", self.config.model.name), ("data", self.config.data.source)]
         if self.display:
             facts.append(("examples", f"{len(self.display['train']):,} train / {len(self.display['test']):,} test"))
         if self.decompositions:
             dec = next(iter(self.decompositions.values()))
-            facts.append(("parameters", f"{dec.space.size:,} ({', '.join(self.config['pefs']['include'])})"))
-            facts.append(("class rule", str(dec.metadata.get("target", {}).get("classes", self.config["pefs"]["classes"]))))
-            facts.append(("components", f"{self.config['fit']['components']} per method"))
+            facts.append(("parameters", f"{dec.space.size:,} ({', '.join(self.config.pefs.include)})"))
+            facts.append(("class rule", str(dec.metadata.get("target", {}).get("classes", self.config.pefs.classes))))
+            facts.append(("components", f"{self.config.fit.n_components} per method"))
         if self.summary:
             facts.append(("wall time", f"{self.summary['seconds']:.0f} s from scratch"))
         elif self.timings:
             facts.append(("wall time", f"{sum(self.timings.values()):.0f} s so far"))
         rows = "".join(f'<tr><td class="name">{escape(k)}</td><td class="name">{escape(v)}</td></tr>' for k, v in facts)
-        perturb = self.config["perturb"]
+        measured = self.config.selectivity
         return (f'<div class="card"><table>{rows}</table></div>'
-                f'<p class="note">Coefficient selectivity: mean KL on a component\'s {perturb["n_top"]} highest '
-                f'held-out examples divided by mean KL on {perturb["n_baseline"]} other held-out examples, with the '
+                f'<p class="note">Coefficient selectivity: mean KL on a component\'s {measured.n_top} highest '
+                f'held-out examples divided by mean KL on {measured.n_baseline} other held-out examples, with the '
                 'perturbation scaled so the top set '
                 'moves by the first KL target. Strategy selectivity: mean KL on held-out examples of the '
                 'component\'s strategy divided by that on all others. Normalised: each ratio divided by the ratio of '
@@ -174,7 +175,7 @@ class _Report:
             pair = (f'<div class="heat-pair"><div><h3>mean KL (nats)</h3>'
                     f'{heat_table(result.kl_matrix[name], labels, result.strategies, log=True, links=links)}</div>'
                     f'{accuracy}</div>')
-            npeff = name in self.config["fit"]["methods"]
+            npeff = name in self.config.fit.methods
             cards.append(f'<details class="component heatmap" id="heatmap-{escape(name)}"{" open" if npeff else ""}>'
                          f'<summary><b>{escape(name)}</b></summary><div class="card">{pair}</div></details>')
         if not cards:
@@ -306,7 +307,7 @@ class _Report:
         """The label most frequent among the component's top training examples (as selectivity assigns it)."""
         if not self.display or any(row.get("label") is None for row in self.display["train"]):
             return None
-        top = top_of(train, SelectivityConfig().n_top_train)  # the pipeline measures at the default
+        top = top_of(train, self.config.selectivity.n_top_train)
         found = most_frequent(self.display["train"][i]["label"] for i in top.tolist())
         return found[0] if found else None
 

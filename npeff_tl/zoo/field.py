@@ -46,8 +46,8 @@ class FieldEntry:
     threads: int = 2
     # npeff-tl demo's settings for this entry (--set style): within 15 minutes on 2 cores (20 examples per stratum
     # took over 15 minutes at the default NPEFF settings; 16 per stratum leaves 192 held-out examples: top 20 + 150)
-    demo: tuple[str, ...] = ("data.per_task=16", "perturb.components=3", "perturb.kl_targets=[0.5]",
-                             "perturb.n_baseline=150")
+    demo: tuple[str, ...] = ("data.per_task=16", "selectivity.n_measured=3",
+                             "selectivity.kl_targets=[0.5]", "selectivity.n_baseline=150")
 
     def config(self, device: str | torch.device = "cpu"):
         from transformer_lens import HookedTransformerConfig

@@ -1,6 +1,7 @@
 """The main job: `npeff-tl demo` end to end on a zoo model, its summary.json, stage reuse, one-line errors."""
 
 import json
+import shutil
 import time
 
 import pytest
@@ -55,7 +56,7 @@ def test_stages_run_on_a_local_checkpoint_and_jsonl_prompts(staged_run, own_mode
     _, model, data = own_model_and_data
     out = staged_run
     config = json.loads((out / "config.json").read_text())
-    assert config["fit"]["components"] == 4 and config["data"]["source"].endswith("prompts.jsonl")
+    assert config["fit"]["n_components"] == 4 and config["data"]["source"].endswith("prompts.jsonl")
     examples = json.loads((out / "data" / "examples.json").read_text())
     assert len(examples["train"]) + len(examples["test"]) == 140 and len(examples["test"]) == 70
     # prompts were tokenized exactly as the zoo tokenized the same rows; text answers became the answer tokens
@@ -72,7 +73,7 @@ def test_stages_run_on_a_local_checkpoint_and_jsonl_prompts(staged_run, own_mode
     assert summary["methods"]["dnpeff"]["ami"] is not None
     assert summary["methods"]["dnpeff"]["multi_factor_recall"] is None  # no factors column in this data
     timings = json.loads((out / "timings.json").read_text())
-    assert set(timings) == {"pefs", "fit", "perturb", "compare", "report"} and min(timings.values()) > 0
+    assert set(timings) == {"pefs", "fit", "selectivity", "compare", "report"} and min(timings.values()) > 0
 
 
 def test_a_stage_reuses_finished_work_and_runs_missing_earlier_stages(staged_run, own_model_and_data, tmp_path):
@@ -84,9 +85,36 @@ def test_a_stage_reuses_finished_work_and_runs_missing_earlier_stages(staged_run
     out = tmp_path / "fresh"
     assert main(["fit", "--out", str(out), "--quiet", "--set", f"model.name={root / 'checkpoint'}",
                  "--set", f"data.source={root / 'prompts.jsonl'}", "--set", "fit.methods=[\"dnpeff\"]",
-                 "--set", "fit.components=3", "--set", "pefs.nnz=512"]) == 0
+                 "--set", "fit.n_components=3", "--set", "pefs.nnz=512"]) == 0
     assert (out / "pefs" / "train_diagonal").exists() and (out / "dnpeff" / "metadata.json").exists()
     assert not (out / "pefs" / "train_lowrank").exists()
+
+
+def test_a_run_directory_with_the_earlier_names_goes_on_where_it_stopped(staged_run, tmp_path):
+    """config.json and timings.json as earlier versions wrote them (section perturb, fit.components, stage
+    perturb): the old command name still runs, reuses the finished selectivity, and the settings are rewritten
+    under the current names."""
+    old = tmp_path / "old"
+    shutil.copytree(staged_run, old)
+    config = json.loads((old / "config.json").read_text())
+    fit, measured = config["fit"], config.pop("selectivity")
+    config["fit"] = {"methods": fit["methods"], "components": fit["n_components"], "seed": fit["seed"]}
+    config["perturb"] = {"n_top": measured["n_top"], "n_baseline": measured["n_baseline"],
+                         "kl_targets": measured["kl_targets"], "components": measured["n_measured"],
+                         "seed": measured["seed"]}
+    (old / "config.json").write_text(json.dumps(config))
+    timings = json.loads((old / "timings.json").read_text())
+    timings["perturb"] = timings.pop("selectivity")
+    (old / "timings.json").write_text(json.dumps(timings))
+    result = old / "selectivity" / "dnpeff" / "selectivity.json"
+    before = result.stat().st_mtime_ns
+    assert main(["perturb", "--out", str(old), "--quiet"]) == 0
+    assert result.stat().st_mtime_ns == before
+    rewritten = json.loads((old / "config.json").read_text())
+    assert "perturb" not in rewritten and rewritten["selectivity"]["n_measured"] == measured["n_measured"]
+    assert rewritten["fit"]["n_components"] == fit["n_components"]
+    # a finished stage under its old name still guards its settings
+    assert main(["perturb", "--out", str(old), "--quiet", "--set", "perturb.n_top=6"]) == 2
 
 
 def test_a_datasets_directory_is_a_data_source(own_model_and_data, tmp_path):
@@ -106,7 +134,7 @@ def test_a_datasets_directory_is_a_data_source(own_model_and_data, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["pefs", "--set", "pefs.nzz=5"], "unknown config key pefs.nzz; pefs has include, exclude"),
     (["pefs", "--set", "modle.name=x"], "unknown config section 'modle'; the sections are model, data"),
-    (["pefs", "--set", "fit.components=many"], "config key fit.components must be int, got 'many'"),
+    (["pefs", "--set", "fit.n_components=many"], "config key fit.n_components must be int, got 'many'"),
     (["pefs", "--config", "/nonexistent/settings.toml"], "config file /nonexistent/settings.toml does not exist"),
     (["pefs", "--set", "model.name=gpt-17"], "unknown model name 'gpt-17': not a zoo model"),
     (["pefs", "--set", "model.name=zoo:gpt-17"], "unknown zoo model 'gpt-17'"),
@@ -130,9 +158,9 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, capsys):
 
 
 def test_a_bad_config_file_names_the_problem(tmp_path, capsys):
-    (tmp_path / "bad.toml").write_text("[fit]\ncomponents = 4\nsolver = 'x'\n")
+    (tmp_path / "bad.toml").write_text("[fit]\nn_components = 4\nsolver = 'x'\n")
     assert main(["pefs", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err.strip() == "npeff-tl: error: unknown config key fit.solver; fit has methods, components, seed"
+    assert capsys.readouterr().err.strip() == "npeff-tl: error: unknown config key fit.solver; fit has methods, n_components, seed, dnpeff, lrm_npeff"
     (tmp_path / "broken.toml").write_text("[fit\n")
     assert main(["pefs", "--config", str(tmp_path / "broken.toml"), "--out", str(tmp_path / "run")]) == 2
     assert "is not valid TOML" in capsys.readouterr().err
@@ -142,16 +170,18 @@ def test_other_settings_for_a_finished_stage_are_refused(staged_run, capsys):
     assert main(["fit", "--out", str(staged_run), "--quiet", "--set", "pefs.nnz=2000"]) == 2
     err = capsys.readouterr().err
     assert "holds a finished 'pefs' stage made with other settings (pefs.nnz: 1024 -> 2000)" in err
+    assert main(["fit", "--out", str(staged_run), "--quiet", "--set", "fit.dnpeff.tol=0.001"]) == 2
+    assert "finished 'fit' stage made with other settings (fit.dnpeff.tol: 1e-05 -> 0.001)" in capsys.readouterr().err
 
 
 def test_config_prints_settings_that_load_back(tmp_path, capsys):
     from npeff_tl.config import RunConfig, load_config
 
-    assert main(["config", "--set", "fit.components=7", "--set", "data.max_examples=50"]) == 0
+    assert main(["config", "--set", "fit.n_components=7", "--set", "data.max_examples=50"]) == 0
     (tmp_path / "settings.toml").write_text(capsys.readouterr().out)
     loaded = load_config(tmp_path / "settings.toml")
-    expected = RunConfig().with_overrides(["fit.components=7", "data.max_examples=50"])
-    assert loaded == expected and loaded.fit.components == 7
+    expected = RunConfig().with_overrides(["fit.n_components=7", "data.max_examples=50"])
+    assert loaded == expected and loaded.fit.n_components == 7
     assert RunConfig().with_overrides(["data.max_examples=null"]).data.max_examples is None
 
 
@@ -161,7 +191,7 @@ def test_a_memory_budget_picks_the_batch_size_and_the_estimates_are_printed(own_
 
     root, _, _ = own_model_and_data
     settings = ["--set", f"model.name={root / 'checkpoint'}", "--set", f"data.source={root / 'prompts.jsonl'}",
-                "--set", 'fit.methods=["dnpeff"]', "--set", "fit.components=3", "--set", "pefs.nnz=512",
+                "--set", 'fit.methods=["dnpeff"]', "--set", "fit.n_components=3", "--set", "pefs.nnz=512",
                 "--set", "pefs.memory_budget_gb=0.03"]
     assert main(["fit", "--out", str(tmp_path / "run"), *settings]) == 0
     out = capsys.readouterr().out
@@ -213,7 +243,7 @@ def test_version_help_texts_and_an_interrupt_are_what_a_user_needs(capsys, monke
     report_help = " ".join(capsys.readouterr().out.split())
     assert "it runs no other stage" in report_help and "Runs the earlier stages" not in report_help
     descriptions = set()
-    for command in ("pefs", "fit", "perturb", "compare", "run"):
+    for command in ("pefs", "fit", "selectivity", "compare", "run"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         descriptions.add(capsys.readouterr().out.split("options:")[0].split("\n", 2)[-1])

@@ -117,20 +117,20 @@ def test_a_rank_that_starts_late_still_gets_its_own_shards(tmp_path, one_rank_pe
 
 
 def test_the_command_line_runs_pefs_and_fit_on_every_rank_then_goes_on_in_one(own_model_and_data, tmp_path):
-    """`torchrun -m npeff_tl.cli --distributed perturb`: PEFs and fits on 2 ranks, selectivity on rank 0; the
+    """`torchrun -m npeff_tl.cli --distributed selectivity`: PEFs and fits on 2 ranks, selectivity on rank 0; the
     artifacts match a one-process run's."""
     from npeff_tl.cli import main
 
     root, _, _ = own_model_and_data
     settings = ["--quiet", "--set", f"model.name={root / 'checkpoint'}", "--set", f"data.source={root / 'prompts.jsonl'}",
-                "--set", "fit.components=3", "--set", "pefs.nnz=512", "--set", "perturb.n_top=5",
-                "--set", "perturb.n_baseline=40", "--set", "perturb.components=2"]
+                "--set", "fit.n_components=3", "--set", "pefs.nnz=512", "--set", "selectivity.n_top=5",
+                "--set", "selectivity.n_baseline=40", "--set", "selectivity.n_measured=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "npeff_tl.cli", "--distributed", "perturb", "--out", str(tmp_path / "two"),
+                             "-m", "npeff_tl.cli", "--distributed", "selectivity", "--out", str(tmp_path / "two"),
                              *settings], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
-    assert main(["perturb", "--out", str(tmp_path / "one"), *settings]) == 0
+    assert main(["selectivity", "--out", str(tmp_path / "one"), *settings]) == 0
     for kind in KINDS:
         a, b = _store(tmp_path / "one" / "pefs" / f"train_{kind}"), _store(tmp_path / "two" / "pefs" / f"train_{kind}")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -139,7 +139,7 @@ def test_the_command_line_runs_pefs_and_fit_on_every_rank_then_goes_on_in_one(ow
     for method in ("dnpeff", "lrm_npeff"):
         assert (tmp_path / "two" / "selectivity" / method / "selectivity.json").exists()
     timings = json.loads((tmp_path / "two" / "timings.json").read_text())
-    assert set(timings) == {"pefs", "fit", "perturb"}
+    assert set(timings) == {"pefs", "fit", "selectivity"}
 
 
 def test_distributed_without_torchrun_is_a_clear_error(capsys, tmp_path):

@@ -110,7 +110,7 @@ def test_a_partial_run_gives_a_partial_report(own_model_and_data, tmp_path):
     out = tmp_path / "run"
     assert nt.cli.main(["fit", "--out", str(out), "--quiet", "--set", f"model.name={root / 'checkpoint'}",
                         "--set", f"data.source={root / 'prompts.jsonl'}", "--set", 'fit.methods=["dnpeff"]',
-                        "--set", "fit.components=3", "--set", "pefs.nnz=256"]) == 0
+                        "--set", "fit.n_components=3", "--set", "pefs.nnz=256"]) == 0
     page = _report(nt.write_report(out).parent)
     assert '<section id="overview">' in page
     assert '<section id="comparison">' not in page and '<section id="components">' not in page
