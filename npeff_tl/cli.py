@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -204,8 +205,25 @@ def _version() -> str:
         return "unknown"
 
 
+class _PrintWarnings(logging.Handler):
+    """The library logs; the command prints the library's warnings on (the current) stderr."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"npeff-tl: warning: {record.getMessage()}", file=sys.stderr)
+
+
+def _print_warnings() -> None:
+    package = logging.getLogger("npeff_tl")
+    if not any(isinstance(h, _PrintWarnings) for h in package.handlers):
+        package.addHandler(_PrintWarnings())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _print_warnings()
     try:
         _start_distributed(args)
         args.handler(args)

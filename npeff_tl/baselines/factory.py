@@ -4,6 +4,7 @@ whose hook is chosen with the labels (an oracle advantage, named as such)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,15 +15,22 @@ from ..examples import LabeledExamples
 from .activations import middle_hook, residual_hooks
 from .gradient_clustering import GradientClustering
 from .kmeans import ActivationKMeans
-from .sae import SAEDictionary, evaluate_sae, load_sae, train_sae
+from .sae import INSTALL_HINT, SAEDictionary, evaluate_sae, load_sae, sae_lens_available, train_sae
+
+logger = logging.getLogger(__name__)
 
 
 def build_baselines(model: nn.Module, train: LabeledExamples, test: LabeledExamples, config: CompareConfig,
                     n_components: int, sae_dir: Callable[[int, str], Path],
                     say: Callable[[str], None] = lambda _: None) -> list:
     """The baseline dictionaries fitted to ``train`` (SAEs are evaluated on ``test``); ``sae_dir(width, hook)``:
-    where each SAE is saved, and loaded from on a re-run; ``say`` reports each SAE's hook."""
+    where each SAE is saved, and loaded from on a re-run; ``say`` reports each SAE's hook. Without SAE-Lens
+    installed, the SAE rows are left out with a warning."""
     c = config
+    widths = list(zip(c.sae_widths, c.sae_k))
+    if widths and not sae_lens_available():
+        logger.warning("SAE baselines left out: SAE-Lens is not installed here; for them, %s", INSTALL_HINT)
+        widths = []
     hook = c.hook or middle_hook(model)
     oracle = (c.hooks or residual_hooks(model)) if c.oracle_hooks else []
     if oracle and train.labels is None:
@@ -37,7 +45,7 @@ def build_baselines(model: nn.Module, train: LabeledExamples, test: LabeledExamp
         return SAEDictionary(model, sae, train, name=name, evaluation=figures)
 
     out = []
-    for width, k in zip(c.sae_widths, c.sae_k):
+    for width, k in widths:
         out.append(sae_at(hook, width, k, f"sae_{width}"))
         if oracle:
             name = f"sae_{width}_oracle_hook"

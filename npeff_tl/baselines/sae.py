@@ -5,7 +5,9 @@ target: "max" or "mean"). The intervention scales feature j by (1 - sign * magni
 a forward-hook splice that keeps the SAE's reconstruction error: the activation becomes x + decode(f') - decode(f),
 so with nothing changed the model's output is unchanged, and magnitude 1 with sign +1 ablates the feature.
 SAE-Lens's own evaluation figures (CE loss recovered, explained variance, L0) sit beside it.
-sae_lens (slow to import; it imports wandb) is imported only here, with wandb disabled.
+sae_lens (slow to import; it imports wandb) is imported only here, with wandb disabled. It is an optional
+dependency (``pip install 'npeff-tl[sae]'``; SAE-Lens needs transformer-lens < 4): everything else in npeff_tl
+runs without it.
 """
 
 from __future__ import annotations
@@ -29,11 +31,27 @@ from .activations import check_hook, hook_activations, sequence_activations
 POOLINGS = ("target", "max", "mean")
 
 
+INSTALL_HINT = "pip install 'npeff-tl[sae]' (SAE-Lens needs transformer-lens < 4)"
+
+
 def _sae_lens():
     os.environ.setdefault("WANDB_MODE", "disabled")
-    import sae_lens
-
+    try:
+        import sae_lens
+    except ImportError as error:
+        raise ImportError(f"SAE baselines need SAE-Lens, which does not import here ({error}); install it with "
+                          f"{INSTALL_HINT}") from error
     return sae_lens
+
+
+@functools.cache
+def sae_lens_available() -> bool:
+    """Whether SAE-Lens imports here (it is an optional dependency)."""
+    try:
+        _sae_lens()
+    except ImportError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

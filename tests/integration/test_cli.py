@@ -232,6 +232,8 @@ def test_an_nnz_beyond_the_space_is_refused_like_the_api_and_a_short_machine_is_
     assert main(["pefs", "--out", str(tmp_path / "short"), "--quiet", "--set", "data.per_task=2",
                  "--set", 'fit.methods=["dnpeff"]', "--set", "pefs.nnz=64"]) == 0
     assert "the diagonal PEFs: about" in caplog.text and "but only 1.0 KiB available" in caplog.text
+    printed = capsys.readouterr().err  # the command prints the library's warnings
+    assert "npeff-tl: warning: " in printed and "but only 1.0 KiB available" in printed
 
 
 def test_version_help_texts_and_an_interrupt_are_what_a_user_needs(capsys, monkeypatch, tmp_path):

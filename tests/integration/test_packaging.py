@@ -44,6 +44,10 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     location = _run(python, "-c", "import npeff_tl; print(npeff_tl.__file__)", cwd=tmp_path).strip()
     assert location.startswith(str(venv)), location
     assert (Path(location).parent / "py.typed").is_file()  # the package says it is typed (PEP 561)
+    requires = _run(python, "-c", "import importlib.metadata as m; print(*m.requires('npeff-tl'), sep='\\n')",
+                    cwd=tmp_path).splitlines()
+    sae_lens = [r for r in requires if r.startswith("sae-lens")]
+    assert sae_lens and all('extra == "sae"' in r for r in sae_lens), requires  # SAE-Lens only with [sae]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     _run(venv / "bin" / "npeff-tl", "demo", "--per-task", "32", "--components", "4", "--sae-steps", "50", "--quiet",
          "--out", tmp_path / "demo", cwd=tmp_path, env=env)

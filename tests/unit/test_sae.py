@@ -90,3 +90,23 @@ def test_standard_saes_and_errors(trained):
     sae.cfg.metadata.hook_name = None
     with pytest.raises(ValueError, match="has no hook"):
         SAEDictionary(model, sae, train)
+
+
+def test_without_sae_lens_the_sae_rows_are_left_out_with_a_warning_and_direct_use_says_how_to_install(
+        monkeypatch, caplog):
+    import sys
+
+    from npeff_tl.baselines import factory, sae
+    from npeff_tl.config import CompareConfig
+
+    model, data = nt.zoo.load("tasks-2l", n_train=4, n_test=4)
+    train = nt.LabeledExamples.from_dataset(data["train"])
+    monkeypatch.setattr(factory, "sae_lens_available", lambda: False)
+    config = CompareConfig(sae_widths=[8], sae_k=[2], gradient_clustering=False)
+    built = factory.build_baselines(model, train, train, config, 3, lambda width, hook: None)
+    assert [d.name for d in built] == ["activation_kmeans"]
+    assert "SAE baselines left out: SAE-Lens is not installed here" in caplog.text
+    assert "pip install 'npeff-tl[sae]'" in caplog.text
+    monkeypatch.setitem(sys.modules, "sae_lens", None)  # what an environment without SAE-Lens does on import
+    with pytest.raises(ImportError, match=r"SAE baselines need SAE-Lens.*pip install 'npeff-tl\[sae\]'"):
+        train_sae(model, train, HOOK, d_sae=8, k=2, steps=1, out=None, progress=False)
