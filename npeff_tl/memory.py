@@ -139,8 +139,7 @@ def _saved_activation_bytes(adapter, space: ParamSpace, seq_len: int, n_sequence
     """Bytes autograd saves for backward in one forward pass of ``n_sequences`` sequences of ``seq_len``
     tokens, counted with saved-tensor hooks (the model's own parameters excluded): what the model's
     architecture keeps, whatever it is."""
-    params = adapter.named_parameters()
-    own = {(p.data_ptr(), p.numel()) for p in params.values()}
+    own = {(p.data_ptr(), p.numel()) for p in adapter.model.parameters()}
     seen: dict[tuple[int, int], int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -149,7 +148,7 @@ def _saved_activation_bytes(adapter, space: ParamSpace, seq_len: int, n_sequence
 
     tokens = torch.zeros(n_sequences, seq_len, dtype=torch.long, device=adapter.device)
     positions = torch.full((n_sequences, 1), seq_len - 1, dtype=torch.long, device=adapter.device)
-    with torch.enable_grad(), requiring_grad_only(adapter, [params[n] for n in space.names]), \
+    with torch.enable_grad(), requiring_grad_only(adapter, space.names), \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         adapter.target_logits(tokens, positions)
     return sum(size for key, size in seen.items() if key not in own)

@@ -106,7 +106,7 @@ class ParamSpace:
     def __repr__(self) -> str:
         return f"ParamSpace(size={self.size}, params=[{_summarize_names(self.names)}])"
 
-    def check_model(self, model: nn.Module | ModelAdapter) -> dict[str, nn.Parameter]:
+    def check_model(self, model: nn.Module | ModelAdapter) -> dict[str, Tensor]:
         """The model's parameters of this space, after checking they exist with the recorded shapes."""
         params = as_adapter(model).named_parameters()
         for name, shape in self.shapes.items():

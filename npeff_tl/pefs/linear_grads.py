@@ -39,11 +39,12 @@ def _recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[tuple]
 
 
 @contextmanager
-def requiring_grad_only(adapter: ModelAdapter, params: list[nn.Parameter]) -> Iterator[None]:
-    """Make ``params``, and no other parameter of the model, require grad for a while (frozen models too):
-    their outputs enter the graph, and what runs before the first of them is not recorded for backward."""
-    wanted = {id(p) for p in params}
-    flipped = [p for p in adapter.named_parameters().values() if p.requires_grad != (id(p) in wanted)]
+def requiring_grad_only(adapter: ModelAdapter, names: list[str]) -> Iterator[None]:
+    """Make the parameters behind ``names``, and no other parameter of the model, require grad for a while
+    (frozen models too): their outputs enter the graph, and what runs before the first of them is not recorded
+    for backward."""
+    wanted = {id(p) for p in adapter.parameters_behind(names)}
+    flipped = [p for p in adapter.model.parameters() if p.requires_grad != (id(p) in wanted)]
     for p in flipped:
         p.requires_grad_(not p.requires_grad)
     try:
@@ -76,10 +77,8 @@ def linear_map_grads(
     in a reused buffer and is valid until the next one is produced.
     """
     maps: dict[str, LinearMap] = {name: adapter.linear_maps()[name] for name in names}
-    params = adapter.named_parameters()
     modules = list({c.module: None for m in maps.values() for c in (m.output, m.input) if c is not None})
-    selected = [params[name] for name in names]
-    with torch.enable_grad(), requiring_grad_only(adapter, selected), _recording(modules) as calls:
+    with torch.enable_grad(), requiring_grad_only(adapter, names), _recording(modules) as calls:
         logits = adapter.target_logits(tokens, positions)
         objective, aux_grid = objective_on_grid(logits.detach())
         outputs = objective(logits, aux_grid)  # [seqs, width, k]
@@ -110,7 +109,8 @@ def linear_map_grads(
     def grads() -> Iterator[tuple[str, Tensor]]:
         for name in names:
             m = maps[name]
-            dy = per_example(dy_of[id(captured(m.output))])
+            dy = dy_of[id(captured(m.output))]
+            dy = per_example(dy.unflatten(-1, (m.output_heads, -1)) if m.output_heads else dy)
             b = dy.shape[1]
             if m.input is None:  # bias: sum over positions
                 yield name, dy.sum(2).reshape(k, b, -1).transpose(0, 1)

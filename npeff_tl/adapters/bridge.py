@@ -1,0 +1,243 @@
+"""The adapter for TransformerLens's ``TransformerBridge``: Hugging Face models of many architectures (GPT-2,
+GPT-NeoX / Pythia, Llama, ...) behind TransformerLens names and hooks.
+
+A bridge names its parts the same way for every architecture (``blocks.{l}.attn.q/k/v/o``,
+``blocks.{l}.mlp.gate/in/out``, ``blocks.{l}.ln1/ln2``, ``embed``, ``pos_embed``, ``ln_final``, ``unembed``), each
+wrapping the Hugging Face module that does the work. This adapter shows the weights of those parts under
+HookedTransformer's names and layouts (``blocks.0.attn.W_Q`` [n_heads, d_model, d_head], ``blocks.0.mlp.W_in``
+[d_model, d_mlp], ...) as views of the Hugging Face parameters, so steps added to them change the model itself
+and the model's own state is what gets restored. Fused parameters that the bridge split (GPT-2's ``c_attn``,
+GPT-NeoX's ``query_key_value``) appear as their parts; the fused originals, which the bridge's forward pass no
+longer uses, and weights tied to another (GPT-2's unembedding is its embedding) appear once. Parameters of no
+standard part (e.g. extra norms of some architectures) are listed in ``config_summary()["unmapped"]``.
+
+Gradients are taken on the real parameters: the linear parts' ``hook_in`` / ``hook_out`` carry x and y of
+y = x @ W in TransformerLens layout (heads split), which is what the hook trick needs; the other parameters go
+through ``torch.func`` with the views undone. A bridge in compatibility mode (folded LayerNorms, centred
+weights) computes with another parametrisation, so another Fisher: the mode is part of ``config_summary()``,
+which every result records and compatibility checks compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from .base import Capture, LinearMap, ModelAdapter, select_output
+
+
+def is_bridge(model: nn.Module) -> bool:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return False
+    return isinstance(model, TransformerBridge)
+
+
+@dataclass(frozen=True)
+class BridgeParameter:
+    """One parameter under its TransformerLens name: the model's own parameter and how the TL layout is a view
+    of it (``view``) and back (``unview``, out of place, for ``torch.func``)."""
+
+    name: str
+    hf_name: str
+    module_names: tuple[str, ...]  # one name per module that holds it (several if tied), for functional_call
+    parameter: nn.Parameter
+    view: Callable[[Tensor], Tensor]
+    unview: Callable[[Tensor], Tensor]
+    linear_map: LinearMap | None = None
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def _weight_layouts(module: nn.Module) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """[d_in, d_out] from the module's weight and back: ``nn.Linear`` keeps [d_out, d_in]; GPT-2's ``Conv1D``
+    already keeps [d_in, d_out]."""
+    if isinstance(module, nn.Linear):
+        return (lambda w: w.T), (lambda w: w.T)
+    if type(module).__name__ == "Conv1D":
+        return _identity, _identity
+    raise TypeError(f"no known weight layout for {type(module).__name__}")
+
+
+def _split_out(heads: int, to_in_out, from_in_out):
+    """W [d_in, heads * d_head] -> [heads, d_in, d_head] (Q, K, V) and back."""
+    return (lambda w: to_in_out(w).unflatten(1, (heads, -1)).permute(1, 0, 2),
+            lambda t: from_in_out(t.permute(1, 0, 2).flatten(1)))
+
+
+def _split_in(heads: int, to_in_out, from_in_out):
+    """W [heads * d_head, d_out] -> [heads, d_head, d_out] (O) and back."""
+    return (lambda w: to_in_out(w).unflatten(0, (heads, -1)), lambda t: from_in_out(t.flatten(0, 1)))
+
+
+def _split_bias(heads: int):
+    return (lambda b: b.unflatten(0, (heads, -1))), (lambda t: t.flatten(0, 1))
+
+
+class BridgeAdapter(ModelAdapter):
+    """Adapter for ``transformer_lens.model_bridge.TransformerBridge`` (transformer-lens 3.9 and 4.x)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._params: dict[str, BridgeParameter] | None = None
+        self._unmapped: list[str] = []
+
+    # ------------------------------------------------------------------------------ the parameter map
+    @property
+    def parameters_by_name(self) -> dict[str, BridgeParameter]:
+        """Every mapped parameter by TL name, in the model's order."""
+        if self._params is None:
+            self._params = self._map_parameters()
+        return self._params
+
+    def _map_parameters(self) -> dict[str, BridgeParameter]:
+        bridge, cfg = self.model, self.model.cfg
+        module_names: dict[int, tuple[str, ...]] = {}  # one name per module holding the parameter
+        owners: set[tuple[int, int]] = set()
+        for name, p in nn.Module.named_parameters(bridge, remove_duplicate=False):
+            owner = (id(p), id(bridge.get_submodule(name.rpartition(".")[0])))
+            if owner not in owners:  # the bridge registers some modules under two paths
+                owners.add(owner)
+                module_names[id(p)] = (*module_names.get(id(p), ()), name)
+        hf_names = {id(p): name.replace("._original_component", "") for name, p in bridge.named_parameters()}
+        n_heads = int(cfg.n_heads)
+        n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+        found: dict[str, BridgeParameter] = {}
+        seen: set[int] = set()
+
+        def add(name: str, parameter, view=_identity, unview=_identity, linear_map=None) -> None:
+            if parameter is None or id(parameter) in seen:  # tied weights appear once
+                return
+            seen.add(id(parameter))
+            found[name] = BridgeParameter(name, hf_names.get(id(parameter), module_names[id(parameter)][0]),
+                                          module_names[id(parameter)], parameter, view, unview, linear_map)
+
+        def linear(prefix: str, part: nn.Module, weight: str, bias: str, heads: int = 0, heads_in: bool = False):
+            """y = x @ W + b of a linear part; ``heads``: its output (``heads_in``: its input) splits into heads."""
+            inner = part.original_component
+            view, unview = _weight_layouts(inner)
+            bias_view, bias_unview = _identity, _identity
+            if heads and heads_in:
+                view, unview = _split_in(heads, view, unview)
+            elif heads:
+                view, unview = _split_out(heads, view, unview)
+                bias_view, bias_unview = _split_bias(heads)
+            out = Capture(part.hook_out, select_output)  # the module's own output: heads side by side
+            split = 0 if heads_in else heads
+            add(f"{prefix}.{weight}", inner.weight, view, unview,
+                LinearMap(out, Capture(part.hook_in, select_output), output_heads=split))
+            add(f"{prefix}.{bias}", getattr(inner, "bias", None), bias_view, bias_unview,
+                LinearMap(out, output_heads=split))
+
+        def norm(prefix: str, part: nn.Module | None) -> None:
+            inner = getattr(part, "original_component", None)
+            if inner is not None:
+                add(f"{prefix}.w", getattr(inner, "weight", None))
+                add(f"{prefix}.b", getattr(inner, "bias", None))
+
+        add("embed.W_E", bridge.embed.original_component.weight)
+        if hasattr(bridge, "pos_embed"):
+            add("pos_embed.W_pos", bridge.pos_embed.original_component.weight)
+        for layer, block in enumerate(bridge.blocks):
+            prefix = f"blocks.{layer}"
+            norm(f"{prefix}.ln1", getattr(block, "ln1", None))
+            attn = block.attn
+            for letter, heads in (("Q", n_heads), ("K", n_kv), ("V", n_kv)):
+                linear(f"{prefix}.attn", getattr(attn, letter.lower()), f"W_{letter}", f"b_{letter}", heads)
+            linear(f"{prefix}.attn", attn.o, "W_O", "b_O", n_heads, heads_in=True)
+            norm(f"{prefix}.ln2", getattr(block, "ln2", None))
+            mlp = getattr(block, "mlp", None)
+            if mlp is not None:
+                for part, weight, bias in (("gate", "W_gate", "b_gate"), ("in", "W_in", "b_in"),
+                                           ("out", "W_out", "b_out")):
+                    if part in mlp._modules:
+                        linear(f"{prefix}.mlp", mlp._modules[part], weight, bias)
+        norm("ln_final", getattr(bridge, "ln_final", None))
+        unembed = bridge.unembed.original_component
+        to_in_out, from_in_out = _weight_layouts(unembed)
+        logits = Capture(bridge.unembed.hook_out, select_output)
+        add("unembed.W_U", unembed.weight, to_in_out, from_in_out,
+            LinearMap(logits, Capture(bridge.unembed.hook_in, select_output)))
+        add("unembed.b_U", getattr(unembed, "bias", None), linear_map=LinearMap(logits))
+        dead = {id(p) for block in bridge.blocks for p in self._fused_originals(block)}
+        self._unmapped = [hf_names.get(id(p), module_names[id(p)][0]) for p in bridge.parameters()
+                          if id(p) not in seen | dead]
+        order = {id(p): i for i, p in enumerate(bridge.parameters())}
+        return dict(sorted(found.items(), key=lambda item: order[id(item[1].parameter)]))
+
+    @staticmethod
+    def _fused_originals(block: nn.Module) -> list[nn.Parameter]:
+        """Parameters of a fused QKV that the bridge split into q, k and v (its forward pass uses the parts)."""
+        qkv = getattr(block.attn, "qkv", None)
+        return list(qkv.parameters()) if qkv is not None and hasattr(block.attn, "q") else []
+
+    # ------------------------------------------------------------------------------ ModelAdapter
+    def named_parameters(self) -> dict[str, Tensor]:
+        """Views of the model's parameters in TL layouts (detached: adding to them changes the model)."""
+        return {name: p.view(p.parameter.detach()) for name, p in self.parameters_by_name.items()}
+
+    def parameters_behind(self, names: list[str]) -> list[nn.Parameter]:
+        params = self.parameters_by_name
+        return list({id(params[n].parameter): params[n].parameter for n in names}.values())
+
+    def linear_maps(self) -> dict[str, LinearMap]:
+        return {name: p.linear_map for name, p in self.parameters_by_name.items() if p.linear_map is not None}
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.cfg.d_vocab)
+
+    @property
+    def ignores_padding(self) -> bool:
+        return getattr(self.model.cfg, "attention_dir", "causal") != "bidirectional"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def target_logits(
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        positions: Int[Tensor, "batch k"],
+        params: Mapping[str, Tensor] | None = None,
+    ) -> Float[Tensor, "batch k vocab"]:
+        if params is None:
+            logits = self.model(tokens)
+        else:
+            mapped = self.parameters_by_name
+            unknown = [name for name in params if name not in mapped]
+            if unknown:
+                raise ValueError(f"the bridge has no parameters named {unknown[:5]}")
+            replaced = {module_name: mapped[name].unview(value) for name, value in params.items()
+                        for module_name in mapped[name].module_names}  # every name of a tied parameter
+            logits = torch.func.functional_call(self.model, replaced, (tokens,), strict=False, tie_weights=False)
+        index = positions[..., None].expand(*positions.shape, logits.shape[-1])
+        return logits.gather(1, index)
+
+    def config_summary(self) -> dict[str, Any]:
+        cfg = self.model.cfg
+        keys = ["model_name", "architecture", "n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head",
+                "d_mlp", "d_vocab", "n_ctx", "act_fn", "normalization_type", "positional_embedding_type"]
+        summary = {key: getattr(cfg, key, None) for key in keys}
+        summary["class"] = type(self.model).__name__
+        summary["dtype"] = str(self.dtype).removeprefix("torch.")
+        summary["compatibility_mode"] = bool(getattr(self.model, "compatibility_mode", False))
+        self.parameters_by_name  # fills the list of unmapped parameters
+        summary["unmapped"] = list(self._unmapped)
+        return summary
+
+    def hf_names(self) -> dict[str, str]:
+        """Each TL name's Hugging Face name (the bridge's own name without its wrapper segments)."""
+        return {name: p.hf_name for name, p in self.parameters_by_name.items()}
