@@ -1,6 +1,12 @@
-"""Local checkpoints, so that a model needs no hub: a directory with ``config.json`` (the HookedTransformerConfig),
-``model.safetensors`` (the state dict) and, when the model has one, its tokenizer (``save_pretrained`` files).
-``save_checkpoint`` writes one; ``load_model(PATH)`` and ``--set model.name=PATH`` read it."""
+"""Local models, so that nothing needs a hub. Two kinds of directory:
+
+- a checkpoint of a HookedTransformer: ``config.json`` (the HookedTransformerConfig), ``model.safetensors`` (the
+  state dict) and, when the model has one, its tokenizer (``save_pretrained`` files); ``save_checkpoint`` writes
+  one;
+- a Hugging Face model directory (``save_pretrained`` of the model and its tokenizer; its ``config.json`` names a
+  ``model_type``), loaded through TransformerLens's ``TransformerBridge``.
+
+``load_model(PATH)`` and ``--set model.name=PATH`` read either."""
 
 from __future__ import annotations
 
@@ -31,15 +37,21 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: Path, device: str = "cpu") -> nn.Module:
-    """The HookedTransformer saved at ``path`` by ``save_checkpoint``, in eval mode on ``device``."""
+    """The model in directory ``path`` (a checkpoint or a Hugging Face model directory), in eval mode on
+    ``device``."""
     from safetensors.torch import load_file
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: it lacks config.json (write one with "
+                                "npeff_tl.save_checkpoint(model, path), or save_pretrained a Hugging Face model)")
+    values = json.loads((path / "config.json").read_text())
+    if "model_type" in values:
+        return load_hf_directory(path, device)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    for required in ("config.json", "model.safetensors"):
-        if not (path / required).is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint: it lacks {required} (write one with "
-                                    "npeff_tl.save_checkpoint(model, path))")
-    values = json.loads((path / "config.json").read_text())
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint: it lacks model.safetensors (write one with "
+                                "npeff_tl.save_checkpoint(model, path))")
     values["dtype"] = getattr(torch, values.get("dtype", "float32"))
     values["device"] = device
     tokenizer = None
@@ -52,3 +64,14 @@ def load_checkpoint(path: Path, device: str = "cpu") -> nn.Module:
         model = HookedTransformer(HookedTransformerConfig.from_dict(values), tokenizer=tokenizer)
     model.load_state_dict(load_file(str(path / "model.safetensors"), device=device), strict=True)
     return model.eval()
+
+
+def load_hf_directory(path: Path, device: str = "cpu") -> nn.Module:
+    """A Hugging Face model directory (model and tokenizer files) as a ``TransformerBridge``, in eval mode."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        return TransformerBridge.boot_transformers(str(path), device=device).eval()
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{path} looks like a Hugging Face model directory but TransformerBridge cannot load it: "
+                         f"{str(error).splitlines()[0]}") from None

@@ -33,12 +33,14 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass
 class ModelConfig:
-    """``name``: "zoo:NAME" (shipped weights), a local checkpoint directory (``npeff_tl.save_checkpoint``), or a
-    TransformerLens model name (``HookedTransformer.from_pretrained``, needs hub access)."""
+    """``name``: "zoo:NAME" (shipped weights), a local checkpoint directory (``npeff_tl.save_checkpoint``), a
+    local Hugging Face model directory (``save_pretrained`` of a model and its tokenizer; run through
+    TransformerLens's ``TransformerBridge``), or a model name for the hub (``HookedTransformer.from_pretrained``;
+    on transformer-lens 4 a Hugging Face name through ``TransformerBridge``)."""
 
     name: str = field(default="zoo:tasks-2l", metadata=_help(
-        "zoo:NAME (shipped weights), a checkpoint directory (npeff_tl.save_checkpoint) or a TransformerLens "
-        "model name"))
+        "zoo:NAME (shipped weights), a checkpoint directory (npeff_tl.save_checkpoint), a Hugging Face model "
+        "directory (run through TransformerBridge) or a model name for the hub"))
     device: str = field(default="cpu", metadata=_help("torch device, e.g. \"cpu\" or \"cuda\""))
 
 

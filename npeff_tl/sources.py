@@ -1,5 +1,5 @@
-"""Where a run's model and examples come from: the zoo, a local checkpoint (``checkpoints``) or a TransformerLens
-model name; the zoo's tasks, a ``datasets`` directory or a JSONL file.
+"""Where a run's model and examples come from: the zoo, a local model directory (``checkpoints``: ours or a
+Hugging Face one) or a model name for the hub; the zoo's tasks, a ``datasets`` directory or a JSONL file.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ ZOO_PREFIX = "zoo:"
 
 
 def load_model(name: str, device: str = "cpu") -> nn.Module:
-    """The model ``name`` ("zoo:NAME", a checkpoint directory, or a TransformerLens name), in eval mode on
-    ``device``."""
+    """The model ``name`` ("zoo:NAME", a checkpoint or Hugging Face model directory, or a model name for the hub),
+    in eval mode on ``device``."""
     from . import zoo
 
     if name.startswith(ZOO_PREFIX):
@@ -33,8 +33,13 @@ def load_model(name: str, device: str = "cpu") -> nn.Module:
 
 
 def _from_pretrained(name: str, device: str) -> nn.Module:
-    from transformer_lens import HookedTransformer
-    from transformer_lens.loading_from_pretrained import get_official_model_name
+    """A TransformerLens model name as a HookedTransformer (transformer-lens < 4) or, where TransformerLens has
+    no HookedTransformer (4.x), a Hugging Face name through TransformerBridge."""
+    try:
+        from transformer_lens import HookedTransformer
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    except ImportError:
+        return _bridge_from_hub(name, device)
 
     try:
         get_official_model_name(name)
@@ -48,6 +53,16 @@ def _from_pretrained(name: str, device: str) -> nn.Module:
     except OSError as error:
         raise OSError(f"could not load {name!r} from the model hub ({str(error).splitlines()[0]}); without hub "
                       "access, save the model once with npeff_tl.save_checkpoint and pass its directory") from None
+
+
+def _bridge_from_hub(name: str, device: str) -> nn.Module:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        return TransformerBridge.boot_transformers(name, device=device).eval()
+    except OSError as error:
+        raise OSError(f"could not load {name!r} from the model hub ({str(error).splitlines()[0]}); without hub "
+                      "access, save_pretrained the model and its tokenizer to a directory and pass that") from None
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from ..adapters import as_adapter
 from ..dictionaries import ParameterDictionary, as_labeled
 from ..examples import Examples, LabeledExamples
 from ..interventions import target_log_probs
@@ -33,7 +34,7 @@ SKETCH_DIM = 2**16
 
 def default_space(model: nn.Module) -> ParamSpace:
     """Every parameter but LayerNorm and embedding ones (TL names: ``embed.W_E``, ``pos_embed.W_pos``, ``*.ln*.w``)."""
-    names = [n for n, _ in model.named_parameters()
+    names = [n for n in as_adapter(model).named_parameters()
              if not n.startswith(("embed.", "pos_embed.")) and not fnmatch.fnmatch(n, "*ln*")]
     return ParamSpace(model, include=names)
 

@@ -117,3 +117,76 @@ def test_a_perturbation_restores_the_model_bit_for_bit(models, examples):
             raise RuntimeError("inside")
     assert all(torch.equal(before[k], v) for k, v in bridge.state_dict().items())
     assert torch.equal(bridge(examples.tokens), clean)
+
+
+def test_an_sae_spliced_at_a_bridge_hook_is_sae_lens_reconstruction(models, examples):
+    from npeff_tl.baselines.sae import SAEDictionary, train_sae
+
+    _, bridge, _ = models
+    hook = "blocks.1.hook_resid_pre"
+    train = nt.LabeledExamples(examples, labels=["a", "b", "a", "b", "a"])
+    sae = train_sae(bridge, train, hook, d_sae=8, k=2, steps=20, batch_size=16, progress=False).double()
+    d = SAEDictionary(bridge, sae, train)
+    tokens = examples.tokens
+    with torch.no_grad():
+        clean = bridge(tokens)
+        _, cache = bridge.run_with_cache(tokens, names_filter=[hook])
+    features = sae.encode(cache[hook])[examples.seq_index, examples.position]
+    assert torch.allclose(d.coefficients(train), features.clamp(min=0).double(), atol=1e-9)
+    with torch.no_grad(), d.intervention(0, 0.0):
+        assert torch.allclose(bridge(tokens), clean, atol=1e-10)  # the error term keeps the output
+    j = int(d.coefficients(train).sum(0).argmax())
+
+    def remove_feature(x, hook):  # SAE-Lens's own encode and decoder row
+        return x - sae.encode(x)[..., j:j + 1] * sae.W_dec[j]
+
+    with torch.no_grad(), d.intervention(j, 1.0, sign=1):
+        ablated = bridge(tokens)
+    with torch.no_grad(), bridge.hooks(fwd_hooks=[(hook, remove_feature)]):
+        expected = bridge(tokens)
+    assert torch.allclose(ablated, expected, atol=1e-9) and float((ablated - clean).abs().max()) > 1e-6
+    assert torch.equal(bridge(tokens), clean)
+
+
+def test_the_pipeline_runs_on_a_hugging_face_model_directory(tmp_path):
+    """`npeff-tl run` with model.name = a save_pretrained directory (model and tokenizer): loaded through the bridge."""
+    import json
+
+    from helpers.hf_models import hf_model, tokenizer
+    from npeff_tl.cli import main
+
+    directory = tmp_path / "gpt2-tiny"
+    hf_model("gpt2", dtype=torch.float32).save_pretrained(directory)
+    tokenizer(directory)
+    generator = torch.Generator().manual_seed(0)
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for i in range(120):
+            words = " ".join(f"w{int(t)}" for t in torch.randint(1, VOCAB - 1, (5,), generator=generator))
+            f.write(json.dumps({"prompt": words, "label": ["even", "odd"][i % 2]}) + "\n")
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--quiet", "--set", f"model.name={directory}",
+                 "--set", f"data.source={tmp_path / 'prompts.jsonl'}", "--set", "fit.n_components=3",
+                 "--set", "pefs.nnz=256", "--set", "selectivity.n_top=5", "--set", "selectivity.n_baseline=40",
+                 "--set", "selectivity.n_measured=2", "--set", "compare.sae_widths=[8]", "--set", "compare.sae_k=[2]",
+                 "--set", "compare.sae_steps=30"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"dnpeff", "lrm_npeff", "sae_8", "gradient_clustering", "activation_kmeans"}
+    assert (out / "report.html").is_file()
+    pefs = nt.load_pefs(out / "pefs" / "train_diagonal")
+    assert pefs.metadata["model"]["class"] == "TransformerBridge"
+    assert pefs.space.names[0].startswith("blocks.0.mlp.W_")  # the default space, under TransformerLens names
+
+
+def test_pefs_record_the_compatibility_mode_and_refuse_to_mix(tmp_path, examples):
+    """Compatibility mode folds LayerNorms and centres weights: another parametrisation, another Fisher."""
+    space_of = lambda model: nt.ParamSpace(model, include="blocks.*.mlp.W_in")  # noqa: E731
+    plain, _ = bridge_and_plain("gpt2", tmp_path / "a")
+    folded, _ = bridge_and_plain("gpt2", tmp_path / "b")
+    folded.enable_compatibility_mode(disable_warnings=True)
+    target = nt.Target(classes=nt.TopK(2))
+    first, second = (nt.compute_pefs(m, examples, space_of(m), target, "diagonal", nnz=64, progress=False)
+                     for m in (plain, folded))
+    assert first.metadata["model"]["compatibility_mode"] is False
+    assert second.metadata["model"]["compatibility_mode"] is True
+    with pytest.raises(ValueError, match="differ in model"):
+        type(first).concatenate([first, second])
