@@ -82,6 +82,21 @@ def _split_bias(heads: int):
     return (lambda b: b.unflatten(0, (heads, -1))), (lambda t: t.flatten(0, 1))
 
 
+# HookedTransformer's order of a block's parameters, so that a parameter space means the same vector on both
+BLOCK_ORDER = ("ln1.w", "ln1.b", "ln2.w", "ln2.b", "attn.W_Q", "attn.W_O", "attn.b_Q", "attn.b_O", "attn.W_K",
+               "attn.W_V", "attn.b_K", "attn.b_V", "mlp.W_in", "mlp.W_gate", "mlp.b_in", "mlp.b_gate", "mlp.W_out",
+               "mlp.b_out")
+OUTSIDE_BLOCKS = (("embed.W_E", "pos_embed.W_pos"), ("ln_final.w", "ln_final.b", "unembed.W_U", "unembed.b_U"))
+
+
+def _hooked_order(name: str) -> tuple[int, int, int]:
+    if name.startswith("blocks."):
+        _, layer, rest = name.split(".", 2)
+        return 1, int(layer), BLOCK_ORDER.index(rest)
+    before, after = OUTSIDE_BLOCKS
+    return (0, 0, before.index(name)) if name in before else (2, 0, after.index(name))
+
+
 class BridgeAdapter(ModelAdapter):
     """Adapter for ``transformer_lens.model_bridge.TransformerBridge`` (transformer-lens 3.9 and 4.x)."""
 
@@ -93,7 +108,7 @@ class BridgeAdapter(ModelAdapter):
     # ------------------------------------------------------------------------------ the parameter map
     @property
     def parameters_by_name(self) -> dict[str, BridgeParameter]:
-        """Every mapped parameter by TL name, in the model's order."""
+        """Every mapped parameter by TL name, in HookedTransformer's order."""
         if self._params is None:
             self._params = self._map_parameters()
         return self._params
@@ -170,8 +185,7 @@ class BridgeAdapter(ModelAdapter):
         dead = {id(p) for block in bridge.blocks for p in self._fused_originals(block)}
         self._unmapped = [hf_names.get(id(p), module_names[id(p)][0]) for p in bridge.parameters()
                           if id(p) not in seen | dead]
-        order = {id(p): i for i, p in enumerate(bridge.parameters())}
-        return dict(sorted(found.items(), key=lambda item: order[id(item[1].parameter)]))
+        return dict(sorted(found.items(), key=lambda item: _hooked_order(item[0])))
 
     @staticmethod
     def _fused_originals(block: nn.Module) -> list[nn.Parameter]:

@@ -190,3 +190,26 @@ def test_pefs_record_the_compatibility_mode_and_refuse_to_mix(tmp_path, examples
     assert second.metadata["model"]["compatibility_mode"] is True
     with pytest.raises(ValueError, match="differ in model"):
         type(first).concatenate([first, second])
+
+
+def test_gpt2_pefs_equal_hookedtransformers_on_the_same_weights(tmp_path, examples):
+    """Where the parametrisations match (every block weight, bias and LayerNorm, the positional embedding, the
+    final LayerNorm; not W_E, which the Hugging Face model ties to the unembedding and HookedTransformer does
+    not), the bridge's PEFs are HookedTransformer's."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+
+    bridge, plain = bridge_and_plain("gpt2", tmp_path)
+    c = plain.config
+    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+                                  d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new",
+                                  normalization_type="LN", eps=c.layer_norm_epsilon, device="cpu", dtype=torch.float64)
+    hooked = HookedTransformer(cfg).eval()
+    hooked.load_state_dict(convert_gpt2_weights(plain, cfg), strict=False)
+    assert torch.allclose(hooked(examples.tokens), bridge(examples.tokens), atol=1e-10)
+    include = ["blocks.*", "pos_embed.W_pos", "ln_final.*"]
+    target = nt.Target(classes=nt.TopK(3))
+    pefs = [nt.compute_pefs(m, examples, nt.ParamSpace(m, include=include), target, "diagonal",
+                            nnz=nt.ParamSpace(m, include=include).size, progress=False) for m in (hooked, bridge)]
+    assert pefs[0].space == pefs[1].space
+    assert torch.allclose(pefs[0].to_dense(), pefs[1].to_dense(), rtol=1e-6, atol=1e-12)
