@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +22,12 @@ from .store import atomic_directory, save_json
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a HookedTransformer as a local checkpoint that ``load_model`` (and ``--set model.name=PATH``) reads."""
+    from .adapters.hooked import is_hooked_transformer
+
+    if not is_hooked_transformer(model):
+        raise TypeError(f"save_checkpoint writes HookedTransformers, not a {type(model).__name__}; for a "
+                        "TransformerBridge, save the Hugging Face model and its tokenizer with save_pretrained "
+                        "(before wrapping it) and pass that directory")
     from safetensors.torch import save_file
 
     config = model.cfg.to_dict()
@@ -47,22 +52,19 @@ def load_checkpoint(path: Path, device: str = "cpu") -> nn.Module:
     values = json.loads((path / "config.json").read_text())
     if "model_type" in values:
         return load_hf_directory(path, device)
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from .tl_models import build_model, load_state
 
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint: it lacks model.safetensors (write one with "
                                 "npeff_tl.save_checkpoint(model, path))")
-    values["dtype"] = getattr(torch, values.get("dtype", "float32"))
     values["device"] = device
     tokenizer = None
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer(HookedTransformerConfig.from_dict(values), tokenizer=tokenizer)
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=device), strict=True)
+    model = build_model(values, tokenizer=tokenizer)
+    load_state(model, load_file(str(path / "model.safetensors"), device=device))
     return model.eval()
 
 

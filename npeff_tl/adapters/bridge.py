@@ -129,8 +129,8 @@ class BridgeAdapter(ModelAdapter):
         seen: set[int] = set()
 
         def add(name: str, parameter, view=_identity, unview=_identity, linear_map=None) -> None:
-            if parameter is None or id(parameter) in seen:  # tied weights appear once
-                return
+            if not isinstance(parameter, nn.Parameter) or id(parameter) in seen:  # tied weights appear once;
+                return  # constants (a bridge's zero bias where the model has none) are not parameters
             seen.add(id(parameter))
             found[name] = BridgeParameter(name, hf_names.get(id(parameter), module_names[id(parameter)][0]),
                                           module_names[id(parameter)], parameter, view, unview, linear_map)

@@ -15,7 +15,6 @@ predicts at ``target_pos``, is ``answer``. ``npeff_tl.zoo.list()`` names the ent
 from __future__ import annotations
 
 import builtins
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,24 +47,17 @@ class ZooEntry:
     n_ctx: int = 16
     demo: tuple[str, ...] = ("data.per_task=64",)  # npeff-tl demo's settings for this entry (--set style)
 
-    def config(self, device: str | torch.device = "cpu"):
-        from transformer_lens import HookedTransformerConfig
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return HookedTransformerConfig(
-                n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, d_head=self.d_model // self.n_heads,
-                d_mlp=self.d_mlp, d_vocab=len(VOCAB), n_ctx=self.n_ctx, act_fn="gelu", normalization_type="LN",
-                device=str(device), seed=self.seed, model_name=self.name,
-            )
+    def config(self, device: str | torch.device = "cpu") -> dict:
+        """The model's HookedTransformerConfig settings."""
+        return dict(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
+                    d_head=self.d_model // self.n_heads, d_mlp=self.d_mlp, d_vocab=len(VOCAB), n_ctx=self.n_ctx,
+                    act_fn="gelu", normalization_type="LN", device=str(device), seed=self.seed, model_name=self.name)
 
     def build_model(self, device: str | torch.device = "cpu"):
         """An untrained model of this entry with the zoo tokenizer attached."""
-        from transformer_lens import HookedTransformer
+        from ..tl_models import build_model
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return HookedTransformer(self.config(device), tokenizer=load_tokenizer())
+        return build_model(self.config(device), tokenizer=load_tokenizer())
 
     def dataset(self, n_train: int, n_test: int):
         """``n_train`` / ``n_test`` examples per task, deterministic in the entry's seeds; test prompts never
@@ -138,8 +130,10 @@ def load_model(name: str, device: str | torch.device = "cpu", directory: Path | 
     path = (MODELS_DIR / entry(name).name if directory is None else Path(directory)) / "model.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no weights for zoo model {name!r} at {path}; run `python -m npeff_tl.zoo.train {name}`")
+    from ..tl_models import load_state
+
     model = build_model(name, device)
-    model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+    load_state(model, load_file(str(path), device=str(device)))
     return model.eval()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,25 +48,18 @@ class FieldEntry:
     demo: tuple[str, ...] = ("data.per_task=16", "selectivity.n_measured=3",
                              "selectivity.kl_targets=[0.5]", "selectivity.n_baseline=150")
 
-    def config(self, device: str | torch.device = "cpu"):
-        from transformer_lens import HookedTransformerConfig
-
-        vocab = len(load_code_tokenizer())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return HookedTransformerConfig(
-                n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
-                d_head=self.d_model // self.n_heads, d_mlp=self.d_mlp, d_vocab=vocab, n_ctx=self.n_ctx,
-                act_fn="gelu", normalization_type="LN", device=str(device), seed=self.seed, model_name=self.name,
-            )
+    def config(self, device: str | torch.device = "cpu") -> dict:
+        """The model's HookedTransformerConfig settings."""
+        return dict(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
+                    d_head=self.d_model // self.n_heads, d_mlp=self.d_mlp, d_vocab=len(load_code_tokenizer()),
+                    n_ctx=self.n_ctx, act_fn="gelu", normalization_type="LN", device=str(device), seed=self.seed,
+                    model_name=self.name)
 
     def build_model(self, device: str | torch.device = "cpu"):
         """An untrained model of this entry with the code tokenizer attached."""
-        from transformer_lens import HookedTransformer
+        from ..tl_models import build_model
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return HookedTransformer(self.config(device), tokenizer=load_code_tokenizer())
+        return build_model(self.config(device), tokenizer=load_code_tokenizer())
 
     def dataset(self, n_train: int, n_test: int):
         """The shipped field examples: the first ``n_train`` / ``n_test`` of each stratum (``field_data.py``)."""
