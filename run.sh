@@ -3,22 +3,25 @@
 # only when pyproject.toml or constraints.txt change), then runs:
 #   ./run.sh demo [ARGS...]   the main job (npeff-tl demo) on the embedded default model, no downloads
 #   ./run.sh test [ARGS...]   the test suite (pytest), offline, one worker per core (-n 0: in this process)
+#   ./run.sh test-tl4 [ARGS...]  the adapter and core tests on transformer-lens 4.3 without SAE-Lens, in ./.venv-tl4
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV=.venv
-STAMP="$VENV/.npeff-tl-installed"
 
+# setup VENV CONSTRAINTS EXTRAS: a virtual environment with npeff-tl (editable) and pinned dependencies;
+# idempotent (it reinstalls only when pyproject.toml or the constraints change).
 setup() {
-    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-    want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
-    if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-        echo "run.sh: installing npeff-tl and its pinned dev environment into $VENV" >&2
-        # constraints.txt pins torch==2.13.0 (the local CPU build) and every other dependency.
-        "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[dev]"
-        echo "$want" > "$STAMP"
+    local venv=$1 constraints=$2 extras=$3 stamp="$1/.npeff-tl-installed"
+    [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+    want=$(cat pyproject.toml "$constraints" | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        echo "run.sh: installing npeff-tl and its pinned environment ($constraints) into $venv" >&2
+        # The constraints pin torch==2.13.0 (the local CPU build) and every other dependency.
+        "$venv/bin/python" -m pip install --quiet -c "$constraints" -e ".[$extras]"
+        echo "$want" > "$stamp"
     fi
 }
 
@@ -28,7 +31,13 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
-    demo) setup; exec "$VENV/bin/npeff-tl" demo "$@" ;;
-    test) setup; exec "$VENV/bin/python" -m pytest -n auto --dist worksteal "$@" ;;
-    *) echo "usage: ./run.sh demo [ARGS...] | ./run.sh test [PYTEST ARGS...]" >&2; exit 2 ;;
+    demo) setup "$VENV" constraints.txt dev; exec "$VENV/bin/npeff-tl" demo "$@" ;;
+    test) setup "$VENV" constraints.txt dev; exec "$VENV/bin/python" -m pytest -n auto --dist worksteal "$@" ;;
+    # TransformerLens 4 has no HookedTransformer and SAE-Lens does not import on it: the tests that need either
+    # are marked (hooked, sae) and left to the main suite; models are native TransformerBridges here.
+    test-tl4) setup .venv-tl4 constraints-tl4.txt test
+              exec .venv-tl4/bin/python -m pytest -n auto --dist worksteal -m "not hooked and not sae" \
+                  tests/unit tests/integration/test_bridge.py "$@" ;;
+    *) echo "usage: ./run.sh demo [ARGS...] | ./run.sh test [PYTEST ARGS...] | ./run.sh test-tl4 [PYTEST ARGS...]" >&2
+       exit 2 ;;
 esac

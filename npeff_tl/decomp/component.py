@@ -24,13 +24,14 @@ if TYPE_CHECKING:  # a Decomposition makes its Components; this module needs the
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(attn|mlp)\.(\w+)$")
 _HEAD_PARAMS = {"W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"}  # head axis first in TL layouts
-_NEURON_AXIS = {"W_in": 1, "W_out": 0, "b_in": 0}  # the d_mlp axis
+_NEURON_AXIS = {"W_in": 1, "W_gate": 1, "W_out": 0, "b_in": 0, "b_gate": 0}  # the d_mlp axis
 
 
 @dataclass(frozen=True)
 class Readout:
     """Shares of a component's mass: per parameter tensor, per (layer, head), per (layer, neuron).
-    ``heads`` / ``neurons`` are zero where the space holds no such parameter."""
+    ``heads`` / ``neurons`` are zero where the space holds no such parameter. Under grouped-query attention a
+    key/value head serves several query heads; its mass is shared evenly among them."""
 
     tensors: dict[str, float]
     heads: Float[Tensor, "n_layers n_heads"]
@@ -85,7 +86,9 @@ class Component:
                 continue
             layer, kind, param = int(m.group(1)), m.group(2), m.group(3)
             if kind == "attn" and param in _HEAD_PARAMS:
-                heads[layer] += t.flatten(1).sum(1) / total
+                per_head = t.flatten(1).sum(1) / total
+                group = n_heads // len(per_head)  # > 1 for the key/value heads of grouped-query attention
+                heads[layer] += per_head.repeat_interleave(group) / group
             if kind == "mlp" and param in _NEURON_AXIS:
                 axis = _NEURON_AXIS[param]
                 neurons[layer] += (t.sum(1 - axis) if t.ndim == 2 else t) / total

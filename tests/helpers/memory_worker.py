@@ -35,12 +35,11 @@ def measure(run) -> int:
 
 
 def pefs(cfg: dict) -> tuple[int, int]:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from npeff_tl.tl_models import build_model
 
     L, d, h, V, T = (cfg[key] for key in ("layers", "d_model", "heads", "vocab", "seq_len"))
-    model = HookedTransformer(HookedTransformerConfig(
-        n_layers=L, d_model=d, n_heads=h, d_head=d // h, d_mlp=4 * d, d_vocab=V, n_ctx=T, act_fn="gelu",
-        normalization_type="LN", device="cpu", seed=0)).eval()
+    model = build_model(dict(n_layers=L, d_model=d, n_heads=h, d_head=d // h, d_mlp=4 * d, d_vocab=V, n_ctx=T,
+                             act_fn="gelu", normalization_type="LN", device="cpu", seed=0)).eval()
     tokens = torch.randint(0, V, (cfg["n"], T), generator=torch.Generator().manual_seed(0))
     space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"])
     target = nt.Target("last", nt.TopK(cfg["classes"]))

@@ -8,17 +8,39 @@ def loop_grads(model, tokens, seq_index, positions, space, fn):
 
     ``fn(log_probs [vocab], example) -> [k]``. Returns [n_examples, k, space.size].
     """
-    params = space.check_model(model)
+    space.check_model(model)
+    params, to_layout = _differentiable(model, space.names)
     rows = []
     for ex, (seq, pos) in enumerate(zip(seq_index.tolist(), positions.tolist())):
         logits = model(tokens[seq : seq + 1])[0, pos]
         outputs = fn(logits.log_softmax(-1), ex)
         grads = []
         for out in outputs:
-            g = torch.autograd.grad(out, list(params.values()), retain_graph=True, allow_unused=True)
-            grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, params.values())]))
+            g = torch.autograd.grad(out, params, retain_graph=True, allow_unused=True)
+            grads.append(torch.cat([view(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                                    for x, p, view in zip(g, params, to_layout)]))
         rows.append(torch.stack(grads))
     return torch.stack(rows)
+
+
+def _differentiable(model, names):
+    """The tensors to differentiate for the named parameters and how each gradient becomes TL layout: the
+    parameters themselves, or for a TransformerBridge the Hugging Face parameters and the adapter's views."""
+    from npeff_tl.adapters import BridgeAdapter, as_adapter
+
+    adapter = as_adapter(model)
+    if isinstance(adapter, BridgeAdapter):
+        mapped = [adapter.parameters_by_name[name] for name in names]
+        return [m.parameter for m in mapped], [m.view for m in mapped]
+    params = adapter.named_parameters()
+    return [params[name] for name in names], [lambda g: g] * len(names)
+
+
+def tl_grad(model, output, names):
+    """d output / d the named parameters, each in TL layout, flattened and concatenated (one plain backward)."""
+    params, to_layout = _differentiable(model, names)
+    grads = torch.autograd.grad(output, params, retain_graph=True)
+    return torch.cat([view(g).reshape(-1) for g, view in zip(grads, to_layout)])
 
 
 def dense_fishers(model, tokens, seq_index, positions, space, class_ids, weights, candidates=None):

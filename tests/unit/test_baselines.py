@@ -7,6 +7,7 @@ import npeff_tl as nt
 from npeff_tl.baselines import ActivationKMeans, GradientClustering
 from npeff_tl.baselines.activations import hook_activations
 from npeff_tl.evaluation.metrics import label_metrics
+from helpers.oracles import tl_grad
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,9 @@ def test_gradient_clustering(zoo):
     assert "unembed.W_U" in clusters.space.names
     # coefficients are cosines with the unit cluster means, from gradients computed independently here
     answers = train.answers[:5]
-    grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
-        model(train.examples.tokens[i:i + 1])[0, int(train.examples.position[i])].log_softmax(-1)[answers[i]],
-        [model.get_parameter(n) for n in clusters.space.names])]) for i in range(5)]).double()
+    grads = torch.stack([tl_grad(
+        model, model(train.examples.tokens[i:i + 1])[0, int(train.examples.position[i])].log_softmax(-1)[answers[i]],
+        clusters.space.names) for i in range(5)]).double()
     cosines = (grads / grads.norm(dim=1, keepdim=True)) @ clusters.means.T
     assert torch.allclose(clusters.train_coefficients[:5], cosines.clamp(min=0), atol=1e-5)
     assert torch.allclose(clusters.coefficients(train.subset(range(5))), clusters.train_coefficients[:5], atol=1e-6)
@@ -62,11 +63,10 @@ def test_gradient_clustering(zoo):
 
 def _unit_answer_grads(model, examples, space, index):
     """Unit gradients of the answers' log-probabilities, one plain backward per example."""
-    params = [model.get_parameter(n) for n in space.names]
     rows = []
     for i in index:
         log_probs = model(examples.examples.tokens[i:i + 1])[0, int(examples.examples.position[i])].log_softmax(-1)
-        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(log_probs[examples.answers[i]], params)]))
+        rows.append(tl_grad(model, log_probs[examples.answers[i]], space.names))
     grads = torch.stack(rows).double()
     return grads / grads.norm(dim=1, keepdim=True)
 

@@ -11,6 +11,7 @@ from npeff_tl import (
     as_adapter,
     per_example_grads,
 )
+from helpers.models import unembed_bias
 from helpers.oracles import loop_grads
 
 
@@ -91,7 +92,7 @@ def test_hook_path_equals_torch_func_on_every_linear_map(model64):
     maps = as_adapter(model64).linear_maps()
     expected = {f"blocks.{l}.{p}" for l in range(2) for p in
                 ["attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "attn.b_Q", "attn.b_K", "attn.b_V", "attn.b_O",
-                 "mlp.W_in", "mlp.b_in", "mlp.W_out", "mlp.b_out"]} | {"unembed.W_U", "unembed.b_U"}
+                 "mlp.W_in", "mlp.b_in", "mlp.W_out", "mlp.b_out"]} | {"unembed.W_U", *unembed_bias(model64)}
     assert set(maps) == expected
     space = ParamSpace(model64, include=sorted(expected))
     objective = AnswerLogProb(torch.tensor([3, 1, 4, 1, 5, 9]))
@@ -125,6 +126,7 @@ def test_hook_path_works_on_frozen_models_and_restores_them(tokens, frozen):
     assert all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.hooked
 def test_models_without_linear_maps_fall_back_to_torch_func(tokens):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 

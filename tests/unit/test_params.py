@@ -1,15 +1,16 @@
 import pytest
 import torch
 
-from npeff_tl import ParamSpace
+from npeff_tl import ParamSpace, as_adapter
 
 
 def test_glob_selection_follows_model_order(model64):
     space = ParamSpace(model64, include=["blocks.*.mlp.W_*", "blocks.1.attn.W_[QKV]"])
-    expected = [n for n, _ in model64.named_parameters() if n.endswith(("mlp.W_in", "mlp.W_out"))
+    params = as_adapter(model64).named_parameters()
+    expected = [n for n in params if n.endswith(("mlp.W_in", "mlp.W_out"))
                 or n in ("blocks.1.attn.W_Q", "blocks.1.attn.W_K", "blocks.1.attn.W_V")]
     assert space.names == expected
-    assert space.size == sum(p.numel() for n, p in model64.named_parameters() if n in expected)
+    assert space.size == sum(p.numel() for n, p in params.items() if n in expected)
 
 
 def test_exclude(model64):
@@ -31,7 +32,7 @@ def test_flat_named_round_trip(model64):
     space = ParamSpace(model64, include=["blocks.*.attn.W_*", "ln_final.*"])
     flat = space.flat_values(model64)
     named = space.to_named(flat)
-    params = dict(model64.named_parameters())
+    params = as_adapter(model64).named_parameters()
     for name, tensor in named.items():
         assert torch.equal(tensor, params[name])  # TL layouts: [n_heads, d_model, d_head] etc.
     assert torch.equal(space.to_flat(named), flat)
@@ -43,7 +44,7 @@ def test_index_maps_are_inverse(model64):
     space = ParamSpace(model64, include=["blocks.0.attn.W_Q", "blocks.0.attn.b_O", "blocks.1.mlp.W_in"])
     flat = space.flat_values(model64)
     everything = torch.arange(space.size)
-    params = dict(model64.named_parameters())
+    params = as_adapter(model64).named_parameters()
     for i, (name, index) in zip(everything.tolist(), space.locate(everything)):
         assert space.index_of(name, index) == i
         assert flat[i] == params[name][index]

@@ -9,14 +9,15 @@ from npeff_tl import (
     Candidates, DiagonalPEFs, Examples, FormatError, LowRankPEFs, ParamSpace, Sampled, Target, Threshold, TopK,
     TopKWithTail, compute_pefs, fisher_traces, load_pefs,
 )
+from helpers.models import unembed_bias
 from helpers.oracles import dense_fishers
 
-SPACE = ["blocks.*.attn.W_[QKV]", "blocks.1.mlp.W_in", "blocks.0.ln2.w", "unembed.b_U"]
+SPACE = ["blocks.*.attn.W_[QKV]", "blocks.1.mlp.W_in", "blocks.0.ln2.w"]
 
 
 @pytest.fixture(scope="module")
 def space(model64):
-    return ParamSpace(model64, include=SPACE)
+    return ParamSpace(model64, include=SPACE + unembed_bias(model64))
 
 
 def _oracle(model, tokens, pefs, space, rule=None):
@@ -202,9 +203,10 @@ def test_synthetic_constructors():
 
 # ----------------------------------------------------------------------------------------- bad input
 def test_bad_input_errors(model64, tokens, space):
-    with pytest.raises(ValueError, match=r"nnz=100000 must lie in \[1, 2087\].*has 2087 parameters"):
+    size = space.size  # 2087 with the unembedding bias
+    with pytest.raises(ValueError, match=rf"nnz=100000 must lie in \[1, {size}\].*has {size} parameters"):
         compute_pefs(model64, tokens, space, nnz=100_000, progress=False)
-    with pytest.raises(ValueError, match=r"nnz=100000 must lie in \[1, 6261\].*6261 classes x parameters"):
+    with pytest.raises(ValueError, match=rf"nnz=100000 must lie in \[1, {3 * size}\].*{3 * size} classes x parameters"):
         compute_pefs(model64, tokens, space, Target(classes=TopK(3)), "lowrank", nnz=100_000, progress=False)
     with pytest.raises(ValueError, match="target position 20 is out of range"):
         compute_pefs(model64, tokens, space, Target(position=20), progress=False)
@@ -286,6 +288,7 @@ def test_a_target_position_beside_examples_must_match_their_positions(model64, t
     assert torch.equal(pefs.per_example["position"], inner.position)
 
 
+@pytest.mark.hooked
 def test_nan_weights_are_named_when_the_fishers_are_not_finite(tokens, space):
     """A NaN in W_Q leaves the logits finite (TransformerLens zeroes NaN attention patterns) but not the Fishers."""
     from helpers.models import make_model

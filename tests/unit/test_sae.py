@@ -9,6 +9,7 @@ import npeff_tl as nt
 from npeff_tl.baselines.sae import SAEDictionary, evaluate_sae, load_sae, train_sae
 
 HOOK = "blocks.1.hook_resid_pre"
+pytestmark = pytest.mark.sae
 
 
 @pytest.fixture(scope="module")

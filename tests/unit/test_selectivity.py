@@ -10,6 +10,7 @@ import torch
 
 import npeff_tl as nt
 from npeff_tl.interventions import calibrate_magnitude
+from helpers.oracles import tl_grad
 
 
 def test_calibration_hits_the_target_from_far_below_and_far_above():
@@ -47,11 +48,9 @@ def test_the_sign_pattern_is_the_sign_of_the_summed_loss_gradient(model64, token
     space = nt.ParamSpace(model64, include=["blocks.*.mlp.W_in", "blocks.0.attn.W_Q"])
     answers = torch.arange(len(tokens)) % 23
     pattern = nt.sign_pattern(model64, tokens, space, answers, batch_size=3)
-    model64.zero_grad()
     logits = model64(tokens)[:, -1]
-    torch.nn.functional.cross_entropy(logits, answers, reduction="sum").backward()
-    expected = torch.cat([model64.get_parameter(n).grad.flatten() for n in space.names]).sign()
-    model64.zero_grad()
+    expected = tl_grad(model64, torch.nn.functional.cross_entropy(logits, answers, reduction="sum"),
+                       space.names).sign()
     assert torch.equal(pattern, expected.double())
 
 
@@ -256,7 +255,7 @@ def test_logit_effects_are_what_a_hand_perturbed_model_predicts(measured):
         before = torch.stack([log_probs(i) for i in top])
         direction = dictionary.direction(effect.component).double()
         step = dictionary.space.to_named(direction * (effect.sign * effect.magnitude / direction.norm()))
-        params = dict(model.named_parameters())
+        params = nt.as_adapter(model).named_parameters()  # TL-layout views of the model's parameters
         saved = {name: params[name].detach().clone() for name in step}
         with torch.no_grad():
             for name, delta in step.items():
