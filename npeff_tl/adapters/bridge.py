@@ -248,7 +248,7 @@ class BridgeAdapter(ModelAdapter):
         summary["class"] = type(self.model).__name__
         summary["dtype"] = str(self.dtype).removeprefix("torch.")
         summary["compatibility_mode"] = bool(getattr(self.model, "compatibility_mode", False))
-        self.parameters_by_name  # fills the list of unmapped parameters
+        summary["hf_names"] = self.hf_names()  # each TL name's Hugging Face name, recorded with every result
         summary["unmapped"] = list(self._unmapped)
         return summary
 

@@ -234,3 +234,17 @@ def test_component_readouts_cover_grouped_query_heads_and_gated_neurons(models, 
     mlp = sum(share for name, share in readout.tensors.items() if ".mlp." in name)
     assert float(readout.heads.sum()) == pytest.approx(attention, rel=1e-9)  # every head tensor, K/V shared out
     assert float(readout.neurons.sum()) == pytest.approx(mlp, rel=1e-9)     # W_gate, W_in and W_out
+
+
+def test_unknown_hook_names_are_refused_on_a_bridge(models):
+    """A bridge ignores hooks at names it does not have; npeff_tl checks them against its hook dict first."""
+    from npeff_tl.baselines.activations import check_hook
+
+    _, bridge, _ = models
+    with pytest.raises(ValueError, match="unknown hook names"):
+        nt.HookIntervention(bridge, [("blocks.0.hook_resid_prez", lambda x, hook: x)])
+    with pytest.raises(ValueError, match="unknown hook 'blocks.0.attn.hook_zz'"):
+        check_hook(bridge, "blocks.0.attn.hook_zz")
+    check_hook(bridge, "blocks.0.attn.hook_z")  # a TransformerLens alias the bridge knows
+    names = nt.as_adapter(bridge).config_summary()["hf_names"]
+    assert names["blocks.0.mlp.W_out"].endswith(("mlp.c_proj.weight", "mlp.dense_4h_to_h.weight", "mlp.down_proj.weight"))
