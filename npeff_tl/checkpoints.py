@@ -14,7 +14,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .store import atomic_directory, save_json

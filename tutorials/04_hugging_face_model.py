@@ -39,12 +39,13 @@ for name in ["blocks.0.attn.W_Q", "blocks.0.mlp.W_in", "unembed.W_U"]:
 
 # %% [markdown]
 # ## Per-example Fishers and D-NPEFF
-# The examples: random word sequences, predicted at their last token. The MLP weights are the parameter space.
+# The examples: random word sequences, predicted at their last token. The attention and MLP weights are the
+# parameter space.
 
 # %%
 tokens = torch.randint(1, 63, (96, 8), generator=torch.Generator().manual_seed(0))
 examples = nt.Examples.from_tokens(tokens)  # target: the last token of each sequence
-space = nt.ParamSpace(bridge, include="blocks.*.mlp.W_*")
+space = nt.ParamSpace(bridge, include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"])
 target = nt.Target(classes=nt.TopK(4))
 pefs = nt.compute_pefs(bridge, examples, space, target, kind="diagonal", nnz=1024, progress=False)
 dec = nt.DNPEFF(n_components=6, max_iter=200, seed=0).fit(pefs, progress=False)
@@ -52,12 +53,12 @@ print(pefs, "->", dec.n_components, "components")
 
 # %% [markdown]
 # ## A component's heads and neurons
-# The readout splits a component's mass over tensors and MLP neurons (and heads, when attention weights are in
-# the space), in TransformerLens layouts.
+# The readout splits a component's mass over parameter tensors, attention heads and MLP neurons, in
+# TransformerLens layouts.
 
 # %%
 readout = dec.component(0).readout()
-print({name: round(share, 3) for name, share in readout.tensors.items()})
+print("mass per head [layer, head]:\n", readout.heads.numpy().round(3))
 layer, neuron = divmod(int(readout.neurons.argmax()), readout.neurons.shape[1])
 print(f"top neuron: layer {layer}, neuron {neuron} ({float(readout.neurons.max()):.1%} of the mass)")
 

@@ -213,14 +213,6 @@ class BridgeAdapter(ModelAdapter):
     def ignores_padding(self) -> bool:
         return getattr(self.model.cfg, "attention_dir", "causal") != "bidirectional"
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def target_logits(
         self,
         tokens: Int[Tensor, "batch seq"],
