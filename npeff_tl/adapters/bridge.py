@@ -57,14 +57,14 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
-def _weight_layouts(module: nn.Module) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+def _weight_layouts(module: nn.Module | None) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None:
     """[d_in, d_out] from the module's weight and back: ``nn.Linear`` keeps [d_out, d_in]; GPT-2's ``Conv1D``
-    already keeps [d_in, d_out]."""
+    already keeps [d_in, d_out]. None for any other module (its parameters stay unmapped)."""
     if isinstance(module, nn.Linear):
         return (lambda w: w.T), (lambda w: w.T)
     if type(module).__name__ == "Conv1D":
         return _identity, _identity
-    raise TypeError(f"no known weight layout for {type(module).__name__}")
+    return None
 
 
 def _split_out(heads: int, to_in_out, from_in_out):
@@ -136,9 +136,12 @@ class BridgeAdapter(ModelAdapter):
                                           module_names[id(parameter)], parameter, view, unview, linear_map)
 
         def linear(prefix: str, part: nn.Module, weight: str, bias: str, heads: int = 0, heads_in: bool = False):
-            """y = x @ W + b of a linear part; ``heads``: its output (``heads_in``: its input) splits into heads."""
-            inner = part.original_component
-            view, unview = _weight_layouts(inner)
+            """y = x @ W + b of a linear part; ``heads``: its output (``heads_in``: its input) splits into heads.
+            A part this bridge does not have, or of an unknown kind, stays unmapped."""
+            inner = getattr(part, "original_component", None)
+            if (layouts := _weight_layouts(inner)) is None:
+                return
+            view, unview = layouts
             bias_view, bias_unview = _identity, _identity
             if heads and heads_in:
                 view, unview = _split_in(heads, view, unview)
@@ -166,8 +169,8 @@ class BridgeAdapter(ModelAdapter):
             norm(f"{prefix}.ln1", getattr(block, "ln1", None))
             attn = block.attn
             for letter, heads in (("Q", n_heads), ("K", n_kv), ("V", n_kv)):
-                linear(f"{prefix}.attn", getattr(attn, letter.lower()), f"W_{letter}", f"b_{letter}", heads)
-            linear(f"{prefix}.attn", attn.o, "W_O", "b_O", n_heads, heads_in=True)
+                linear(f"{prefix}.attn", getattr(attn, letter.lower(), None), f"W_{letter}", f"b_{letter}", heads)
+            linear(f"{prefix}.attn", getattr(attn, "o", None), "W_O", "b_O", n_heads, heads_in=True)
             norm(f"{prefix}.ln2", getattr(block, "ln2", None))
             mlp = getattr(block, "mlp", None)
             if mlp is not None:
@@ -176,12 +179,7 @@ class BridgeAdapter(ModelAdapter):
                     if part in mlp._modules:
                         linear(f"{prefix}.mlp", mlp._modules[part], weight, bias)
         norm("ln_final", getattr(bridge, "ln_final", None))
-        unembed = bridge.unembed.original_component
-        to_in_out, from_in_out = _weight_layouts(unembed)
-        logits = Capture(bridge.unembed.hook_out, select_output)
-        add("unembed.W_U", unembed.weight, to_in_out, from_in_out,
-            LinearMap(logits, Capture(bridge.unembed.hook_in, select_output)))
-        add("unembed.b_U", getattr(unembed, "bias", None), linear_map=LinearMap(logits))
+        linear("unembed", bridge.unembed, "W_U", "b_U")
         dead = {id(p) for block in bridge.blocks for p in self._fused_originals(block)}
         self._unmapped = [hf_names.get(id(p), module_names[id(p)][0]) for p in bridge.parameters()
                           if id(p) not in seen | dead]
