@@ -217,18 +217,23 @@ class BridgeAdapter(ModelAdapter):
         positions: Int[Tensor, "batch k"],
         params: Mapping[str, Tensor] | None = None,
     ) -> Float[Tensor, "batch k vocab"]:
-        if params is None:
-            logits = self.model(tokens)
-        else:
+        def targets_only(module, args, output):  # the unembedding then runs on the target positions alone
+            return output.gather(1, positions[..., None].expand(*positions.shape, output.shape[-1]))
+
+        # prepended, so that hooks recording the unembedding's input (the hook trick) see what it computes with
+        handle = self.model.unembed.hook_in.register_forward_hook(targets_only, prepend=True)
+        try:
+            if params is None:
+                return self.model(tokens)
             mapped = self.parameters_by_name
             unknown = [name for name in params if name not in mapped]
             if unknown:
                 raise ValueError(f"the bridge has no parameters named {unknown[:5]}")
             replaced = {module_name: mapped[name].unview(value) for name, value in params.items()
                         for module_name in mapped[name].module_names}  # every name of a tied parameter
-            logits = torch.func.functional_call(self.model, replaced, (tokens,), strict=False, tie_weights=False)
-        index = positions[..., None].expand(*positions.shape, logits.shape[-1])
-        return logits.gather(1, index)
+            return torch.func.functional_call(self.model, replaced, (tokens,), strict=False, tie_weights=False)
+        finally:
+            handle.remove()
 
     def config_summary(self) -> dict[str, Any]:
         cfg = self.model.cfg

@@ -248,3 +248,20 @@ def test_unknown_hook_names_are_refused_on_a_bridge(models):
     check_hook(bridge, "blocks.0.attn.hook_z")  # a TransformerLens alias the bridge knows
     names = nt.as_adapter(bridge).config_summary()["hf_names"]
     assert names["blocks.0.mlp.W_out"].endswith(("mlp.c_proj.weight", "mlp.dense_4h_to_h.weight", "mlp.down_proj.weight"))
+
+
+def test_target_logits_unembed_only_the_targets_and_equal_the_full_forward(models):
+    _, bridge, _ = models
+    adapter = nt.as_adapter(bridge)
+    tokens = torch.randint(1, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5))
+    positions = torch.tensor([[6, 2], [3, 3], [0, 5]])
+    full = bridge(tokens)
+    expected = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
+    seen = []
+    handle = bridge.unembed.hook_out.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    try:
+        assert torch.allclose(adapter.target_logits(tokens, positions), expected, rtol=0, atol=1e-12)
+    finally:
+        handle.remove()
+    assert seen == [(3, 2, VOCAB)]  # the unembedding saw the six targets, not all 21 positions
+    assert torch.equal(bridge(tokens), full)  # and the model is as it was
