@@ -20,6 +20,7 @@ which every result records and compatibility checks compare.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,11 @@ class BridgeParameter:
 
 def _identity(t: Tensor) -> Tensor:
     return t
+
+
+def _hf_name(bridge_name: str) -> str:
+    """A parameter's Hugging Face name: the bridge's own name without its wrapper segments."""
+    return bridge_name.replace("._original_component", "")
 
 
 def _weight_layouts(module: nn.Module | None) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None:
@@ -97,21 +103,28 @@ def _hooked_order(name: str) -> tuple[int, int, int]:
     return (0, 0, before.index(name)) if name in before else (2, 0, after.index(name))
 
 
+# Each bridge's parameter map (and the parameters it was built for), so that the many adapters the library makes
+# for one bridge (one per call) build it once. Weak keys: the maps hold parts of a bridge, never the bridge itself.
+_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class BridgeAdapter(ModelAdapter):
     """Adapter for ``transformer_lens.model_bridge.TransformerBridge`` (transformer-lens 3.9 and 4.x)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._params: dict[str, BridgeParameter] | None = None
-        self._unmapped: list[str] = []
 
     # ------------------------------------------------------------------------------ the parameter map
     @property
     def parameters_by_name(self) -> dict[str, BridgeParameter]:
-        """Every mapped parameter by TL name, in HookedTransformer's order."""
-        if self._params is None:
-            self._params = self._map_parameters()
-        return self._params
+        """Every mapped parameter by TL name, in HookedTransformer's order; built again when the bridge's
+        parameters are other tensors than last time (e.g. compatibility mode unties the unembedding)."""
+        current = tuple(map(id, self.model.parameters()))
+        built_for, params = _MAPS.get(self.model, ((), {}))
+        if current != built_for:
+            params = self._map_parameters()
+            _MAPS[self.model] = (current, params)
+        return params
 
     def _map_parameters(self) -> dict[str, BridgeParameter]:
         bridge, cfg = self.model, self.model.cfg
@@ -122,7 +135,7 @@ class BridgeAdapter(ModelAdapter):
             if owner not in owners:  # the bridge registers some modules under two paths
                 owners.add(owner)
                 module_names[id(p)] = (*module_names.get(id(p), ()), name)
-        hf_names = {id(p): name.replace("._original_component", "") for name, p in bridge.named_parameters()}
+        hf_names = {id(p): _hf_name(name) for name, p in bridge.named_parameters()}
         n_heads = int(cfg.n_heads)
         n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
         found: dict[str, BridgeParameter] = {}
@@ -180,10 +193,14 @@ class BridgeAdapter(ModelAdapter):
                         linear(f"{prefix}.mlp", mlp._modules[part], weight, bias)
         norm("ln_final", getattr(bridge, "ln_final", None))
         linear("unembed", bridge.unembed, "W_U", "b_U")
-        dead = {id(p) for block in bridge.blocks for p in self._fused_originals(block)}
-        self._unmapped = [hf_names.get(id(p), module_names[id(p)][0]) for p in bridge.parameters()
-                          if id(p) not in seen | dead]
         return dict(sorted(found.items(), key=lambda item: _hooked_order(item[0])))
+
+    def unmapped(self) -> list[str]:
+        """Hugging Face names of the parameters of no standard part (not selectable), leaving out the fused QKV
+        originals that the bridge split and no longer uses."""
+        mapped = {id(p.parameter) for p in self.parameters_by_name.values()}
+        dead = {id(p) for block in self.model.blocks for p in self._fused_originals(block)}
+        return [_hf_name(name) for name, p in self.model.named_parameters() if id(p) not in mapped | dead]
 
     @staticmethod
     def _fused_originals(block: nn.Module) -> list[nn.Parameter]:
@@ -244,7 +261,7 @@ class BridgeAdapter(ModelAdapter):
         summary["dtype"] = str(self.dtype).removeprefix("torch.")
         summary["compatibility_mode"] = bool(getattr(self.model, "compatibility_mode", False))
         summary["hf_names"] = self.hf_names()  # each TL name's Hugging Face name, recorded with every result
-        summary["unmapped"] = list(self._unmapped)
+        summary["unmapped"] = self.unmapped()
         return summary
 
     def hf_names(self) -> dict[str, str]:
