@@ -316,6 +316,21 @@ def _values(settings: Any, nested: bool = False) -> dict[str, Any]:
     return out
 
 
+def flat_settings(config: RunConfig) -> dict[str, Any]:
+    """Every setting as {"section.key": value} (``"fit.dnpeff.tol"`` in a nested table), values as ``to_dict``
+    writes them."""
+    def walk(settings: Any, path: str):
+        for key, value in _values(settings, "." in path).items():
+            current = getattr(settings, key)
+            if dataclasses.is_dataclass(current) and not isinstance(current, ClassRule):
+                yield from walk(current, f"{path}.{key}")
+            else:
+                yield f"{path}.{key}", value
+
+    return dict(item for section in dataclasses.fields(config) for item in walk(getattr(config, section.name),
+                                                                                 section.name))
+
+
 def _help_texts(settings: Any) -> dict[str, str]:
     """Each key's one-line description: the field's ``help`` metadata, else the class docstring's Attributes."""
     texts = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .config import RunConfig
+from .config import RunConfig, flat_settings
 from .layout import RunLayout
 from .memory import batch_size_for
 from .stages import STAGE_FUNCTIONS, write_summary
@@ -77,7 +77,7 @@ class Run:
         return RunConfig.from_dict(load_json(path)) if path.exists() else None
 
     def _check_compatible(self, saved: RunConfig, config: RunConfig) -> None:
-        old_values, new_values = _flat(saved.to_dict()), _flat(config.to_dict())
+        old_values, new_values = flat_settings(saved), flat_settings(config)
         for stage, sections in DEPENDS.items():
             if stage not in self.timings:
                 continue
@@ -204,17 +204,6 @@ class Run:
 
     def coefficients(self, name: str) -> dict[str, torch.Tensor]:
         return load_tensors(self.layout.coefficients(name))
-
-
-def _flat(values: dict, prefix: str = "") -> dict:
-    """Nested settings as {"section.key": value} ({"fit.dnpeff.tol": ...} for a nested table)."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and "rule" not in value:  # a nested table, not a class rule
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def run_stages(run: Run, names: list[str]) -> dict | None:
