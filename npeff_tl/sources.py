@@ -35,11 +35,11 @@ def load_model(name: str, device: str = "cpu") -> nn.Module:
 def _from_pretrained(name: str, device: str) -> nn.Module:
     """A TransformerLens model name as a HookedTransformer (transformer-lens < 4) or, where TransformerLens has
     no HookedTransformer (4.x), a Hugging Face name through TransformerBridge."""
-    try:
-        from transformer_lens import HookedTransformer
-        from transformer_lens.loading_from_pretrained import get_official_model_name
-    except ImportError:
+    from .adapters.hooked import hooked_transformer_class
+
+    if (hooked := hooked_transformer_class()) is None:
         return _bridge_from_hub(name, device)
+    from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
         get_official_model_name(name)
@@ -49,7 +49,7 @@ def _from_pretrained(name: str, device: str) -> nn.Module:
     try:
         with warnings.catch_warnings():  # TL 3.9 steers new code to TransformerBridge; HookedTransformer is ours
             warnings.simplefilter("ignore", DeprecationWarning)
-            return HookedTransformer.from_pretrained(name, device=device).eval()
+            return hooked.from_pretrained(name, device=device).eval()
     except OSError as error:
         raise OSError(f"could not load {name!r} from the model hub ({str(error).splitlines()[0]}); without hub "
                       "access, save the model once with npeff_tl.save_checkpoint and pass its directory") from None

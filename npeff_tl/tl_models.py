@@ -11,14 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def has_hooked_transformer() -> bool:
-    """Whether this TransformerLens still has ``HookedTransformer`` (transformer-lens < 4)."""
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from .adapters.hooked import hooked_transformer_class
 
 
 def build_model(config: dict[str, Any], tokenizer=None) -> nn.Module:
@@ -27,12 +20,12 @@ def build_model(config: dict[str, Any], tokenizer=None) -> nn.Module:
     config = dict(config)
     if isinstance(config.get("dtype"), str):
         config["dtype"] = getattr(torch, config["dtype"])
-    if has_hooked_transformer():
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    if (hooked := hooked_transformer_class()) is not None:
+        from transformer_lens import HookedTransformerConfig
 
         with warnings.catch_warnings():  # TL 3.9 steers new code to TransformerBridge; these files are HookedTransformer's
             warnings.simplefilter("ignore", DeprecationWarning)
-            return HookedTransformer(HookedTransformerConfig.from_dict(config), tokenizer=tokenizer)
+            return hooked(HookedTransformerConfig.from_dict(config), tokenizer=tokenizer)
     from transformer_lens import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -43,7 +36,7 @@ def build_model(config: dict[str, Any], tokenizer=None) -> nn.Module:
 
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load a HookedTransformer state dict into ``model`` (strict), converting it for a native bridge."""
-    if not has_hooked_transformer():
+    if hooked_transformer_class() is None:
         from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
         state_dict = convert_tl_checkpoint(state_dict, model.cfg)

@@ -12,12 +12,18 @@ from torch import Tensor, nn
 from .base import Capture, LinearMap, ModelAdapter, select_first_arg, select_kwarg, select_output
 
 
-def is_hooked_transformer(model: nn.Module) -> bool:
+def hooked_transformer_class() -> type | None:
+    """TransformerLens's ``HookedTransformer``, or None where it has none (transformer-lens 4)."""
     try:
         from transformer_lens import HookedTransformer
-    except ImportError:  # transformer-lens 4 has no HookedTransformer
-        return False
-    return isinstance(model, HookedTransformer)
+    except ImportError:
+        return None
+    return HookedTransformer
+
+
+def is_hooked_transformer(model: nn.Module) -> bool:
+    cls = hooked_transformer_class()
+    return cls is not None and isinstance(model, cls)
 
 
 class _TargetLogits(nn.Module):
