@@ -81,6 +81,7 @@ def _demo(args: argparse.Namespace) -> None:
     config.data.per_task = per_task
     config.fit.n_components = args.components
     config.compare.sae_widths = [args.components, 128]
+    config.compare.sae_k = [min(k, width) for k, width in zip(config.compare.sae_k, config.compare.sae_widths)]
     config.compare.sae_steps = args.sae_steps
     config.compare.oracle_hooks = args.oracle_hooks
     out = args.out or f"runs/demo-{name}"

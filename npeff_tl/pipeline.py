@@ -54,6 +54,9 @@ class Run:
         c = config.compare
         if len(c.sae_k) != len(c.sae_widths):
             raise ValueError(f"compare.sae_k {c.sae_k} needs one k per width in compare.sae_widths {c.sae_widths}")
+        if any(not 1 <= k <= width for k, width in zip(c.sae_k, c.sae_widths)):
+            raise ValueError(f"compare.sae_k {c.sae_k} needs 1 <= k <= width for each width in compare.sae_widths "
+                             f"{c.sae_widths}; lower k or widen the SAE")
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock = DirectoryLock(self.out)
         if self.writes:  # one run per directory (under torch.distributed, rank 0 holds it for all ranks)

@@ -92,6 +92,8 @@ def train_sae(
 
     if architecture not in ("topk", "standard"):
         raise ValueError(f"architecture must be 'topk' or 'standard', got {architecture!r}")
+    if architecture == "topk" and not 1 <= k <= d_sae:
+        raise ValueError(f"a TopK SAE needs 1 <= k <= d_sae, got k={k} with d_sae={d_sae}; lower k or widen the SAE")
     acts = hook_activations(model, as_labeled(examples).examples, hook_name, positions="all")
     metadata = SAEMetadata(hook_name=hook_name, context_size=int(as_labeled(examples).examples.tokens.shape[1]),
                            prepend_bos=False, model_name=str(getattr(getattr(model, "cfg", None), "model_name", "")))

@@ -151,10 +151,11 @@ def test_user_mistakes_give_a_one_line_error_and_exit_code_2(args, message, tmp_
 
 
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, capsys):
-    for setting in ('fit.methods=["nmf"]', "pefs.classes=top_p", "compare.sae_k=[1,2,3]"):
+    for setting in ('fit.methods=["nmf"]', "pefs.classes=top_p", "compare.sae_k=[1,2,3]", "compare.sae_k=[32,8]"):
         assert main(["pefs", "--out", str(tmp_path / "run"), "--set", setting]) == 2
         assert not (tmp_path / "run").exists(), setting
-    assert "pefs.classes 'top_p' is not a class rule" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pefs.classes 'top_p' is not a class rule" in err and "needs 1 <= k <= width" in err
 
 
 def test_a_bad_config_file_names_the_problem(tmp_path, capsys):

@@ -88,6 +88,8 @@ def test_standard_saes_and_errors(trained):
         train_sae(model, train, HOOK, d_sae=16, architecture="jumprelu")
     with pytest.raises(ValueError, match="unknown hook"):
         train_sae(model, train, "blocks.7.hook_resid_pre", d_sae=16)
+    with pytest.raises(ValueError, match="needs 1 <= k <= d_sae, got k=8 with d_sae=4"):
+        train_sae(model, train, HOOK, d_sae=4, k=8)
     sae.cfg.metadata.hook_name = None
     with pytest.raises(ValueError, match="has no hook"):
         SAEDictionary(model, sae, train)
