@@ -35,12 +35,15 @@ case "$cmd" in
     test) setup "$VENV" constraints.txt dev; exec "$VENV/bin/python" -m pytest -n auto --dist worksteal "$@" ;;
     # TransformerLens 4 has no HookedTransformer and SAE-Lens does not import on it: the tests that need either
     # are marked (hooked, sae) and left to the main suite; models are native TransformerBridges here.
-    # Only the tests that run a model: the rest (settings, storage, solvers on synthetic PEFs) does not touch
-    # TransformerLens and runs in the main suite.
+    # Only the tests that run a model: the rest (settings, storage, solvers on synthetic PEFs, their memory
+    # estimates) does not touch TransformerLens and runs in the main suite.
     test-tl4) setup .venv-tl4 constraints-tl4.txt test
+              memory=tests/unit/test_memory.py
               exec .venv-tl4/bin/python -m pytest -n auto --dist worksteal -m "not hooked and not sae" \
                   tests/integration/test_bridge.py tests/unit/test_{grads,pefs,params,interventions,selectivity}.py \
-                  tests/unit/test_{baselines,components,examples_and_targets,memory,store}.py "$@" ;;
+                  tests/unit/test_{baselines,components,examples_and_targets,store}.py \
+                  "$memory::test_the_pef_estimate_is_within_25_percent_of_the_measured_peak" \
+                  "$memory::test_the_batch_size_picker_takes_the_largest_batch_that_fits" "$@" ;;
     *) echo "usage: ./run.sh demo [ARGS...] | ./run.sh test [PYTEST ARGS...] | ./run.sh test-tl4 [PYTEST ARGS...]" >&2
        exit 2 ;;
 esac

@@ -13,6 +13,7 @@ the same examples whatever its Python version; ``load_field_dataset`` reads them
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections import Counter
@@ -53,6 +54,7 @@ def labelled_targets(text: str, tokenizer, bigram, window: int = WINDOW):
     spans = [(0, 0), *encoding.offsets]
     facts = SourceFacts.of(text)
 
+    @functools.lru_cache(maxsize=None)  # a file repeats its pairs; one tensor call per pair is the cost here
     def prob(a: int, b: int) -> float:
         return float(bigram.prob(torch.tensor([a]), torch.tensor([b]))[0])
 

@@ -49,7 +49,7 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     sae_lens = [r for r in requires if r.startswith("sae-lens")]
     assert sae_lens and all('extra == "sae"' in r for r in sae_lens), requires  # SAE-Lens only with [sae]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    _run(venv / "bin" / "npeff-tl", "demo", "--per-task", "32", "--components", "4", "--sae-steps", "50", "--quiet",
+    _run(venv / "bin" / "npeff-tl", "demo", "--per-task", "32", "--components", "2", "--sae-steps", "20", "--quiet",
          "--out", tmp_path / "demo", cwd=tmp_path, env=env)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["model"] == "tasks-2l" and "dnpeff" in summary["methods"]

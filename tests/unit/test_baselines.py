@@ -77,10 +77,10 @@ def test_gradient_clustering_through_a_count_sketch(zoo):
     model, train, test = zoo
     clusters = GradientClustering(model, train, n_clusters=7, seed=0, sketch_dim=2**14)
     size = clusters.space.size
-    dense = torch.zeros(2**14, size, dtype=torch.float64)  # the sketch as the matrix it stands for
-    dense[clusters.sketch.bucket, torch.arange(size)] = clusters.sketch.sign
+    matrix = torch.sparse_coo_tensor(  # the sketch as the (sparse) matrix it stands for
+        torch.stack([clusters.sketch.bucket.long(), torch.arange(size)]), clusters.sketch.sign.double(), (2**14, size))
     unit = _unit_answer_grads(model, train, clusters.space, range(len(train)))
-    sketched = unit @ dense.T
+    sketched = (matrix @ unit.T).T
     sketched = sketched / sketched.norm(dim=1, keepdim=True)
     assert torch.allclose(clusters.train_coefficients, (sketched @ clusters.means.T).clamp(min=0), atol=1e-5)
     for j in range(7):  # interventions move along the members' mean unit gradient in the full space
