@@ -116,8 +116,11 @@ def estimate_pefs_memory(
         "activations saved for backward": b * saved + fixed,
         "batched backward (one layer's gradients per class)": k * b * saved / cfg.n_layers,
         "torch.func gradients": 2 * k * b * func * f,
-        "top-k candidates": b * 3 * nnz * (2 * f + INDEX),
     }
+    if nnz == kind.choice_size(P, k):  # everything is kept: one row buffer, nothing selected or sorted
+        per_batch["all entries of the rows"] = b * nnz * f
+    else:
+        per_batch["top-k candidates"] = b * 3 * nnz * (2 * f + INDEX)
     per_batch.update(kind.batch_memory(b, k, largest))
     rows = nnz * (f + STORED_INDEX)
     shard = min(shard_size, n_examples) * rows

@@ -206,7 +206,9 @@ def compute_pefs(
         kind: ``"diagonal"`` (D-PEFs) or ``"lowrank"`` (LRM-PEFs, the factor U_i with F_i = U_i U_i^T), or
             the ``PEFKind`` object itself (``npeff_tl.pefs.kinds``); an unknown name gets a clear error.
         nnz: entries kept per example (default: min(65536, size of the space they are chosen from: the
-            parameters for diagonal PEFs, classes x parameters for low-rank PEFs)).
+            parameters for diagonal PEFs, classes x parameters for low-rank PEFs)). When nnz is that whole
+            space nothing is selected or sorted: diagonal rows then hold every parameter in parameter order
+            (metadata ``row_order``: ``"parameter"``) instead of the largest entries first.
         batch_size: examples per batch; peak memory is about batch_size x classes x space size floats.
         store: a directory to stream results to in shards of ``shard_size`` examples; re-running with the
             same arguments resumes, skipping finished shards. The stored result does not depend on batch_size.
@@ -227,8 +229,8 @@ def compute_pefs(
     space.check_model(adapter)
     hooked_names(adapter, space.names, method)  # a bad method fails here, not at the first batch
     max_classes = target.classes.max_classes
-    nnz = check_nnz(nnz if nnz is not None else kind.default_nnz(space.size, max_classes),
-                    kind.choice_size(space.size, max_classes), kind.counted)
+    choice = kind.choice_size(space.size, max_classes)
+    nnz = check_nnz(nnz if nnz is not None else kind.default_nnz(space.size, max_classes), choice, kind.counted)
     if answers is not None:
         answers = torch.as_tensor(answers, dtype=torch.long).reshape(-1)
         if answers.shape[0] != n:
@@ -247,6 +249,7 @@ def compute_pefs(
         "dtype": str(dtype).removeprefix("torch."),
         "examples_sha256": examples.fingerprint(),
         "model_sha256": tensor_fingerprint(list(adapter.named_parameters().values())),
+        **kind.layout(keeps_all=nnz == choice),
     }
     config = {"kind": kind.name, "nnz": nnz, "space": space.to_dict(), "metadata": metadata}
     if distributed.active() and store is None:

@@ -6,7 +6,8 @@ answer, top logits, ``fisher_trace``: tr F_i of the dense PEF). They save as a d
 writes the same format incrementally, so one loader reads both.
 
 - ``DiagonalPEFs``: f_i = sum_c w_c g_c^2, the ``nnz`` largest entries in descending order (so a prefix of
-  them is again a valid sparsification). ``norms`` is ||f_i||_2.
+  them is again a valid sparsification), or, when ``compute_pefs`` kept every parameter, all of them in
+  parameter order (``row_order``). ``norms`` is ||f_i||_2.
 - ``LowRankPEFs``: U_i with columns u_c = sqrt(w_c) g_c, so F_i = U_i U_i^T; the ``nnz`` largest |entries|
   jointly over classes x parameters, sorted by (class, parameter); ``col_offsets`` delimit the classes and
   ``ranks`` is the number of classes per example. ``norms`` is ||U_i U_i^T||_F.
@@ -99,7 +100,7 @@ class PEFs(ABC):
             if first.nnz != other.nnz:
                 raise ValueError(f"the PEF sets have different nnz ({first.nnz} vs {other.nnz})")
             check_compatible(other, first.kind, first.space, first.metadata, "the first set holds",
-                             keys=(*ORIGIN_KEYS, "normalized"))
+                             keys=(*ORIGIN_KEYS, "normalized", "row_order"))
         rows = {name: torch.cat([getattr(p, name) for p in parts]) for name in first._row_fields}
         keys = set.intersection(*(set(p.per_example) for p in parts))
         per_example = {name: torch.cat([p.per_example[name] for p in parts]) for name in first.per_example if name in keys}
@@ -179,6 +180,12 @@ class DiagonalPEFs(PEFs):
 
     def _row_scale(self) -> Tensor:
         return self.norms + D_NORM_EPS
+
+    @property
+    def row_order(self) -> str:
+        """"descending": the largest entries first (a prefix is again a valid sparsification); "parameter":
+        every parameter of the space in parameter order (nothing was dropped, so nothing was sorted)."""
+        return self.metadata.get("row_order", "descending")
 
     def entries(self) -> tuple[Int[Tensor, " e"], Int[Tensor, " e"], Float[Tensor, " e"], Int[Tensor, " n_plus_1"]]:
         """(row, column, value) of every stored entry in storage order, and row_offsets (one row per example)."""

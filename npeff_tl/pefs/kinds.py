@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .containers import DiagonalPEFs, LowRankPEFs, PEFs
 from .sparse import lowrank_gram, lowrank_rows
-from .topk import StreamingTopK
+from .topk import AllColumns, row_selection
 from .workspace import Workspace
 
 class BatchRows(ABC):
@@ -54,6 +54,10 @@ class PEFKind(ABC):
                    device: torch.device) -> BatchRows:
         """Rows for a batch of ``b`` examples with ``k`` class slots."""
 
+    def layout(self, keeps_all: bool) -> dict[str, str]:
+        """What the stored rows' metadata says about their order (``keeps_all``: nnz is the whole choice)."""
+        return {}
+
     def batch_memory(self, b: int, k: int, largest: int) -> dict[str, int]:
         """Bytes the kind's own batch work adds beside what every kind holds (``largest``: the largest tensor)."""
         return {}
@@ -63,12 +67,16 @@ class PEFKind(ABC):
 
 
 class Diagonal(PEFKind):
-    """D-PEFs: the diagonal f_i = sum_c u_c^2, its nnz largest entries (descending), norm ||f_i||."""
+    """D-PEFs: the diagonal f_i = sum_c u_c^2, its nnz largest entries (descending; every entry in parameter
+    order when nnz is the whole space), norm ||f_i||."""
 
     name, container, counted, rank_one = "diagonal", DiagonalPEFs, "parameters", False
 
     def choice_size(self, space_size: int, max_classes: int) -> int:
         return space_size
+
+    def layout(self, keeps_all: bool) -> dict[str, str]:
+        return {"row_order": "parameter"} if keeps_all else {}
 
     def batch_rows(self, b, k, nnz, space_size, max_classes, workspace, device) -> BatchRows:
         return _DiagonalRows(b, nnz, space_size, workspace, device)
@@ -115,14 +123,14 @@ def sum_squares(x: Float[Tensor, "b n"], chunk: int = 1024) -> Float64[Tensor, "
 class _DiagonalRows(BatchRows):
     def __init__(self, b: int, nnz: int, size: int, workspace: Workspace, device: torch.device):
         self.sum_sq = torch.zeros(b, dtype=torch.float64, device=device)
-        self.top = StreamingTopK(b, nnz, size, workspace=workspace)
+        self.top = row_selection(b, nnz, size, workspace=workspace)
 
     def add(self, start, factors, diagonal) -> None:
         self.sum_sq += sum_squares(diagonal)
         self.top.add(diagonal, start)
 
     def rows(self, class_ids) -> dict[str, Tensor]:
-        values, indices = self.top.result()  # descending
+        values, indices = self.top.result()  # descending, or everything in parameter order
         return {"values": values, "indices": indices, "norms": self.sum_sq.sqrt()}
 
 
@@ -131,7 +139,7 @@ class _LowRankRows(BatchRows):
                  device: torch.device):
         self.k, self.size = k, size
         self.gram = torch.zeros(b, k, k, dtype=torch.float64, device=device)
-        self.top = StreamingTopK(b, nnz, size * max_classes, key=torch.abs, workspace=workspace)
+        self.top = row_selection(b, nnz, size * max_classes, key=torch.abs, workspace=workspace)
 
     def add(self, start, factors, diagonal) -> None:
         self.gram += lowrank_gram(factors)
@@ -139,6 +147,12 @@ class _LowRankRows(BatchRows):
             self.top.add(factors[:, c], c * self.size + start)
 
     def rows(self, class_ids) -> dict[str, Tensor]:
-        values, indices, col_offsets = lowrank_rows(*self.top.result(), self.size, self.k)
+        if isinstance(self.top, AllColumns):  # every entry, already in (class, parameter) order
+            values, _ = self.top.result()
+            b, device = values.shape[0], values.device
+            indices = torch.arange(self.size, device=device).repeat(self.k).expand(b, -1)
+            col_offsets = (torch.arange(self.k + 1, device=device) * self.size).expand(b, -1)
+        else:
+            values, indices, col_offsets = lowrank_rows(*self.top.result(), self.size, self.k)
         return {"values": values, "indices": indices, "norms": self.gram.flatten(1).norm(dim=1),
                 "col_offsets": col_offsets, "ranks": (class_ids >= 0).sum(1)}

@@ -34,9 +34,11 @@ def lowrank_rows(values: Tensor, joint: Tensor, size: int, k: int) -> tuple[Tens
     """Stored layout of chosen low-rank entries given by joint index class * size + parameter: sorted in
     (class, parameter) order, as (values, parameter indices, col_offsets [b, k + 1])."""
     joint, order = joint.sort(dim=1)
+    values = values.gather(1, order)
     col_offsets = torch.zeros(joint.shape[0], k + 1, dtype=torch.long, device=joint.device)
-    col_offsets[:, 1:] = torch.nn.functional.one_hot(joint // size, k).sum(1).cumsum(1)
-    return values.gather(1, order), joint % size, col_offsets
+    classes = joint // size
+    col_offsets[:, 1:] = torch.zeros_like(col_offsets[:, 1:]).scatter_add_(1, classes, torch.ones_like(classes)).cumsum(1)
+    return values, joint % size, col_offsets
 
 
 def lowrank_gram(factors: Float[Tensor, "b k size"], chunk: int = 1 << 20) -> Float64[Tensor, "b k k"]:

@@ -1,10 +1,14 @@
-"""Exact per-row top-k over a row that arrives in pieces (one parameter tensor at a time).
+"""Exact per-row top-k over a row that arrives in pieces (one parameter tensor at a time), and the case where
+nothing is to be dropped.
 
 ``torch.topk`` on a multi-million-entry row costs far more than reading it, so large pieces are first cut
 down by a threshold: the k-th best key kept so far (nothing at or below it can enter), or, when that is
 not yet known or too low, an estimate from a fixed random sample of the piece, checked on the spot: a row
 whose estimate leaves fewer than k entries above it gets an exact ``topk`` instead. Either way the result
 is the exact top-k; the sample only decides how much work it takes.
+
+When k is the whole row, ``row_selection`` gives ``AllColumns`` instead: the row in column order, no selection
+and no sort (sorting a whole GPT-2-width row cost twice the gradients' time and as much memory again).
 """
 
 from __future__ import annotations
@@ -26,23 +30,49 @@ def _sample_rank(k: int) -> int:
     return math.ceil(_MARGIN * k / _SAMPLE_FRACTION)
 
 
+def row_selection(rows: int, k: int, total: int, key=None, workspace: Workspace | None = None):
+    """What keeps ``k`` of ``total`` columns per row: ``AllColumns`` (column order) when k == total, else
+    ``StreamingTopK`` (descending key)."""
+    if k > total:
+        raise ValueError(f"cannot keep {k} of {total} entries")
+    return AllColumns(rows, total, workspace) if k == total else StreamingTopK(rows, k, total, key)
+
+
+class AllColumns:
+    """Every column of each row, in column order, from pieces added with their column offsets. The row lives in
+    a buffer of ``workspace`` (reused from batch to batch): the result is valid until the next ``AllColumns`` on
+    that workspace."""
+
+    def __init__(self, rows: int, total: int, workspace: Workspace | None = None):
+        self.rows, self.total = rows, total
+        self._workspace = workspace or Workspace()
+        self._row: Tensor | None = None
+        self._filled = 0
+
+    def add(self, values: Float[Tensor, "rows n"], offset: int) -> None:
+        """Copy ``values`` to columns ``offset`` onwards (``values`` is not kept)."""
+        if self._row is None:
+            self._row = self._workspace.get("all columns", (self.rows, self.total), values.dtype, values.device)
+        self._row[:, offset : offset + values.shape[1]] = values
+        self._filled += values.shape[1]
+
+    def result(self) -> tuple[Float[Tensor, "rows total"], Int[Tensor, "rows total"]]:
+        """(values, column indices), in column order."""
+        if self._filled != self.total:
+            raise RuntimeError(f"keeping all {self.total} columns, but {self._filled} were added")
+        return self._row, torch.arange(self.total, device=self._row.device).expand(self.rows, -1)
+
+
 class StreamingTopK:
     """The ``k`` entries of largest ``key(value)`` (>= 0) per row of ``total`` columns, over pieces added
-    with their column offsets. ``key=None``: the values themselves (then they must be >= 0).
+    with their column offsets. ``key=None``: the values themselves (then they must be >= 0)."""
 
-    With ``workspace``, keeping everything (k == total) fills and sorts a reused buffer: the result is then
-    valid until the next ``StreamingTopK`` on that workspace.
-    """
-
-    def __init__(self, rows: int, k: int, total: int, key=None, workspace: Workspace | None = None):
+    def __init__(self, rows: int, k: int, total: int, key=None):
         if k > total:
             raise ValueError(f"cannot keep {k} of {total} entries")
         self.rows, self.k, self.total = rows, k, total
         self.key = key or (lambda values: values)
         self._values_are_keys = key is None
-        self._workspace = workspace or Workspace()
-        self._dense: Tensor | None = None  # with k == total: the whole row, filled in place
-        self._filled = 0
         self._keys: list[Tensor] = []
         self._values: list[Tensor] = []
         self._indices: list[Tensor] = []
@@ -53,12 +83,6 @@ class StreamingTopK:
         """Offer the entries of ``values`` (not kept: its memory may be reused); their column in the full row
         is ``offset`` + their column here."""
         n = values.shape[1]
-        if self.k == self.total:  # everything is kept: no selection, only the final sort
-            if self._dense is None:
-                self._dense = self._workspace.get("top-k rows", (self.rows, self.total), values.dtype, values.device)
-            self._dense[:, offset : offset + n] = values
-            self._filled += n
-            return
         keys = self.key(values)
         if n <= 4 * self.k or n // _SAMPLE_FRACTION < _sample_rank(self.k):  # small piece: keep what could matter
             chosen = keys.topk(self.k, dim=1, sorted=False).indices if n > self.k else None
@@ -77,16 +101,8 @@ class StreamingTopK:
 
     def result(self) -> tuple[Float[Tensor, "rows k"], Int[Tensor, "rows k"]]:
         """(values, column indices), sorted by descending key."""
-        if self._dense is not None:
-            if self._filled != self.total:
-                raise RuntimeError(f"keeping all {self.total} columns, but {self._filled} were added")
-            order = self._workspace.get("top-k order", (self.rows, self.total), torch.long, self._dense.device)
-            if self._values_are_keys:
-                return sort_descending(self._dense, in_place=True, order=order)
-            _, order = sort_descending(self.key(self._dense), in_place=True, order=order)
-            return self._dense.gather(1, order), order
         self._compact()
-        keys, order = sort_descending(self._keys[0])
+        keys, order = sort_descending(self._keys[0], in_place=True)  # the held keys are this object's own
         return (keys if self._values_are_keys else self._values[0].gather(1, order)), self._indices[0].gather(1, order)
 
     def _above_threshold(self, keys: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,11 +146,10 @@ class StreamingTopK:
 
 
 def sort_descending(
-    keys: Float[Tensor, "rows n"], *, in_place: bool = False, order: Int[Tensor, "rows n"] | None = None
+    keys: Float[Tensor, "rows n"], *, in_place: bool = False
 ) -> tuple[Float[Tensor, "rows n"], Int[Tensor, "rows n"]]:
     """Each row sorted by descending key (keys >= 0; ties in column order), and the order that does it.
-    ``in_place``: ``keys`` may be overwritten (float32 on CPU: it becomes the sorted keys); ``order``: where to
-    write the order on the radix path below (otherwise a new tensor is returned).
+    ``in_place``: ``keys`` may be overwritten (float32 on CPU: it becomes the sorted keys).
 
     On CPU, float32 and narrower: per row, torch's radix sort (1-D integer tensors only) of the int32 codes
     0x7FFFFFFF - bits = bits ^ 0x7FFFFFFF (the bits of non-negative floats order like the floats), several
@@ -147,8 +162,7 @@ def sort_descending(
         codes = keys.view(torch.int32).bitwise_xor_(0x7FFFFFFF)
     else:
         codes = keys.float().view(torch.int32).bitwise_xor(0x7FFFFFFF)
-    if order is None:
-        order = torch.empty(codes.shape, dtype=torch.long, device=codes.device)
+    order = torch.empty(codes.shape, dtype=torch.long, device=codes.device)
     for row in range(len(codes)):
         torch.sort(codes[row], stable=True, out=(codes[row], order[row]))
     return codes.bitwise_xor_(0x7FFFFFFF).view(torch.float32).to(keys.dtype), order

@@ -47,6 +47,11 @@ def test_pefs_equal_the_explicit_expectation(model64, tokens, space, rule):
         assert torch.allclose(pefs.per_example["fisher_trace"], traces, rtol=1e-9)
     assert torch.allclose(fisher_traces(model64, tokens, space, rule, batch_size=3), traces, rtol=1e-9)
     assert torch.equal(low.ranks, (low.per_example["class_ids"] >= 0).sum(1))
+    # nothing was dropped, so nothing was selected or sorted: every entry in parameter order
+    everything = torch.arange(space.size).expand(len(tokens), -1)
+    assert diag.row_order == "parameter" and torch.equal(diag.indices.long(), everything)
+    assert torch.equal(low.indices.long(), everything.repeat(1, rule.max_classes))
+    assert torch.equal(low.col_offsets, (torch.arange(rule.max_classes + 1) * space.size).expand(len(tokens), -1))
     if isinstance(rule, Threshold):
         assert len(set(low.ranks.tolist())) > 1, "the threshold rule should give examples of different ranks"
 
@@ -59,6 +64,7 @@ def test_sparsified_entries_are_exactly_the_top_nnz(model64, tokens, space):
     fisher, grads = _oracle(model64, tokens, low, space)
     dense_diag = torch.diagonal(fisher, dim1=1, dim2=2)
     top = dense_diag.topk(nnz, dim=1)
+    assert diag.row_order == "descending" and "row_order" not in diag.metadata
     assert torch.allclose(diag.values, top.values, rtol=1e-9, atol=1e-15)  # descending, like the reference
     assert torch.equal(diag.indices.long(), top.indices)
     U = grads * low.per_example["class_weights"].sqrt()[..., None]  # [n, k, size]
@@ -181,6 +187,21 @@ def test_container_operations(model64, tokens, space):
         normed.normalized()
     with pytest.raises(ValueError, match="different nnz"):
         LowRankPEFs.concatenate([pefs, compute_pefs(model64, tokens, space, Target(classes=TopK(3)), "lowrank", nnz=61, progress=False)])
+
+
+def test_rows_in_parameter_order_store_and_convert_like_sorted_rows(model64, tokens, space, tmp_path):
+    """nnz = the whole space keeps every entry in parameter order; the same rows sorted (as the synthetic
+    constructor makes them) give the same dense and CSR matrices, and the layout survives a save."""
+    pefs = compute_pefs(model64, tokens, space, Target(classes=TopK(3)), "diagonal", nnz=space.size, progress=False)
+    sorted_rows = DiagonalPEFs.from_dense(pefs.to_dense(), space=space)
+    assert sorted_rows.row_order == "descending"
+    assert torch.equal(pefs.to_csr().to_dense(), sorted_rows.to_csr().to_dense())
+    assert torch.equal(pefs.values.sort(dim=1, descending=True).values, sorted_rows.values)
+    pefs.save(tmp_path / "p")
+    assert load_pefs(tmp_path / "p").row_order == "parameter"
+    sorted_rows.metadata = {key: value for key, value in pefs.metadata.items() if key != "row_order"}
+    with pytest.raises(ValueError, match="differ in row_order"):
+        DiagonalPEFs.concatenate([pefs, sorted_rows])
 
 
 def test_synthetic_constructors():

@@ -1,9 +1,10 @@
-"""StreamingTopK (thresholds estimated from samples, exact regardless) against a plain torch.topk."""
+"""StreamingTopK (thresholds estimated from samples, exact regardless) against a plain torch.topk; keeping
+every column (AllColumns) against the row itself."""
 
 import pytest
 import torch
 
-from npeff_tl.pefs.topk import StreamingTopK, sort_descending
+from npeff_tl.pefs.topk import AllColumns, StreamingTopK, row_selection, sort_descending
 
 
 def _oracle(pieces, k, key):
@@ -91,6 +92,21 @@ def test_descending_order_matches_a_comparison_sort(dtype, n):
     assert torch.equal(order.sort(dim=1).values, torch.arange(n).expand(4, -1))
 
 
+def test_keeping_every_column_gives_the_row_in_column_order_without_sorting():
+    pieces = _rows(4, [700, 5, 300], "normal")
+    selection = row_selection(5, 1005, 1005, key=torch.abs)
+    assert isinstance(selection, AllColumns) and isinstance(row_selection(5, 1004, 1005), StreamingTopK)
+    for piece, offset in reversed(list(zip(pieces, (0, 700, 705)))):  # pieces may come in any order
+        selection.add(piece.clone(), offset)
+    values, indices = selection.result()
+    assert torch.equal(values, torch.cat(pieces, dim=1)) and torch.equal(indices, torch.arange(1005).expand(5, -1))
+    short = AllColumns(5, 1005)
+    short.add(pieces[0], 0)
+    with pytest.raises(RuntimeError, match="keeping all 1005 columns, but 700 were added"):
+        short.result()
+
+
 def test_more_than_total_is_an_error():
-    with pytest.raises(ValueError, match="cannot keep 11 of 10 entries"):
-        StreamingTopK(2, 11, 10)
+    for make in (StreamingTopK, row_selection):
+        with pytest.raises(ValueError, match="cannot keep 11 of 10 entries"):
+            make(2, 11, 10)
