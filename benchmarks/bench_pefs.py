@@ -1,27 +1,31 @@
-"""Throughput of compute_pefs against a naive loop and a no-per-example floor, in one process.
+"""Throughput of compute_pefs against torch.func, a naive loop and a no-per-example floor, in one process.
 
-Run:  .venv/bin/python benchmarks/bench_pefs.py [--threads N] [--quick]
+Run:  .venv/bin/python benchmarks/bench_pefs.py [--threads N] [--quick] [--breakdown]
 
 Setting: diagonal PEFs, top-4 classes, nnz 65536 (capped at the space size), sequence length 32, batch 16,
-MLP weights selected. Models built from configs with random weights: "tiny" (2 layers, d_model 64) and
-"gpt2-width" (2 layers, d_model 768, 12 heads, d_mlp 3072, d_vocab 50257).
+MLP weights selected. Models built from configs with random weights: "tiny" (2 layers, d_model 64; its space
+is 65,536 parameters, so nnz is the whole space and nothing is selected or sorted) and "gpt2-width" (2 layers,
+d_model 768, 12 heads, d_mlp 3072, d_vocab 50257; 9.4M parameters, of which the top 65,536 are kept).
 
-Baselines (same process, same thread count; the three are interleaved round by round, 5 rounds for tiny and 3
-for gpt2-width, and each speedup is the median of the per-round ratios):
+Baselines (same process, same thread count, interleaved round by round: 5 rounds for tiny, 3 for gpt2-width;
+each ratio is the median of the per-round ratios):
+- vmap: ``torch.func.vmap`` over the batch's examples of ``torch.func.jacrev`` of the chosen classes'
+  log-probs with respect to the selected parameters (``functional_call``; the classes and their probabilities
+  from a no-grad pass first), then sum_c p_c g_c^2 and top-nnz: the per-example Fisher as torch.func writes it.
+  Both of its passes unembed only the target position, as ours does.
 - naive: per example, a batch-1 ``model(tokens)`` forward, then per class one ``torch.autograd.grad`` over the
   selected parameters (retain_graph), squared, weighted by p_c, summed, then top-nnz.
 - floor: one batched forward (unembedding only the target position, as ours does) plus K batched backward
   passes of the per-class summed log-probs, weight gradients aggregated over the batch: no per-example
   separation, no top-k: what the gradients alone cost, computed the ordinary way.
 
-Last line: bench_pefs: tiny_speedup_vs_naive=<a> speedup_vs_naive=<x> fraction_of_floor=<y> peak_rss_mb=<z>
-(x, y, z for the gpt2-width model; z is the peak RSS of compute_pefs on 4x the examples, with the ratio to
+Last line:
+bench_pefs: tiny_vs_vmap=<a> tiny_fraction_of_floor=<b> speedup_vs_vmap=<c> fraction_of_floor=<d> speedup_vs_naive=<e> peak_rss_mb=<f>
+(c, d, e, f for the gpt2-width model; f is the peak RSS of compute_pefs on 4x the examples, with the ratio to
 the peak on 1x printed above it).
 
-``--breakdown`` adds, on the tiny model, two parts of ours timed alone and interleaved with the others:
-"gradients" (the per-example gradients and diagonals of each batch, as ours computes them, without norms,
-sort or storage) and "sort" (the descending sort of each batch's rows, as ours does it when nnz is the whole
-space, on random values): how far ours could get if everything else were free.
+``--breakdown`` adds "gradients", timed and interleaved with the others: ours' per-example gradients and
+diagonals of each batch alone (no norms, selection or storage): how far ours could get if the rest were free.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ import npeff_tl as nt
 from npeff_tl.pefs.compute import fisher_diagonal
 from npeff_tl.pefs.grads import as_examples, batch_grads, batch_target_logits
 from npeff_tl.pefs.objectives import ClassLogProbs
-from npeff_tl.pefs.topk import sort_descending
 from npeff_tl.pefs.workspace import Workspace
 
 K, NNZ, SEQ, BATCH = 4, 65536, 32, 16
@@ -86,6 +89,30 @@ def naive(model, space, tokens) -> float:
     return len(tokens) / (time.perf_counter() - start)
 
 
+def vmap(model, space, tokens) -> float:
+    selected = {name: p.detach() for name, p in space.check_model(model).items()}
+    nnz, last = min(NNZ, space.size), model.cfg.n_layers
+
+    def target_logits(params, seqs):  # only the target (last) position is unembedded
+        resid = torch.func.functional_call(model, params, (seqs,), {"stop_at_layer": last}, strict=False)
+        return model.unembed(model.ln_final(resid[:, -1:]))[:, 0]
+
+    def class_log_probs(params, seq, classes):
+        return target_logits(params, seq[None])[0].log_softmax(-1)[classes]
+
+    per_example = torch.func.vmap(torch.func.jacrev(class_log_probs), in_dims=(None, 0, 0))
+    start = time.perf_counter()
+    for first in range(0, len(tokens), BATCH):
+        seqs = tokens[first : first + BATCH]
+        with torch.no_grad():
+            probs, classes = target_logits(selected, seqs).softmax(-1).topk(K)
+        jacobians = per_example(selected, seqs, classes)  # name -> [b, K, *shape]
+        fisher = torch.cat([(probs[:, :, None] * jacobians[name].flatten(2).square()).sum(1) for name in space.names],
+                           dim=1)
+        fisher.topk(nnz, dim=1)
+    return len(tokens) / (time.perf_counter() - start)
+
+
 def floor(model, space, tokens) -> float:
     adapter = nt.as_adapter(model)
     params = list(space.check_model(model).values())
@@ -118,19 +145,6 @@ def gradients(model, space, tokens) -> float:
     return len(tokens) / (time.perf_counter() - start)
 
 
-def sort(model, space, tokens) -> float:
-    """Examples/s of the descending sort of full D-PEF rows alone, batch by batch (breakdown of ours)."""
-    rows = torch.rand(BATCH, space.size, generator=torch.Generator().manual_seed(0)).square()
-    order = torch.empty(rows.shape, dtype=torch.long)
-    elapsed = 0.0
-    for _ in range(0, len(tokens), BATCH):
-        keys = rows.clone()
-        start = time.perf_counter()
-        sort_descending(keys, in_place=True, order=order)
-        elapsed += time.perf_counter() - start
-    return len(tokens) / elapsed
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -155,21 +169,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for all runs")
     parser.add_argument("--quick", action="store_true", help="fewer examples and repeats (smoke test)")
-    parser.add_argument("--breakdown", action="store_true", help="also time parts of ours alone on the tiny model")
+    parser.add_argument("--breakdown", action="store_true", help="also time ours' gradients alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else 5
     print(f"bench_pefs: torch {torch.__version__}, {args.threads} threads, K={K}, nnz={NNZ}, seq={SEQ}, batch={BATCH}")
-    fns = {"ours": ours, "naive": naive, "floor": floor}
+    fns = {"ours": ours, "vmap": vmap, "naive": naive, "floor": floor} | ({"gradients": gradients} if args.breakdown else {})
 
     model, space = build("tiny")
     tokens = tokens_for(model, 64 if args.quick else 256)
-    parts = {"gradients": gradients, "sort": sort} if args.breakdown else {}
-    tiny = interleaved_rates(fns | parts, model, space, dict.fromkeys(fns | parts, tokens), repeats)
+    tiny = interleaved_rates(fns, model, space, dict.fromkeys(fns, tokens), repeats)
     print("tiny:       " + "  ".join(f"{k} {v:8.1f} ex/s" for k, v in medians(tiny).items()))
-    if parts:
-        print("tiny breakdown, time per example relative to naive's (10x naive = 0.100): "
-              + "  ".join(f"{k} {1 / median_ratio(tiny, k, 'naive'):.3f}" for k in ("ours", *parts)))
 
     model, space = build("gpt2-width")
     n = BATCH if args.quick else 2 * BATCH
@@ -179,16 +189,21 @@ def main() -> None:
     rss_1x = peak_rss_mb()
     ours(model, space, tokens_for(model, 4 * n, seed=2))
     rss_4x = peak_rss_mb()
-    big_tokens = {"ours": tokens_for(model, n, seed=1), "floor": tokens_for(model, n, seed=1),
-                  "naive": tokens_for(model, BATCH // 2 if args.quick else BATCH, seed=1)}
+    big_tokens = dict.fromkeys(fns, tokens_for(model, n, seed=1))
+    big_tokens["naive"] = tokens_for(model, BATCH // 2 if args.quick else BATCH, seed=1)
     big = interleaved_rates(fns, model, space, big_tokens, max(1, repeats - 2))
     print(f"gpt2-width: space {space.size:,} params; " + "  ".join(f"{k} {v:6.2f} ex/s" for k, v in medians(big).items()))
     print(f"gpt2-width: peak RSS {rss_before:.0f} MB after warm-up, {rss_1x:.0f} MB after {n} examples, "
           f"{rss_4x:.0f} MB after {4 * n} examples (4x / 1x = {rss_4x / rss_1x:.2f})")
-    print("(speedups: medians of the per-round ratios)")
-    print(f"bench_pefs: tiny_speedup_vs_naive={median_ratio(tiny, 'ours', 'naive'):.2f} "
-          f"speedup_vs_naive={median_ratio(big, 'ours', 'naive'):.2f} "
-          f"fraction_of_floor={median_ratio(big, 'ours', 'floor'):.2f} peak_rss_mb={rss_4x:.0f}")
+    if args.breakdown:
+        print("gradients alone as a fraction of the floor: "
+              f"tiny {median_ratio(tiny, 'gradients', 'floor'):.2f}, gpt2-width {median_ratio(big, 'gradients', 'floor'):.2f}")
+    print("(ratios: medians of the per-round ratios)")
+    print(f"bench_pefs: tiny_vs_vmap={median_ratio(tiny, 'ours', 'vmap'):.2f} "
+          f"tiny_fraction_of_floor={median_ratio(tiny, 'ours', 'floor'):.2f} "
+          f"speedup_vs_vmap={median_ratio(big, 'ours', 'vmap'):.2f} "
+          f"fraction_of_floor={median_ratio(big, 'ours', 'floor'):.2f} "
+          f"speedup_vs_naive={median_ratio(big, 'ours', 'naive'):.2f} peak_rss_mb={rss_4x:.0f}")
 
 
 if __name__ == "__main__":

@@ -27,5 +27,5 @@ def tensor_fingerprint(tensors: list[Tensor]) -> str:
     """A sha256 over the bytes of some tensors (e.g. a model's weights), to tell runs apart."""
     digest = hashlib.sha256()
     for tensor in tensors:
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy of the bytes
     return digest.hexdigest()

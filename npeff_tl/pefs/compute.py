@@ -27,7 +27,7 @@ from ..store import FormatError, ShardStore, load_tensors, save_tensors
 from ..targets import ClassRule, Target, TopK
 from .containers import PEFS_FORMAT, PEFs, check_nnz, load_pefs
 from .grads import as_examples, batch_grads, hooked_names
-from .kinds import PEFKind, pef_kind
+from .kinds import PEFKind, pef_kind, row_sums
 from .objectives import ClassLogProbs
 from .workspace import Workspace
 
@@ -86,7 +86,7 @@ def _batch_pefs(
         start, stop = space.offsets[name]
         diagonal = fisher_diagonal(factors, workspace.get("diagonal", (b, stop - start), factors.dtype, device))
         fisher_sum[start:stop] += diagonal.sum(0)  # b terms in the working dtype; across batches in float64
-        trace += diagonal.sum(1, dtype=torch.float64)
+        trace += row_sums(diagonal)
         batch_rows.add(start, factors, diagonal)
         del factors, diagonal
     _check_finite(trace, index, adapter)

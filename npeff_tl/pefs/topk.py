@@ -92,10 +92,12 @@ class StreamingTopK:
         if chosen is None:  # copies: the caller may reuse the memory of ``values``
             values = values.clone()
             self._hold(self.key(values), values, torch.arange(n, device=values.device).expand(self.rows, n) + offset)
-        elif valid is None:
-            self._hold(keys.gather(1, chosen), values.gather(1, chosen), chosen + offset)
         else:
-            self._hold(keys.gather(1, chosen).masked_fill_(~valid, -math.inf), values.gather(1, chosen), chosen + offset)
+            chosen_values = values.gather(1, chosen)
+            chosen_keys = chosen_values.clone() if self._values_are_keys else keys.gather(1, chosen)
+            if valid is not None:
+                chosen_keys.masked_fill_(~valid, -math.inf)
+            self._hold(chosen_keys, chosen_values, chosen + offset)
         if self._width > 2 * self.k:
             self._compact()
 
@@ -108,9 +110,10 @@ class StreamingTopK:
     def _above_threshold(self, keys: Tensor) -> tuple[Tensor, Tensor]:
         """Columns of each row above the row's threshold, padded to a common width, and which are real."""
         n = keys.shape[1]
-        sample = torch.randint(n, (n // _SAMPLE_FRACTION,), generator=torch.Generator().manual_seed(n))
+        sample = torch.randint(n, (n // _SAMPLE_FRACTION,), generator=torch.Generator().manual_seed(n)).sort().values
         rank = _sample_rank(self.k)
-        estimate = keys[:, sample.to(keys.device)].topk(rank, dim=1, sorted=False).values.amin(1)
+        # index_select of sorted columns: twice as fast as keys[:, sample] on CPU
+        estimate = keys.index_select(1, sample.to(keys.device)).topk(rank, dim=1, sorted=False).values.amin(1)
         floor = self._floor if self._floor is not None else torch.full_like(estimate, -math.inf)
         columns = []
         for row in range(self.rows):
