@@ -190,10 +190,12 @@ def estimate_decomposition_memory(
     rm = rank * n_columns
     entries = E * (2 * INDEX + f)  # (row, column, value) of every entry
     csr = E * (INDEX + f)  # one CSR copy of the matrix: column indices and values
-    # prepare: the entries, the column blocks, and the transposed CSR being sorted into place
-    prepare = {"entries": entries, "column blocks": csr,
-               "transposed CSR: sort key, order, sorted copies": E * 2 * INDEX + entries + csr,
-               "column maps": 2 * n_columns * INDEX}
+    # prepare: the entries of kept columns found by a search (each entry's position among them), then the column
+    # blocks and the transposed CSR being sorted into place
+    select = {"entries, before and after": 2 * entries, "column search": n_columns * INDEX + E * (INDEX + 1)}
+    build = {"entries": entries, "column blocks": csr,
+             "transposed CSR: sort key, order, sorted copies": E * 2 * INDEX + entries + csr}
+    prepare = max((select, build), key=lambda p: sum(p.values()))
     if kind == "lowrank":
         from .decomp.matrix import gram_chunk_entries
 
@@ -207,9 +209,8 @@ def estimate_decomposition_memory(
         prepare = max(phases, key=lambda p: sum(p.values()))
     matrix = 2 * csr + rows * INDEX
     if kind == "diagonal":
-        # the loss, <(W^T A)^T, H^T> in float64 (two copies and their product), beside H, H^T and W^T A
-        fit = {"matrix": matrix, "components, their transpose and W^T A": 3 * rm * f,
-               "float64 copies for the loss": 3 * rm * FLOAT64}
+        # H^T and W^T A, and the H update's two temporaries (its denominator and the new H)
+        fit = {"matrix": matrix, "components, W^T A and the update's temporaries": 4 * rm * f}
     else:
         # beside G and G^T, a G step holds three more [columns x rank] arrays at once: the gradient's two
         # products and their difference, or the gradient, the stepped copy and its increment

@@ -80,6 +80,7 @@ class DNPEFF:
                              f"got {self.n_components}")
         W, H = self._initial_factors(matrix) if init is None else matrix.check_init(init, self.n_components, "H")
         Ht = matrix.local_columns(H).T.contiguous()  # [m, r] (this rank's columns): the layout the sparse products want
+        del H
         losses, start, converged = [], 0, False
         saver = None
         if checkpoint is not None:
@@ -102,7 +103,7 @@ class DNPEFF:
             Ht = multiplicative_w(Ht, AtW, WtW, 1, self.eps)  # H <- H * W^T A / (W^T W H + eps), transposed
             done = iteration + 1
             if done % self.log_every == 0 or done == self.max_iter:
-                loss = matrix.constant - 2 * float(matrix.sum(_dot(AtW, Ht))) + float(_dot(WtW, matrix.gram(Ht)))
+                loss = matrix.constant - 2 * matrix.inner(AtW, Ht) + float(_dot(WtW, matrix.gram(Ht)))
                 losses.append({"phase": "joint", "iteration": done, "loss": loss})
                 bar.set_postfix(loss=f"{loss:.4e}")
             bar.update(1)
@@ -144,6 +145,6 @@ class DNPEFF:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a, b> accumulated in float64 (a 0-d tensor)."""
+    """<a, b> of two small matrices accumulated in float64 (a 0-d tensor)."""
     return (a.double() * b.double()).sum()
 

@@ -85,6 +85,15 @@ class PEFMatrix:
             out += part.T @ part
         return self.sum(out).to(Xt.dtype)
 
+    def inner(self, Xt: Float[Tensor, "m_local r"], Yt: Float[Tensor, "m_local r"]) -> float:
+        """<X, Y> of two factors held transposed, summed over the ranks' columns: block by block in float64, so
+        no float64 copy of a whole factor is made (at 85M columns and 32 components that copy is 22 GB)."""
+        out = torch.zeros((), dtype=torch.float64, device=Xt.device)
+        for start, block in self.blocks:
+            stop = start + block.shape[1]
+            out += (Xt[start:stop].double() * Yt[start:stop].double()).sum()
+        return float(self.sum(out))
+
     def total(self) -> float:
         """The sum of all entries of A, float64."""
         return float(self.sum(self.values.double().sum()))
@@ -168,11 +177,14 @@ def prepare(
     del normed  # its values live on in ``values`` only until the filtering below replaces them
     if empty:
         values = values.masked_fill(torch.isin(rows, _rows_of(torch.tensor(empty), row_offsets)), 0.0)
+    # Columns are found and renumbered by sorting and searching the entries, not through arrays as long as the
+    # space: at GPT-2-small size (85M parameters) those took 1.4 GB for 40 examples' 2.6M entries.
     if columns is None:
-        counts = torch.bincount(cols[values != 0], minlength=size)
         if min_nnz_per_column < 1:
             raise ValueError(f"min_nnz_per_column must be >= 1, got {min_nnz_per_column}")
-        kept = (counts >= min_nnz_per_column).nonzero().flatten()
+        present, counts = torch.unique(cols[values != 0], return_counts=True)
+        kept = present[counts >= min_nnz_per_column]
+        del present, counts
     else:
         kept = torch.as_tensor(columns, dtype=torch.long)
         if kept.numel() and (kept.min() < 0 or kept.max() >= size or (kept.diff() <= 0).any()):
@@ -181,17 +193,16 @@ def prepare(
         raise ValueError(f"no parameter appears in {min_nnz_per_column} or more examples; lower min_nnz_per_column")
     m = int(kept.numel())
     width = block_width(m, torch.device(device))
+    position = torch.searchsorted(kept, cols).clamp_(max=m - 1)  # each entry's column among the kept ones
+    keep = kept[position] == cols
     shard, sharded = (0, m), shard_columns and distributed.active()
-    if sharded:  # whole blocks per rank, balanced by their non-zeros
-        per_block = torch.zeros(-(-m // width), dtype=torch.long)
-        per_block.index_add_(0, torch.arange(m) // width, torch.bincount(cols, minlength=size)[kept])
+    if sharded:  # whole blocks per rank, balanced by their entries
+        per_block = torch.bincount(position[keep] // width, minlength=-(-m // width))
         first, last = distributed.balanced_ranges(per_block, distributed.world_size())[distributed.rank()]
         shard = (first * width, min(last * width, m))
-    new_index = torch.full((size,), -1, dtype=torch.long)
-    new_index[kept[shard[0] : shard[1]]] = torch.arange(shard[1] - shard[0])
-    keep = new_index[cols] >= 0
-    rows, cols, values = rows[keep], new_index[cols[keep]], values[keep]
-    del keep, new_index
+        keep &= (position >= shard[0]) & (position < shard[1])
+    rows, cols, values = rows[keep], position[keep] - shard[0], values[keep]
+    del keep, position
     shape = (n_rows, shard[1] - shard[0])
     row_example = torch.arange(n_examples).repeat_interleave(row_offsets.diff())
     if pefs.kind == "diagonal":

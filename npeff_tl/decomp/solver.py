@@ -50,6 +50,9 @@ def numerators(matrix: PEFMatrix, components: Tensor) -> tuple[Tensor, Tensor]:
 def multiplicative_w(W: Tensor, numerator: Tensor, gram: Tensor, n_iter: int, eps: float) -> Tensor:
     """``n_iter`` Lee-Seung steps W <- W * N / (W K + eps) with N and K fixed (also the H step of D-NPEFF,
     in its transposed layout)."""
-    for _ in range(n_iter):
-        W = W * numerator / (W @ gram + eps)
+    for _ in range(n_iter):  # the same operations as W * N / (W @ K + eps), with two temporaries instead of four
+        denominator = W @ gram
+        denominator += eps
+        W = W * numerator
+        W /= denominator
     return W
