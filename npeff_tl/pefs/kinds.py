@@ -93,10 +93,6 @@ class LowRank(PEFKind):
     def batch_rows(self, b, k, nnz, space_size, max_classes, workspace, device) -> BatchRows:
         return _LowRankRows(b, k, nnz, space_size, max_classes, workspace, device)
 
-    def batch_memory(self, b: int, k: int, largest: int) -> dict[str, int]:
-        # U^T U is accumulated in float64 (8 bytes) over chunks of up to 2^20 columns
-        return {"float64 chunk of the class Gram matrices": k * b * min(largest, 1 << 20) * 8}
-
 
 DIAGONAL, LOWRANK = Diagonal(), LowRank()
 PEF_KINDS: dict[str, PEFKind] = {kind.name: kind for kind in (DIAGONAL, LOWRANK)}

@@ -321,3 +321,15 @@ def test_nan_weights_are_named_when_the_fishers_are_not_finite(tokens, space):
     with pytest.raises(ValueError, match=r"the Fishers of examples \[0, 1, .* are NaN/inf although their logits are "
                                          r"finite; non-finite weights in blocks.0.attn.W_Q"):
         compute_pefs(model, tokens, space, Target(classes=TopK(3)), nnz=30, progress=False)
+
+
+def test_the_class_gram_in_float32_chunks_keeps_float64_accuracy():
+    from npeff_tl.pefs.sparse import lowrank_gram
+
+    factors = torch.randn(3, 4, 100_003, generator=torch.Generator().manual_seed(0))
+    factors[:, 1] *= 1e-3  # a class of small gradients beside large ones
+    exact = factors.double() @ factors.double().mT
+    error = torch.linalg.matrix_norm(lowrank_gram(factors) - exact) / torch.linalg.matrix_norm(exact)
+    assert (error < 1e-6).all(), error  # relative to the PEF's norm, which is what the Gram gives
+    assert (lowrank_gram(factors) - exact)[:, 1, 1].abs().max() < 1e-6 * exact[:, 1, 1].min()  # the small class too
+    assert torch.allclose(lowrank_gram(factors.double(), chunk=7), exact, rtol=1e-12)
