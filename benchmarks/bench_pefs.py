@@ -1,6 +1,6 @@
 """Throughput of compute_pefs against torch.func, a naive loop and a no-per-example floor, in one process.
 
-Run:  .venv/bin/python benchmarks/bench_pefs.py [--threads N] [--quick] [--breakdown]
+Run:  .venv/bin/python benchmarks/bench_pefs.py [--threads N] [--quick] [--breakdown] [--device cuda]
 
 Setting: diagonal PEFs, top-4 classes, nnz 65536 (capped at the space size), sequence length 32, batch 16,
 MLP weights selected. Models built from configs with random weights: "tiny" (2 layers, d_model 64; its space
@@ -47,7 +47,7 @@ from npeff_tl.pefs.workspace import Workspace
 K, NNZ, SEQ, BATCH = 4, 65536, 32, 16
 
 
-def build(width: str):
+def build(width: str, device: str = "cpu"):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     shapes = {
@@ -56,11 +56,18 @@ def build(width: str):
     }[width]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        cfg = HookedTransformerConfig(n_layers=2, n_ctx=SEQ, act_fn="gelu", normalization_type="LN", device="cpu",
+        cfg = HookedTransformerConfig(n_layers=2, n_ctx=SEQ, act_fn="gelu", normalization_type="LN", device=device,
                                       seed=0, **shapes)
         model = HookedTransformer(cfg).eval()
     space = nt.ParamSpace(model, include="blocks.*.mlp.W_*")
     return model, space
+
+
+def now(model) -> float:
+    """The time once the model's device has finished its queued work (CUDA runs asynchronously)."""
+    if str(model.cfg.device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def tokens_for(model, n: int, seed: int = 0) -> torch.Tensor:
@@ -68,25 +75,25 @@ def tokens_for(model, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def ours(model, space, tokens) -> float:
-    start = time.perf_counter()
+    start = now(model)
     nt.compute_pefs(model, tokens, space, nt.Target("last", nt.TopK(K)), "diagonal", nnz=min(NNZ, space.size),
                     batch_size=BATCH, progress=False)
-    return len(tokens) / (time.perf_counter() - start)
+    return len(tokens) / (now(model) - start)
 
 
 def naive(model, space, tokens) -> float:
     params = list(space.check_model(model).values())
     nnz = min(NNZ, space.size)
-    start = time.perf_counter()
-    for row in tokens:
+    start = now(model)
+    for row in tokens.to(model.cfg.device):
         log_probs = model(row[None])[0, -1].log_softmax(-1)
         top = log_probs.detach().exp().topk(K)
-        fisher = torch.zeros(space.size)
+        fisher = torch.zeros(space.size, device=log_probs.device)
         for p, c in zip(top.values, top.indices):
             grads = torch.autograd.grad(log_probs[c], params, retain_graph=True)
             fisher += p * torch.cat([g.reshape(-1) for g in grads]).square()
         fisher.topk(nnz)
-    return len(tokens) / (time.perf_counter() - start)
+    return len(tokens) / (now(model) - start)
 
 
 def vmap(model, space, tokens) -> float:
@@ -101,37 +108,37 @@ def vmap(model, space, tokens) -> float:
         return target_logits(params, seq[None])[0].log_softmax(-1)[classes]
 
     per_example = torch.func.vmap(torch.func.jacrev(class_log_probs), in_dims=(None, 0, 0))
-    start = time.perf_counter()
+    start = now(model)
     for first in range(0, len(tokens), BATCH):
-        seqs = tokens[first : first + BATCH]
+        seqs = tokens[first : first + BATCH].to(model.cfg.device)
         with torch.no_grad():
             probs, classes = target_logits(selected, seqs).softmax(-1).topk(K)
         jacobians = per_example(selected, seqs, classes)  # name -> [b, K, *shape]
         fisher = torch.cat([(probs[:, :, None] * jacobians[name].flatten(2).square()).sum(1) for name in space.names],
                            dim=1)
         fisher.topk(nnz, dim=1)
-    return len(tokens) / (time.perf_counter() - start)
+    return len(tokens) / (now(model) - start)
 
 
 def floor(model, space, tokens) -> float:
     adapter = nt.as_adapter(model)
     params = list(space.check_model(model).values())
     examples = as_examples(tokens)
-    start = time.perf_counter()
+    start = now(model)
     for first in range(0, len(tokens), BATCH):
         index = torch.arange(first, min(first + BATCH, len(tokens)))
         log_probs = batch_target_logits(adapter, examples, index).log_softmax(-1)
         classes = log_probs.detach().topk(K).indices
         for k in range(K):
             torch.autograd.grad(log_probs.gather(1, classes[:, k : k + 1]).sum(), params, retain_graph=True)
-    return len(tokens) / (time.perf_counter() - start)
+    return len(tokens) / (now(model) - start)
 
 
 def gradients(model, space, tokens) -> float:
     """Examples/s of the per-example gradients and D-PEF diagonals alone (breakdown of ours)."""
     adapter, examples, rule, workspace = nt.as_adapter(model), as_examples(tokens), nt.TopK(K), Workspace()
-    diagonal = torch.empty(BATCH, space.size)
-    start = time.perf_counter()
+    diagonal = torch.empty(BATCH, space.size, device=model.cfg.device)
+    start = now(model)
     for first in range(0, len(tokens), BATCH):
         index = torch.arange(first, min(first + BATCH, len(tokens)))
 
@@ -142,7 +149,7 @@ def gradients(model, space, tokens) -> float:
         pieces, _ = batch_grads(adapter, space, examples, index, objective, None, workspace=workspace)
         for name, factors in pieces:
             fisher_diagonal(factors, diagonal[: len(index), slice(*space.offsets[name])])
-    return len(tokens) / (time.perf_counter() - start)
+    return len(tokens) / (now(model) - start)
 
 
 def peak_rss_mb() -> float:
@@ -170,18 +177,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for all runs")
     parser.add_argument("--quick", action="store_true", help="fewer examples and repeats (smoke test)")
     parser.add_argument("--breakdown", action="store_true", help="also time ours' gradients alone")
+    parser.add_argument("--device", default="cpu", help="where the models run (cuda: for the GPU check)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else 5
-    print(f"bench_pefs: torch {torch.__version__}, {args.threads} threads, K={K}, nnz={NNZ}, seq={SEQ}, batch={BATCH}")
+    print(f"bench_pefs: torch {torch.__version__}, device {args.device}, {args.threads} threads, K={K}, nnz={NNZ}, "
+          f"seq={SEQ}, batch={BATCH}")
     fns = {"ours": ours, "vmap": vmap, "naive": naive, "floor": floor} | ({"gradients": gradients} if args.breakdown else {})
 
-    model, space = build("tiny")
+    model, space = build("tiny", args.device)
     tokens = tokens_for(model, 64 if args.quick else 256)
     tiny = interleaved_rates(fns, model, space, dict.fromkeys(fns, tokens), repeats)
     print("tiny:       " + "  ".join(f"{k} {v:8.1f} ex/s" for k, v in medians(tiny).items()))
 
-    model, space = build("gpt2-width")
+    model, space = build("gpt2-width", args.device)
     n = BATCH if args.quick else 2 * BATCH
     ours(model, space, tokens_for(model, BATCH))  # warm-up
     rss_before = peak_rss_mb()

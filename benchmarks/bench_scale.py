@@ -17,7 +17,8 @@ Figures, in order:
   VmHWM after a reset through /proc/self/clear_refs, minus VmRSS before; the script re-executes itself with
   MALLOC_MMAP_THRESHOLD_=65536 so that freed memory goes back to the system); on CUDA
   ``torch.cuda.max_memory_allocated`` above what was allocated before.
-- D-NPEFF and LRM-NPEFF with 32 components: seconds per iteration (20 iterations; LRM: 5 G-only then 15 joint).
+- D-NPEFF and LRM-NPEFF with 32 components on ``--device``: seconds per iteration (20 iterations; LRM: 5 G-only
+  then 15 joint).
 - Coefficients of 32 held-out examples (their D-PEFs, then ``fit_coefficients``, 300 iterations).
 - One selectivity measurement: the D-NPEFF component with the most training mass, its mixing weight fixed at
   0.5, KL target 0.5 on a top set of 8 held-out examples against 24 others, the random control; the Fisher
@@ -158,15 +159,16 @@ def main() -> None:
           f"D-PEFs at {fraction:.2f} of the floor")
 
     seconds_per_iter, fits, growth = {}, {}, {}
-    solvers = {"dnpeff": nt.DNPEFF(RANK, max_iter=iters, tol=0.0),
-               "lrm_npeff": nt.LRMNPEFF(RANK, n_iters_g_only=iters // 4, n_iters_joint=iters - iters // 4, tol=0.0)}
+    solvers = {"dnpeff": nt.DNPEFF(RANK, max_iter=iters, tol=0.0, device=device),
+               "lrm_npeff": nt.LRMNPEFF(RANK, n_iters_g_only=iters // 4, n_iters_joint=iters - iters // 4, tol=0.0,
+                                        device=device)}
     for method, kind in (("dnpeff", "diagonal"), ("lrm_npeff", "lowrank")):
         p = pefs[kind]
         columns = int((torch.bincount(p.indices.flatten().long(), minlength=space.size) > 0).sum())
         estimate = estimate_memory(method, n_examples=len(p), nnz=p.nnz, n_columns=columns, rank=RANK,
                                    classes=getattr(p, "max_rank", 1))
-        with PeakMemory("cpu") as peak:  # the solvers run on CPU
-            fits[method], seconds = timed(lambda: solvers[method].fit(p, progress=False), "cpu")
+        with PeakMemory(device) as peak:
+            fits[method], seconds = timed(lambda: solvers[method].fit(p, progress=False), device)
         seconds_per_iter[method], ratios[method] = seconds / iters, estimate.bytes / peak.bytes
         growth[method] = max(PROJECTED / n, space.size / columns)
         print(f"{method}: {RANK} components over {columns:,} columns, {seconds_per_iter[method]:.3f} s/iteration "
@@ -175,7 +177,7 @@ def main() -> None:
 
     held_pefs, seconds = timed(lambda: nt.compute_pefs(model, heldout, space, target, "diagonal", nnz=NNZ,
                                                        batch_size=BATCH, progress=False), device)
-    coefficients, fit_seconds = timed(lambda: fits["dnpeff"].fit_coefficients(held_pefs, progress=False), "cpu")
+    coefficients, fit_seconds = timed(lambda: fits["dnpeff"].fit_coefficients(held_pefs, progress=False), device)
     print(f"coefficients of {len(heldout)} held-out examples: their D-PEFs {seconds:.1f} s, "
           f"fit_coefficients {fit_seconds:.1f} s")
 

@@ -1,5 +1,5 @@
 """The wheel carries everything the main job needs (zoo weights, tokenizer, report assets): built, installed into a fresh
-virtual environment outside the checkout, and run there."""
+virtual environment outside the checkout, and run there. The GPU check script says so when it has no GPU."""
 
 import json
 import os
@@ -7,6 +7,9 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,3 +62,11 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert field.split(None, 2)[:2] == ["4096", "12"], field  # the field model, its examples and tokenizer
     report = (tmp_path / "demo" / "report.html").read_text()  # its stylesheet and script come from the wheel
     assert "details.component" in report and "data-report-ready" in report
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs the whole GPU check")
+def test_the_gpu_check_script_refuses_a_machine_without_cuda_in_one_line():
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env={**os.environ, "PYTHON": sys.executable},
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "has no torch that sees a CUDA device" in result.stderr
