@@ -177,14 +177,10 @@ def prepare(
     del normed  # its values live on in ``values`` only until the filtering below replaces them
     if empty:
         values = values.masked_fill(torch.isin(rows, _rows_of(torch.tensor(empty), row_offsets)), 0.0)
-    # Columns are found and renumbered by sorting and searching the entries, not through arrays as long as the
-    # space: at GPT-2-small size (85M parameters) those took 1.4 GB for 40 examples' 2.6M entries.
     if columns is None:
         if min_nnz_per_column < 1:
             raise ValueError(f"min_nnz_per_column must be >= 1, got {min_nnz_per_column}")
-        present, counts = torch.unique(cols[values != 0], return_counts=True)
-        kept = present[counts >= min_nnz_per_column]
-        del present, counts
+        kept = _columns_used(cols[values != 0], size, min_nnz_per_column)
     else:
         kept = torch.as_tensor(columns, dtype=torch.long)
         if kept.numel() and (kept.min() < 0 or kept.max() >= size or (kept.diff() <= 0).any()):
@@ -193,8 +189,7 @@ def prepare(
         raise ValueError(f"no parameter appears in {min_nnz_per_column} or more examples; lower min_nnz_per_column")
     m = int(kept.numel())
     width = block_width(m, torch.device(device))
-    position = torch.searchsorted(kept, cols).clamp_(max=m - 1)  # each entry's column among the kept ones
-    keep = kept[position] == cols
+    position, keep = _positions_among(kept, cols, size)
     shard, sharded = (0, m), shard_columns and distributed.active()
     if sharded:  # whole blocks per rank, balanced by their entries
         per_block = torch.bincount(position[keep] // width, minlength=-(-m // width))
@@ -248,6 +243,29 @@ def _rows_of(examples: Tensor, row_offsets: Tensor) -> Tensor:
 
 
 GRAM_CHUNK_BYTES = 32 << 20  # the float64 outer products of one chunk of entries
+
+
+# Columns are counted and renumbered through arrays as long as the space only where the space is no longer than
+# the entries; otherwise by sorting and searching the entries (at GPT-2-small size the space has 85M parameters,
+# 40 examples 2.6M entries, and the arrays took 1.4 GB). Either way the memory follows the entries.
+def _columns_used(cols: Tensor, size: int, at_least: int) -> Tensor:
+    """The columns named by at least ``at_least`` entries of ``cols``, increasing."""
+    if size <= len(cols):
+        return (torch.bincount(cols, minlength=size) >= at_least).nonzero().flatten()
+    present, counts = torch.unique(cols, return_counts=True)
+    return present[counts >= at_least]
+
+
+def _positions_among(kept: Tensor, cols: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Each entry's position among the increasing ``kept`` columns (0 where it is not kept), and whether it is."""
+    if size <= len(cols):
+        index = torch.full((size,), -1, dtype=torch.long)
+        index[kept] = torch.arange(len(kept))
+        position = index[cols]
+        keep = position >= 0
+        return position.clamp_(min=0), keep
+    position = torch.searchsorted(kept, cols).clamp_(max=len(kept) - 1)
+    return position, kept[position] == cols
 
 
 def gram_chunk_entries(classes: int) -> int:

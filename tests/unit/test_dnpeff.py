@@ -111,3 +111,20 @@ def test_a_fit_that_stops_at_its_cap_warns_and_a_converged_one_does_not():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         DNPEFF(n_components=H_true.shape[0], max_iter=3000, tol=1e-4).fit(_pefs(A), progress=False)
+
+
+@pytest.mark.parametrize("size", [100, 1000])  # arrays as long as the space (size <= entries) or a sorted search
+def test_kept_columns_and_their_positions_follow_a_plain_count(size):
+    from collections import Counter
+
+    from npeff_tl.decomp.matrix import _columns_used, _positions_among
+
+    cols = torch.randint(0, 100, (500,), generator=torch.Generator().manual_seed(size))
+    counts = Counter(cols.tolist())
+    for at_least in (1, 6):
+        kept = _columns_used(cols, size, at_least)
+        assert kept.tolist() == sorted(c for c, n in counts.items() if n >= at_least)
+        rank = {c: i for i, c in enumerate(kept.tolist())}
+        position, keep = _positions_among(kept, cols, size)
+        assert keep.tolist() == [c in rank for c in cols.tolist()]
+        assert position[keep].tolist() == [rank[c] for c in cols.tolist() if c in rank]
