@@ -78,7 +78,8 @@ def test_gradient_clustering_through_a_count_sketch(zoo):
     clusters = GradientClustering(model, train, n_clusters=7, seed=0, sketch_dim=2**14)
     size = clusters.space.size
     matrix = torch.sparse_coo_tensor(  # the sketch as the (sparse) matrix it stands for
-        torch.stack([clusters.sketch.bucket.long(), torch.arange(size)]), clusters.sketch.sign.double(), (2**14, size))
+        torch.stack([clusters.sketch.bucket.long(), torch.arange(size)]), clusters.sketch.sign.double(), (2**14, size),
+        check_invariants=True)
     unit = _unit_answer_grads(model, train, clusters.space, range(len(train)))
     sketched = (matrix @ unit.T).T
     sketched = sketched / sketched.norm(dim=1, keepdim=True)
