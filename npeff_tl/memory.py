@@ -121,7 +121,6 @@ def estimate_pefs_memory(
         per_batch["all entries of the rows"] = b * nnz * f
     else:
         per_batch["top-k candidates"] = b * 3 * nnz * (2 * f + INDEX)
-    per_batch.update(kind.batch_memory(b, k, largest))
     rows = nnz * (f + STORED_INDEX)
     shard = min(shard_size, n_examples) * rows
     compute = {**per_batch, "Fisher sum": P * FLOAT64, "shard being filled": shard}
