@@ -39,7 +39,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -51,12 +50,13 @@ if sys.platform == "linux" and os.environ.get(MMAP) is None:  # before torch all
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, MMAP: "65536"})
 
 import npeff_tl as nt  # noqa: E402
+from npeff_tl.decomp.matrix import count_columns  # noqa: E402
 from npeff_tl.evaluation.labels import components_by_mass  # noqa: E402
 from npeff_tl.evaluation.selectivity import SelectivityConfig, measure_selectivity  # noqa: E402
 from npeff_tl.memory import estimate_memory  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from bench_pefs import floor  # noqa: E402
+from bench_pefs import floor, now  # noqa: E402
 
 K, NNZ, SEQ, BATCH, RANK, PROJECTED = 4, 65536, 32, 8, 32, 10_000
 SPACE = ["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_in", "blocks.*.mlp.W_out"]
@@ -102,14 +102,11 @@ class PeakMemory:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
 
-def timed(fn, device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+def timed(fn, model):
+    """(fn(), seconds), with the model's device finished before and after."""
+    start = now(model)
     result = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
+    return result, now(model) - start
 
 
 def gb(n: float) -> str:
@@ -147,7 +144,7 @@ def main() -> None:
         with PeakMemory(device) as peak:
             pefs[kind], seconds = timed(lambda: nt.compute_pefs(model, train, space, target, kind, nnz=NNZ,
                                                                 batch_size=BATCH, store=tmp / kind, progress=False),
-                                        device)
+                                        model)
         rates[kind], peaks[kind], ratios[f"{kind} PEFs"] = n / seconds, peak.bytes, estimate.bytes / peak.bytes
         print(f"{kind} PEFs: {rates[kind]:.2f} examples/s ({seconds:.0f} s); peak {gb(peak.bytes)}, "
               f"estimate {gb(estimate.bytes)} (ratio {ratios[f'{kind} PEFs']:.2f})")
@@ -164,11 +161,11 @@ def main() -> None:
                                         device=device)}
     for method, kind in (("dnpeff", "diagonal"), ("lrm_npeff", "lowrank")):
         p = pefs[kind]
-        columns = int((torch.bincount(p.indices.flatten().long(), minlength=space.size) > 0).sum())
+        columns = count_columns(p)
         estimate = estimate_memory(method, n_examples=len(p), nnz=p.nnz, n_columns=columns, rank=RANK,
                                    classes=getattr(p, "max_rank", 1))
         with PeakMemory(device) as peak:
-            fits[method], seconds = timed(lambda: solvers[method].fit(p, progress=False), device)
+            fits[method], seconds = timed(lambda: solvers[method].fit(p, progress=False), model)
         seconds_per_iter[method], ratios[method] = seconds / iters, estimate.bytes / peak.bytes
         growth[method] = max(PROJECTED / n, space.size / columns)
         print(f"{method}: {RANK} components over {columns:,} columns, {seconds_per_iter[method]:.3f} s/iteration "
@@ -176,8 +173,8 @@ def main() -> None:
               f"(ratio {ratios[method]:.2f})")
 
     held_pefs, seconds = timed(lambda: nt.compute_pefs(model, heldout, space, target, "diagonal", nnz=NNZ,
-                                                       batch_size=BATCH, progress=False), device)
-    coefficients, fit_seconds = timed(lambda: fits["dnpeff"].fit_coefficients(held_pefs, progress=False), device)
+                                                       batch_size=BATCH, progress=False), model)
+    coefficients, fit_seconds = timed(lambda: fits["dnpeff"].fit_coefficients(held_pefs, progress=False), model)
     print(f"coefficients of {len(heldout)} held-out examples: their D-PEFs {seconds:.1f} s, "
           f"fit_coefficients {fit_seconds:.1f} s")
 
@@ -189,7 +186,7 @@ def main() -> None:
     result, seconds = timed(lambda: measure_selectivity(
         dictionary, nt.LabeledExamples(nt.Examples.from_tokens(heldout)), components=[component],
         coefficients=coefficients, fisher_traces=held_pefs.per_example["fisher_trace"], config=config,
-        progress=False), device)
+        progress=False), model)
     print(f"selectivity of component {component}: {seconds:.1f} s; medians: {result.medians()}")
 
     pef_hours = {kind: PROJECTED / rates[kind] / 3600 for kind in rates}
@@ -204,7 +201,7 @@ def main() -> None:
           f"LRM-NPEFF {fit_hours['lrm_npeff']:.1f} h (1100 iterations); memory (estimates): PEFs "
           f"{gb(big['diagonal'])} / {gb(big['lowrank'])}, fits {gb(big_fits['dnpeff'])} / {gb(big_fits['lrm_npeff'])}")
     worst = max(ratios.values(), key=lambda r: abs(r - 1))
-    print(f"estimate / measured: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print("estimate / measured: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     print(f"bench_scale: d_pefs_per_s={rates['diagonal']:.2f} lrm_pefs_per_s={rates['lowrank']:.2f} "
           f"d_fraction_of_floor={fraction:.2f} pef_peak_gb={max(peaks.values()) / 2**30:.2f} "
           f"estimate_ratio={worst:.2f} dnpeff_s_per_iter={seconds_per_iter['dnpeff']:.3f} "

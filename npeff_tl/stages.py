@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 
 from .evaluation.selectivity import FIGURES as SELECTIVITY_FIGURES
 from .baselines.factory import build_baselines
@@ -52,12 +51,13 @@ def _warn_if_short(estimate, what: str) -> None:
 def stage_fit(run: Run) -> None:
     """D-NPEFF / LRM-NPEFF decompositions of the train PEFs."""
     from .decomp import VARIANTS
+    from .decomp.matrix import count_columns
 
     for method in run.methods():
         if not run.layout.has_decomposition(method):
             fit, variant = run.config.fit, VARIANTS[method]
             pefs = run.pefs(variant.pefs.name)
-            columns = int((torch.bincount(pefs.indices.flatten(), minlength=pefs.space.size) > 0).sum())
+            columns = count_columns(pefs)
             estimate = estimate_memory(method, n_examples=len(pefs), nnz=pefs.nnz, n_columns=columns,
                                        rank=fit.n_components, classes=getattr(pefs, "max_rank", 1))
             run.say(f"  {method}: {fit.n_components} components over {columns:,} parameters, about {estimate}")

@@ -256,6 +256,11 @@ def _columns_used(cols: Tensor, size: int, at_least: int) -> Tensor:
     return present[counts >= at_least]
 
 
+def count_columns(pefs: PEFs) -> int:
+    """How many parameters the PEFs' stored entries name: the most columns a fit keeps (memory estimates)."""
+    return int(_columns_used(pefs.indices.flatten().long(), pefs.space.size, 1).numel())
+
+
 def _positions_among(kept: Tensor, cols: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Each entry's position among the increasing ``kept`` columns (0 where it is not kept), and whether it is."""
     if size <= len(cols):

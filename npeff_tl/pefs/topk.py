@@ -32,9 +32,7 @@ def _sample_rank(k: int) -> int:
 
 def row_selection(rows: int, k: int, total: int, key=None, workspace: Workspace | None = None):
     """What keeps ``k`` of ``total`` columns per row: ``AllColumns`` (column order) when k == total, else
-    ``StreamingTopK`` (descending key)."""
-    if k > total:
-        raise ValueError(f"cannot keep {k} of {total} entries")
+    ``StreamingTopK`` (descending key, which refuses k > total)."""
     return AllColumns(rows, total, workspace) if k == total else StreamingTopK(rows, k, total, key)
 
 
