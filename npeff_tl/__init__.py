@@ -6,7 +6,7 @@ when an SAE baseline is used.
 
 import logging
 
-from . import baselines, zoo
+from . import baselines, tracing, zoo
 from .adapters import HookedTransformerAdapter, ModelAdapter, as_adapter
 from .decomp import DNPEFF, LRMNPEFF, ConvergenceWarning, Decomposition, load_decomposition
 from .decomp.component import Component, Readout
@@ -56,6 +56,7 @@ from .checkpoints import save_checkpoint
 from .sources import load_model
 from .store import FormatError, LockedError
 from .targets import Candidates, ClassRule, Sampled, Target, Threshold, TopK, TopKWithTail
+from .tracing import Trace, load_trace, trace
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -72,4 +73,5 @@ __all__ = [
     "Dictionary", "NPEFFDictionary", "ParameterDictionary", "compare",
     "SelectivityConfig", "SelectivityResult", "load_selectivity", "measure_selectivity",
     "RunConfig", "load_config", "Run", "run_all", "write_report", "load_model", "save_checkpoint",
+    "tracing", "Trace", "load_trace", "trace",
 ]

@@ -1,0 +1,193 @@
+"""Attribution patching: every node's effect from one forward and a few backward passes of the original run.
+
+AtP (Nanda 2023; Kramar et al. 2024) estimates the effect of patching node n as grad_n . (a_n' - a_n), the
+change of its activation between the perturbed and original runs times the gradient of the linearised outputs
+(``metrics``) at the original run. AtP* (Kramar et al., arXiv 2403.00745) fixes AtP's two false-negative modes:
+
+- QK fix. A node's change reaches later attention heads' queries and keys, where a saturated softmax has almost
+  no gradient. For the direct (residual-stream) path into each later head, the patched queries and keys are
+  computed exactly, the attention pattern is recomputed with the exact softmax, and only the pattern's effect
+  on the outputs is linearised; this replaces the first-order term of that path.
+- GradDrop. Direct and indirect paths can cancel in the gradient while their effects do not cancel. The
+  backward pass is repeated with the gradient through each later layer's residual writes (attention and MLP
+  outputs) set to zero, and the node's estimate is the mean over the other layers of the absolute estimates
+  (layers at or before the node's own give the plain estimate). AtP* therefore estimates magnitudes.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..adapters import ModelAdapter
+from .metrics import MetricState, TraceMetric
+from .nodes import NodeKind
+from .runs import Runs
+
+QK_CHUNK = 2**24  # entries of the QK fix's [b, pos, units, heads, pos] tensors per chunk of units
+
+
+def check_qk_fix(cfg) -> None:
+    """The QK fix recomputes plain dot-product attention; refuse models whose attention it would get wrong."""
+    problems = [name for name, bad in (
+        ("rotary/ALiBi/relative positions", cfg.positional_embedding_type not in ("standard",)),
+        ("grouped-query attention", getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads)),
+        ("attention soft-capping", (getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0),
+        ("attention sinks", getattr(cfg, "use_attention_sinks", False)),
+        ("QKV clipping", getattr(cfg, "clip_qkv", None) is not None),
+        ("split or per-head attention inputs", cfg.use_split_qkv_input or cfg.use_attn_in),
+        ("bidirectional attention", cfg.attention_dir != "causal"),
+    ) if bad]
+    if problems:
+        raise ValueError(f"AtP*'s QK fix supports plain causal dot-product attention, not {', '.join(problems)}; use "
+                         "method='atp' (no QK fix) or method='patching'")
+
+
+def attribution_effects(adapter: ModelAdapter, runs: Runs, kinds: list[NodeKind], metric: TraceMetric,
+                        state: MetricState, *, qk_fix: bool, grad_drop: bool
+                        ) -> dict[str, Float[Tensor, "b layers units pos"]]:
+    """Per node kind, the AtP (or AtP*) estimate of each node's effect at each position up to each example's
+    target (NaN at later positions)."""
+    model = adapter.model
+    n_layers = model.cfg.n_layers
+    acts: dict[str, Tensor] = {}
+    dropped = {"writer": None}  # the residual writer that passes no gradient in the current backward pass
+
+    def leaf(act, hook):  # the graph starts at the embeddings, whether or not parameters require gradients
+        return act.detach().requires_grad_(True)
+
+    def keep(act, hook):
+        acts[hook.name] = act
+
+    def gate(act, hook, index):
+        if act.requires_grad:
+            act.register_hook(lambda g: torch.zeros_like(g) if dropped["writer"] == index else g)
+        return act
+
+    node_hooks = [kind.hook(layer) for kind in kinds for layer in range(n_layers)]
+    qk_hooks = [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in
+                ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_pattern")] if qk_fix else []
+    hooks = [("blocks.0.hook_resid_pre", leaf)] + [(name, keep) for name in node_hooks + qk_hooks]
+    writers = _writers(model) if grad_drop else {}
+    for index, name in writers.items():
+        hooks.append((name, lambda act, hook, index=index: gate(act, hook, index)))
+    drop = [index for index in writers if index > 0]  # nothing upstream of the first writer is a node
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        logits = adapter.target_logits(runs.tokens, runs.targets[:, None])[:, 0]
+        outputs = metric.outputs(logits, state)  # [b, m]
+    deltas = {name: (runs.perturbed_acts[name] - acts[name].detach()).double() for name in node_hooks}
+    names = node_hooks + [h for h in qk_hooks if "resid_pre" not in h]  # what gradients are taken at
+    grad_inputs = [acts[name] for name in names]
+    passes = [None] + drop
+    grads = []  # per (pass, slot): hook name -> gradient
+    slots = torch.eye(outputs.shape[1], dtype=outputs.dtype, device=outputs.device)[:, None, :].expand(
+        -1, outputs.shape[0], -1)  # one backward pass per output slot, vectorised over the slots
+    for writer in passes:
+        dropped["writer"] = writer
+        got = torch.autograd.grad(outputs, grad_inputs, slots, retain_graph=True, allow_unused=True,
+                                  is_grads_batched=True)
+        for slot in range(outputs.shape[1]):
+            grads.append({n: (torch.zeros_like(a) if g is None else g[slot]).double()
+                          for n, a, g in zip(names, grad_inputs, got)})
+    del outputs, logits
+    P, m = len(passes), len(grads) // len(passes)
+
+    b, seq = runs.tokens.shape
+    after_target = torch.arange(seq)[None, :] > runs.targets.cpu()[:, None]  # [b, seq]
+    out = {}
+    for kind in kinds:
+        linear = torch.stack([torch.stack([
+            torch.einsum("btuf,btuf->btu", kind.as_units(g[kind.hook(layer)]), kind.as_units(deltas[kind.hook(layer)]))
+            for g in grads]) for layer in range(n_layers)], 1)  # [P*m, layers, b, seq, units]
+        if qk_fix:
+            linear = linear + _qk_corrections(model, kind, deltas, acts, grads)
+        linear = linear.reshape(P, m, n_layers, b, seq, -1).cpu()
+        # metric.estimate wants [..., b, m]
+        estimate = metric.estimate(linear.permute(0, 2, 4, 5, 3, 1), state)  # [P, layers, seq, units, b]
+        per_pass = estimate.permute(0, 4, 1, 3, 2)  # [P, b, layers, units, seq]
+        effects = _combine(per_pass, drop, kind, n_layers) if grad_drop else per_pass[0]
+        out[kind.key] = effects.masked_fill(after_target[:, None, None, :], torch.nan)
+    return out
+
+
+def _writers(model) -> dict[int, str]:
+    """The residual writers GradDrop drops in turn, by writer index: attention and MLP outputs of each block."""
+    names = {}
+    for layer in range(model.cfg.n_layers):
+        for sublayer, name in enumerate(("hook_attn_out", "hook_mlp_out")):
+            if f"blocks.{layer}.{name}" in model.hook_dict:
+                names[2 * layer + sublayer] = f"blocks.{layer}.{name}"
+    return names
+
+
+def _combine(per_pass: Tensor, drop: list[int], kind: NodeKind, n_layers: int) -> Tensor:
+    """GradDrop: per node, the mean over the residual writers other than its own of |estimate with that writer's
+    gradient dropped|; a writer upstream of the node leaves its gradient as it is (the plain estimate)."""
+    plain = per_pass[0].abs()
+    out = torch.empty_like(plain)
+    for layer in range(n_layers):
+        own = kind.writer_index(layer)
+        terms = [per_pass[1 + drop.index(w)][:, layer].abs() if w > own else plain[:, layer]
+                 for w in [0, *drop] if not (kind.is_writer and w == own)]
+        out[:, layer] = torch.stack(terms).mean(0) if terms else plain[:, layer]
+    return out
+
+
+def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], acts: dict[str, Tensor],
+                    grads: list[dict[str, Tensor]]) -> Float[Tensor, "pm layers b seq units"]:
+    """Per (pass, slot) and node: the exact-softmax effect of the node's direct-path change of every later
+    head's queries and keys, minus the first-order term it replaces."""
+    cfg = model.cfg
+    n_layers = cfg.n_layers
+    first = deltas[kind.hook(0)]
+    b, seq = first.shape[:2]
+    units = kind.n_units(cfg)
+    out = torch.zeros(len(grads), n_layers, b, seq, units, dtype=torch.float64, device=first.device)
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=first.device).tril()  # [query, key]
+    for later in range(1, n_layers):
+        attn = model.blocks[later].attn
+        W_Q, b_Q, W_K, b_K = (p.detach().double() for p in (attn.W_Q, attn.b_Q, attn.W_K, attn.b_K))
+        scale = float(attn.attn_scale)
+        ln = model.blocks[later].ln1
+        resid = acts[f"blocks.{later}.hook_resid_pre"].detach().double()  # [b, seq, d_model]
+        with torch.no_grad():  # TL's norms return the model's dtype
+            x = ln(resid).double()
+        Q = torch.einsum("btd,hde->bthe", x, W_Q) + b_Q
+        K = torch.einsum("btd,hde->bthe", x, W_K) + b_K
+        scores = torch.einsum("bthe,bshe->bhts", Q, K) / scale
+        A = scores.masked_fill(~causal, -torch.inf).softmax(-1)  # [b, head, query, key]
+        G = torch.stack([g[f"blocks.{later}.attn.hook_pattern"] for g in grads])  # [pm, b, head, query, key]
+        Gq = torch.stack([g[f"blocks.{later}.attn.hook_q"] for g in grads])  # [pm, b, pos, head, d_head]
+        Gk = torch.stack([g[f"blocks.{later}.attn.hook_k"] for g in grads])
+        GA = (G * A).sum(-1)  # [pm, b, head, query]
+        G_key = G.permute(0, 1, 4, 2, 3)  # [pm, b, key, head, query]
+        A_key = A.permute(0, 3, 1, 2)[:, :, None]  # [b, key, 1, head, query]
+        logit_A = A_key.log() - torch.log1p(-A_key)
+        per_unit = b * seq * cfg.n_heads * seq
+        step = max(1, QK_CHUNK // per_unit)
+        for layer in range(later):
+            delta = kind.as_units(deltas[kind.hook(layer)])
+            for start in range(0, units, step):
+                stop = min(units, start + step)
+                with torch.no_grad():
+                    x2 = ln(resid[:, :, None] + kind.writes(model, layer, delta[:, :, start:stop])).double()
+                dQ = torch.einsum("btud,hde->btuhe", x2, W_Q) + b_Q - Q[:, :, None]
+                dK = torch.einsum("btud,hde->btuhe", x2, W_K) + b_K - K[:, :, None]
+                # queries: row t of the pattern recomputed with the patched query at t
+                rows = torch.einsum("btuhe,bshe->btuhs", Q[:, :, None] + dQ, K) / scale
+                rows = rows.masked_fill(~causal[None, :, None, None, :], -torch.inf).softmax(-1)
+                dA_rows = rows - A.permute(0, 2, 1, 3)[:, :, None]  # [b, query, unit, head, key]
+                term = torch.einsum("pbhts,btuhs->pbtu", G, dA_rows) - torch.einsum("pbthe,btuhe->pbtu", Gq, dQ)
+                # keys: entry t of every later row recomputed with the patched key at t (one logit moves)
+                shift = torch.einsum("bshe,btuhe->btuhs", Q, dK) / scale  # [b, key, unit, head, query]
+                new = torch.sigmoid(logit_A + shift)
+                others = torch.where(A_key < 1, (1 - new) / (1 - A_key), torch.ones_like(new)) - 1
+                # sum over rows s and heads of G . dA: the other entries of row s scale by (1 + others), entry t
+                # becomes new
+                term = (term + torch.einsum("btuhs,pbhs->pbtu", others, GA)
+                        + torch.einsum("btuhs,pbths->pbtu", new - A_key - others * A_key, G_key)
+                        - torch.einsum("pbthe,btuhe->pbtu", Gk, dK))
+                out[:, layer, :, :, start:stop] += term
+    return out
