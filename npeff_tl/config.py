@@ -137,14 +137,22 @@ class SelectivitySettings(SelectivityConfig):
 
     Attributes:
         n_measured: components measured per method: those with the most training mass.
+        circuit_method: how the NPEFF components' circuits are traced for the report (``npeff_tl.trace``):
+            "atp*", "atp", "patching" (exact, slow), or "" for none.
     """
 
     n_measured: int = 16
+    circuit_method: str = "atp*"
 
     def __post_init__(self):
         super().__post_init__()
         if self.n_measured < 1:
             raise ValueError(f"n_measured must be >= 1, got {self.n_measured}")
+        from .tracing import METHODS
+
+        if self.circuit_method not in ("", *METHODS):
+            raise ValueError(f"circuit_method must be one of {['', *METHODS]} ('' for no circuits), got "
+                             f"{self.circuit_method!r}")
 
 
 @dataclass

@@ -7,7 +7,7 @@
     pefs/train_{diagonal,lowrank}/   PEF stores of the train split
     {dnpeff,lrm_npeff}/              decompositions
     coefficients/{name}.safetensors  train and test coefficients of every dictionary
-    selectivity/{name}/              held-out selectivity with controls, and logit effects
+    selectivity/{name}/              held-out selectivity with controls, logit effects, and traces/ (circuits)
     saes/{width}_{hook}/             SAE-Lens SAEs
     comparison/                      comparison.csv / .json
     summary.json, report.html
@@ -54,6 +54,10 @@ class RunLayout:
     def effects(self, name: str) -> Path:
         return self.selectivity(name) / "effects.json"
 
+    def traces(self, name: str) -> Path:
+        """One saved trace per measured component (``{j}/``) and ``index.json``, written last."""
+        return self.selectivity(name) / "traces"
+
     def sae(self, width: int, hook: str) -> Path:
         return self.root / "saes" / f"{width}_{hook}"
 
@@ -81,6 +85,9 @@ class RunLayout:
 
     def has_effects(self, name: str) -> bool:
         return self.effects(name).exists()
+
+    def has_traces(self, name: str) -> bool:
+        return (self.traces(name) / "index.json").exists()
 
     def has_comparison(self) -> bool:
         return (self.comparison / "comparison.json").exists()

@@ -87,6 +87,8 @@ def _measure(run: Run, dictionary) -> None:
                             config=run.config.selectivity, progress=run.progress).save(path)
     if run.writes and not run.layout.has_effects(dictionary.name):
         _save_effects(run, dictionary, path)
+    if run.writes and dictionary in run.npeff_dictionaries and not run.layout.has_traces(dictionary.name):
+        _save_traces(run, dictionary, path)
 
 
 def _save_effects(run: Run, dictionary, path: Path) -> None:
@@ -100,6 +102,24 @@ def _save_effects(run: Run, dictionary, path: Path) -> None:
     ids = sorted({t for e in effects for key in ("promoted", "suppressed", "before", "after") for t, _ in e[key]})
     save_json({"effects": effects, "tokens": dict(zip(map(str, ids), str_tokens(run.model, ids)))},
               run.layout.effects(dictionary.name))
+
+
+def _save_traces(run: Run, dictionary, path: Path) -> None:
+    """The circuits of the measured components (``npeff_tl.effects.component_traces``), where the model is a
+    HookedTransformer and the run asks for them."""
+    from .adapters.hooked import is_hooked_transformer
+    from .effects import component_traces
+    from .evaluation.selectivity import load_selectivity
+
+    method = run.config.selectivity.circuit_method
+    if not method or not is_hooked_transformer(run.model):
+        return
+    traces = component_traces(dictionary, run.data.test, load_selectivity(path),
+                              run.coefficients(dictionary.name)["test"], method=method, progress=run.progress)
+    for j, result in traces.items():
+        result.save(run.layout.traces(dictionary.name) / str(j))
+    save_json({"components": sorted(traces), "method": method}, run.layout.traces(dictionary.name) / "index.json")
+    run.say(f"  {dictionary.name}: circuits traced ({method}) for {len(traces)} components")
 
 
 def stage_selectivity(run: Run) -> None:

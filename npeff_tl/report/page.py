@@ -14,6 +14,7 @@ from ..evaluation.selectivity import load_selectivity
 from ..config import RunConfig
 from ..layout import RunLayout
 from ..store import load_json, load_tensors
+from ..tracing import load_trace
 from .charts import dot_plot, escape, fmt, heat_table, histogram, readout_bars, selectivity_table
 
 
@@ -21,6 +22,8 @@ N_EXAMPLES_SHOWN = 8
 MAX_COMPONENTS_SHOWN = 32  # per dictionary (wide SAEs have many features)
 N_BAND_EXAMPLES = 3  # examples shown per lower quantile band of a component's held-out coefficients
 BANDS = ((0.5, 0.75), (0.0, 0.25))  # quantile bands of the positive held-out coefficients, below the top examples
+N_CIRCUIT_NODES = 6  # top nodes listed in a component's circuit panel
+N_CIRCUIT_OFFSETS = 12  # positions (before the target) in its heat map
 MIN_ACCURACY_DROP_SHOWN = 0.05  # an accuracy-drop heatmap whose cells all stay below this is left out
 TABLE_FIGURES = {"n_components": "components", "ami": "AMI", "nmi": "NMI", "purity_at_20": "purity@20",
                  "multi_factor_recall": "multi-factor recall", "median_selectivity": "median selectivity",
@@ -54,6 +57,9 @@ class _Report:
                                if layout.has_decomposition(m)}
         self.effects = {name: load_json(layout.effects(name)) for name in layout.measured()
                         if layout.has_effects(name)}
+        self.circuits = {name: {j: load_trace(layout.traces(name) / str(j))
+                                for j in load_json(layout.traces(name) / "index.json")["components"]}
+                         for name in layout.measured() if layout.has_traces(name)}
 
     def render(self) -> str:
         from .. import __version__
@@ -262,7 +268,8 @@ class _Report:
                         'largest training coefficient</p>')
         return (f'<details class="component" id="{escape(method)}-{j}"{" open" if open_ else ""}>{summary}'
                 f'<div class="body"><div>{self._examples(test)}{self._bands(test)}</div>'
-                f'<div>{distribution}{self._effects(method, j)}{readout}{selectivity_table(records)}</div></div>'
+                f'<div>{distribution}{self._effects(method, j)}{self._circuit(method, j)}{readout}'
+                f'{selectivity_table(records)}</div></div>'
                 '</details>')
 
     def _bands(self, coefficients: torch.Tensor) -> str:
@@ -302,6 +309,24 @@ class _Report:
                 f'<p class="effects">promoted: {tokens(effect["promoted"])}</p>'
                 f'<p class="effects">suppressed: {tokens(effect["suppressed"])}</p>'
                 f'<p class="note">top prediction before &rarr; after, per example:</p>{shifts}')
+
+    def _circuit(self, method: str, j: int) -> str:
+        """Where the component's intervention travels (``npeff_tl.trace``): its top nodes and a layer x position
+        map of the residual stream, where the run traced it."""
+        result = self.circuits.get(method, {}).get(j)
+        if result is None:
+            return ""
+        where = lambda offset: "target" if offset == 0 else f"target-{offset}"  # noqa: E731
+        rows = "".join(f'<tr><td class="name">{escape(row["node"])}</td><td class="name">{where(row["offset"])}</td>'
+                       f'<td>{fmt(row["effect"])}</td></tr>' for row in result.top_nodes(N_CIRCUIT_NODES))
+        heat = result.heatmap()[:, :N_CIRCUIT_OFFSETS]
+        table = heat_table(heat, [f"layer {layer}" for layer in range(heat.shape[0])],
+                           [where(o).replace("target", "t") for o in range(heat.shape[1])], log=True)
+        return (f'<h3>circuit ({escape(result.method)}, {escape(result.metric)}, {len(result)} top held-out examples)'
+                f'</h3><table class="bars">{rows}</table>'
+                f'<p class="note">Nodes whose activation, patched from the perturbed run into the original run, moves '
+                f'the prediction most (mean over the examples); below, the same for the residual stream after each '
+                f'block, by position before the target.</p>{table}')
 
     def _strategy(self, train: torch.Tensor) -> str | None:
         """The label most frequent among the component's top training examples (as selectivity assigns it)."""

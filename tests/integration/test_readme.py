@@ -18,6 +18,9 @@ def test_the_api_tour_runs(tmp_path, monkeypatch):
     table = namespace["table"]
     assert list(table["method"]) == ["dnpeff", "sae_64", "gradient_clustering", "activation_kmeans"]
     assert (tmp_path / "runs" / "compare" / "comparison.csv").exists()
+    circuit = namespace["circuit"]
+    assert circuit.method == "atp*" and len(circuit) == 8 and len(circuit.top_nodes(5)) == 5
+    assert circuit.heatmap().shape[0] == 2
 
 
 def test_every_results_section_names_the_benchmarks_its_figures_come_from():

@@ -200,3 +200,22 @@ def test_the_report_in_a_headless_browser(staged_run, tmp_path):
     assert problems == []
     assert all(url.startswith("file://") for url in requests), requests
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_cards_show_each_measured_components_circuit_as_saved(staged_run):
+    """Oracle: the traces the selectivity stage saved (checked against exact patching in test_tracing)."""
+    from npeff_tl.tracing import load_trace
+
+    page = _report(staged_run)
+    index = json.loads((staged_run / "selectivity" / "dnpeff" / "traces" / "index.json").read_text())
+    assert index["components"] and index["method"] == "atp*"
+    for j in index["components"]:
+        saved = load_trace(staged_run / "selectivity" / "dnpeff" / "traces" / str(j))
+        block = re.search(rf'<details class="component" id="dnpeff-{j}".*?</details>', page, re.S).group(0)
+        panel = re.search(r"<h3>circuit \(atp\*, kl, (\d+) top held-out examples\)</h3>(.*?)<p class=\"note\">", block,
+                          re.S)
+        assert int(panel.group(1)) == len(saved)
+        shown = re.findall(r'<tr><td class="name">([^<]*)</td><td class="name">([^<]*)</td>', panel.group(2))
+        assert [(html.unescape(node), where) for node, where in shown] == [
+            (row["node"], "target" if row["offset"] == 0 else f"target-{row['offset']}") for row in saved.top_nodes(6)]
+        assert "layer 1" in block  # the residual-stream heat map

@@ -1,0 +1,137 @@
+"""Does AtP* rank a component's nodes like exact activation patching, and how much faster is it?
+
+Run:  .venv/bin/python benchmarks/bench_trace.py [--model tasks-2l] [--per-task 64] [--components 16] [--top 20]
+
+D-NPEFF and LRM-NPEFF are fitted to the PEFs of the train split (all attention and MLP weights, top-4 classes).
+For every component: its ``--top`` test examples by coefficient, the magnitude at which its intervention moves
+them by a mean KL of 0.5 nats (sign +1), and three traces of that intervention over every head output, MLP output
+and residual-stream node at every position up to the target: exact patching (the ground truth), AtP and AtP*.
+Per component: Spearman correlation of mean |effect| over all head and MLP nodes x positions, and the recall of
+exact patching's top 10 nodes among the estimate's top 20; time of exact patching / time of AtP* (same examples,
+same process, one after the other). Figures are medians over components of both fits.
+For the components whose top training examples are mostly induction it also prints the heads and positions
+their exact traces route through on the induction examples among their top test examples (see RESULTS.md).
+Last line: bench_trace: atpstar_spearman=<s> atpstar_top10_recall=<r> atp_spearman=<a> speedup_vs_patching=<x>
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import npeff_tl as nt
+from npeff_tl.tracing import agreement, trace
+
+KL_TARGET = 0.5
+
+
+def calibrated(dictionary, j: int, probe: nt.KLProbe) -> float | None:
+    start, limit = dictionary.magnitude_bounds(j)
+    mean_kl = lambda m: float(probe.run(dictionary.intervention(j, m, 1))[0].mean())  # noqa: E731
+    m, _, reached = nt.calibrate_magnitude(mean_kl, KL_TARGET, start, limit=limit)
+    return m if reached else None
+
+
+def describe(tr, k: int = 5) -> str:
+    return ", ".join(f"{row['node']}@-{row['offset']} {row['effect']:.3g}" for row in tr.top_nodes(k))
+
+
+def induction_routes(model, examples: nt.Examples, labels: list[str], exact) -> str | None:
+    """On the induction examples among ``examples`` (the last token occurred before, at position j): which layer-1
+    head carries the effect at the target and how much it attends to j + 1 (the token after the earlier
+    occurrence); which layer-0 head carries it at position j + 1 and how much it attends from there to j (a
+    previous-token head); and the share of that layer-0 head's effect that sits at j + 1."""
+    layer1, layer0, share, attend1, attend0 = [], [], [], [], []
+    for i, label in enumerate(labels):
+        if label != "induction":
+            continue
+        seq, t = examples.tokens[examples.seq_index[i]], int(examples.position[i])
+        j = int(torch.nonzero(seq[:t] == seq[t]).flatten()[-1])
+        effects = exact.per_example["attn.hook_z"][i]  # [layer, head, offset]
+        layer1.append(effects[1, :, 0])
+        layer0.append(effects[0, :, t - (j + 1)])
+        share.append(effects[0, :, t - (j + 1)] / effects[0].nansum(-1).clamp(min=1e-300))
+        _, cache = model.run_with_cache(seq[None, : t + 1])
+        attend1.append(cache["blocks.1.attn.hook_pattern"][0, :, t, j + 1])
+        attend0.append(cache["blocks.0.attn.hook_pattern"][0, :, j + 1, j])
+    if not layer1:
+        return None
+    layer1, layer0, share = torch.stack(layer1).mean(0), torch.stack(layer0).mean(0), torch.stack(share).mean(0)
+    attend1, attend0 = torch.stack(attend1).mean(0), torch.stack(attend0).mean(0)
+    h1, h0 = int(layer1.argmax()), int(layer0.argmax())
+    i1, p0 = int(attend1.argmax()), int(attend0.argmax())  # the induction-like and previous-token-like heads
+    return (f"{len(share)} induction examples, total KL {float(exact.total.mean()):.3g}: at the target, layer-1 head "
+            f"{h1} carries the most ({float(layer1[h1]):.3g} nats; attends {float(attend1[h1]):.2f} to the token "
+            f"after the earlier occurrence), the head attending there most is {i1} ({float(attend1[i1]):.2f}, "
+            f"{float(layer1[i1]):.3g} nats); at that token, layer-0 head {h0} carries the most ({float(layer0[h0]):.3g} "
+            f"nats, {float(share[h0]):.0%} of its effect over all positions; attends {float(attend0[h0]):.2f} to the "
+            f"previous token), the head attending most to the previous token is {p0} ({float(attend0[p0]):.2f}, "
+            f"{float(layer0[p0]):.3g} nats)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tasks-2l")
+    parser.add_argument("--per-task", type=int, default=64, help="train and test examples per task")
+    parser.add_argument("--components", type=int, default=16)
+    parser.add_argument("--top", type=int, default=20, help="test examples traced per component")
+    parser.add_argument("--nnz", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, data = nt.zoo.load(args.model, n_train=args.per_task, n_test=args.per_task)
+    train = nt.LabeledExamples.from_dataset(data["train"])
+    test = nt.LabeledExamples.from_dataset(data["test"])
+    space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"])
+    target = nt.Target(classes=nt.TopK(4))
+    print(f"bench_trace: {args.model}, {len(train)} train / {len(test)} test examples, {args.components} components "
+          f"per fit, top {args.top} test examples each, KL target {KL_TARGET}, {args.threads} threads")
+    rows = []
+    for kind in ("diagonal", "lowrank"):
+        pefs = nt.compute_pefs(model, train.examples, space, target, kind, nnz=args.nnz, progress=False)
+        solver = (nt.DNPEFF(args.components, max_iter=1000, seed=0) if kind == "diagonal"
+                  else nt.LRMNPEFF(args.components, seed=0))
+        dictionary = nt.NPEFFDictionary(model, solver.fit(pefs, progress=False), train, target, pefs)
+        coefficients = dictionary.coefficients(test)
+        print(f"\n== {dictionary.name}")
+        for j in range(dictionary.n_components):
+            top = coefficients[:, j].topk(args.top).indices
+            examples = test.examples.subset(top)
+            magnitude = calibrated(dictionary, j, nt.KLProbe(model, examples))
+            strategy = statistics.mode([train.labels[i] for i in dictionary.top_examples(j).tolist()])
+            if magnitude is None:
+                print(f"  {j:>2} ({strategy}): KL target out of reach; left out")
+                continue
+            traces, seconds = {}, {}
+            for method in ("patching", "atp", "atp*"):
+                start = time.perf_counter()
+                traces[method] = trace(model, dictionary.intervention(j, magnitude, 1), examples, method=method,
+                                       progress=False)
+                seconds[method] = time.perf_counter() - start
+            star, plain = agreement(traces["patching"], traces["atp*"]), agreement(traces["patching"], traces["atp"])
+            rows.append({"fit": dictionary.name, "component": j, "strategy": strategy, "star": star, "atp": plain,
+                         "speedup": seconds["patching"] / seconds["atp*"]})
+            print(f"  {j:>2} ({strategy:>9}): AtP* spearman {star['spearman']:.3f} recall {star['recall']:.2f} | "
+                  f"AtP spearman {plain['spearman']:.3f} recall {plain['recall']:.2f} | patching "
+                  f"{seconds['patching']:.2f} s, AtP* {seconds['atp*']:.2f} s, AtP {seconds['atp']:.2f} s")
+            print(f"      exact: {describe(traces['patching'])}")
+            routes = induction_routes(model, examples, [test.labels[i] for i in top.tolist()], traces["patching"])
+            if strategy == "induction" and routes:
+                print(f"      routes: {routes}")
+            if plain["recall"] < star["recall"] or plain["spearman"] < star["spearman"] - 0.05:
+                print(f"      AtP:   {describe(traces['atp'])}")
+            print("      heat map (resid_post, layer x offset 0..): "
+                  + " | ".join(" ".join(f"{v:.2g}" for v in row[:8].tolist()) for row in traces["patching"].heatmap()))
+    med = lambda values: statistics.median(values)  # noqa: E731
+    print(f"\n{len(rows)} components traced; medians over them:")
+    print(f"bench_trace: atpstar_spearman={med([r['star']['spearman'] for r in rows]):.3f} "
+          f"atpstar_top10_recall={med([r['star']['recall'] for r in rows]):.2f} "
+          f"atp_spearman={med([r['atp']['spearman'] for r in rows]):.3f} "
+          f"speedup_vs_patching={med([r['speedup'] for r in rows]):.1f}")
+
+
+if __name__ == "__main__":
+    main()
