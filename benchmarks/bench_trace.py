@@ -49,7 +49,10 @@ def induction_routes(model, examples: nt.Examples, labels: list[str], exact) -> 
         if label != "induction":
             continue
         seq, t = examples.tokens[examples.seq_index[i]], int(examples.position[i])
-        j = int(torch.nonzero(seq[:t] == seq[t]).flatten()[-1])
+        earlier = torch.nonzero(seq[:t] == seq[t]).flatten()
+        if len(earlier) == 0 or int(earlier[-1]) + 1 >= t:
+            continue
+        j = int(earlier[-1])
         effects = exact.per_example["attn.hook_z"][i]  # [layer, head, offset]
         layer1.append(effects[1, :, 0])
         layer0.append(effects[0, :, t - (j + 1)])
@@ -59,11 +62,12 @@ def induction_routes(model, examples: nt.Examples, labels: list[str], exact) -> 
         attend0.append(cache["blocks.0.attn.hook_pattern"][0, :, j + 1, j])
     if not layer1:
         return None
+    n = len(share)
     layer1, layer0, share = torch.stack(layer1).mean(0), torch.stack(layer0).mean(0), torch.stack(share).mean(0)
     attend1, attend0 = torch.stack(attend1).mean(0), torch.stack(attend0).mean(0)
     h1, h0 = int(layer1.argmax()), int(layer0.argmax())
     i1, p0 = int(attend1.argmax()), int(attend0.argmax())  # the induction-like and previous-token-like heads
-    return (f"{len(share)} induction examples, total KL {float(exact.total.mean()):.3g}: at the target, layer-1 head "
+    return (f"{n} induction examples, total KL {float(exact.total.mean()):.3g}: at the target, layer-1 head "
             f"{h1} carries the most ({float(layer1[h1]):.3g} nats; attends {float(attend1[h1]):.2f} to the token "
             f"after the earlier occurrence), the head attending there most is {i1} ({float(attend1[i1]):.2f}, "
             f"{float(layer1[i1]):.3g} nats); at that token, layer-0 head {h0} carries the most ({float(layer0[h0]):.3g} "

@@ -1,8 +1,8 @@
-"""Attribution patching: every node's effect from one forward and a few backward passes of the original run.
+"""Attribution patching: every node's effect from one forward and a few backward passes of the base run.
 
 AtP (Nanda 2023; Kramar et al. 2024) estimates the effect of patching node n as grad_n . (a_n' - a_n), the
-change of its activation between the perturbed and original runs times the gradient of the linearised outputs
-(``metrics``) at the original run. AtP* (Kramar et al., arXiv 2403.00745) fixes AtP's two false-negative modes:
+change of its activation between the other run and the base run (``runs``) times the gradient of the linearised
+outputs (``metrics``) at the base run. AtP* (Kramar et al., arXiv 2403.00745) fixes AtP's two false-negative modes:
 
 - QK fix. A node's change reaches later attention heads' queries and keys, where a saturated softmax has almost
   no gradient. For the direct (residual-stream) path into each later head, the patched queries and keys are
@@ -48,7 +48,13 @@ def attribution_effects(adapter: ModelAdapter, runs: Runs, kinds: list[NodeKind]
                         state: MetricState, *, qk_fix: bool, grad_drop: bool
                         ) -> dict[str, Float[Tensor, "b layers units pos"]]:
     """Per node kind, the AtP (or AtP*) estimate of each node's effect at each position up to each example's
-    target (NaN at later positions)."""
+    target (NaN at later positions). Everything runs inside the base run's context (a parameter perturbation must
+    stay in place until the backward passes are done)."""
+    with runs.context:
+        return _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop)
+
+
+def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
     model = adapter.model
     n_layers = model.cfg.n_layers
     acts: dict[str, Tensor] = {}
@@ -77,7 +83,7 @@ def attribution_effects(adapter: ModelAdapter, runs: Runs, kinds: list[NodeKind]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         logits = adapter.target_logits(runs.tokens, runs.targets[:, None])[:, 0]
         outputs = metric.outputs(logits, state)  # [b, m]
-    deltas = {name: (runs.perturbed_acts[name] - acts[name].detach()).double() for name in node_hooks}
+    deltas = {name: (runs.sources[name] - acts[name].detach()).double() for name in node_hooks}
     names = node_hooks + [h for h in qk_hooks if "resid_pre" not in h]  # what gradients are taken at
     grad_inputs = [acts[name] for name in names]
     passes = [None] + drop

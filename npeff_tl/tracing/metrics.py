@@ -1,14 +1,14 @@
-"""What a trace measures at the target position: how patching a node changes the prediction.
+"""What a trace measures at the target position, and how patching a node changes it.
 
-``KL``: KL(patched || original) of the predictive distributions (the default; the same divergence selectivity
-uses). ``AnswerLogProb``: the change of the log-probability of the original top prediction. Both give exact
-effects from patched log-probabilities, and say which scalar outputs attribution methods linearise and how the
-metric follows from their linearised changes.
+A metric has a value per prediction: ``KL``, KL(p || p_original) (the default; the divergence selectivity uses),
+or ``AnswerLogProb``, the log-probability of the original top prediction. A node's effect is the value of the
+patched prediction minus the value of the run it was patched into (the original run when noising, the perturbed
+run when denoising).
 
 KL has zero gradient at the original run (it is minimal there), so linearising the KL itself would estimate
-every node's effect as 0. Attribution therefore linearises the network up to the logits of a few classes (the
-original answer and the ``classes`` most probable tokens of the perturbed prediction, those that gain the
-mass) and evaluates the KL exactly on the changed logits.
+every node's effect as 0 when noising. Attribution therefore linearises the network up to the logits of a few
+classes (the original answer and the ``classes`` most probable tokens of the perturbed prediction, those that
+gain the mass) and evaluates the KL exactly on the changed logits, the rest of the vocabulary unchanged.
 """
 
 from __future__ import annotations
@@ -25,25 +25,27 @@ from ..interventions.probes import kl_rows
 
 @dataclass(frozen=True)
 class MetricState:
-    """Per example: the linearised classes and the original log-probabilities, from the original and perturbed runs."""
+    """Per example (float64 log-probabilities at the target): the original run, the run patches go into, and the
+    classes attribution linearises."""
 
-    original: Float[Tensor, "b vocab"]  # log-probabilities, float64
+    original: Float[Tensor, "b vocab"]
+    base: Float[Tensor, "b vocab"]
     classes: Int[Tensor, "b m"]
 
     def rows(self, index: Tensor) -> MetricState:
-        return MetricState(self.original[index], self.classes[index])
+        return MetricState(self.original[index], self.base[index], self.classes[index])
 
 
 class TraceMetric(ABC):
     name: str
 
     @abstractmethod
-    def state(self, original: Float[Tensor, "b vocab"], perturbed: Float[Tensor, "b vocab"]) -> MetricState:
-        """What the metric needs from the original and perturbed log-probabilities (float64)."""
+    def classes(self, original: Float[Tensor, "b vocab"], perturbed: Float[Tensor, "b vocab"]) -> Int[Tensor, "b m"]:
+        """The classes whose logits attribution linearises."""
 
     @abstractmethod
-    def exact(self, patched: Float[Tensor, "r vocab"], state: MetricState) -> Float[Tensor, " r"]:
-        """The effect of a patch from the patched log-probabilities (``state`` rows match)."""
+    def value(self, log_probs: Float[Tensor, "r vocab"], state: MetricState) -> Float[Tensor, " r"]:
+        """The metric of predictions (``state`` rows match)."""
 
     @abstractmethod
     def outputs(self, logits: Float[Tensor, "b vocab"], state: MetricState) -> Float[Tensor, "b m"]:
@@ -51,12 +53,19 @@ class TraceMetric(ABC):
 
     @abstractmethod
     def estimate(self, delta: Float[Tensor, "*nodes b m"], state: MetricState) -> Float[Tensor, "*nodes b"]:
-        """The effect estimated from linearised changes ``delta`` of the outputs."""
+        """The effect estimated from linearised changes ``delta`` of the outputs at the base run."""
+
+    def state(self, original: Tensor, perturbed: Tensor, base: Tensor) -> MetricState:
+        return MetricState(original, base, self.classes(original, perturbed))
+
+    def effect(self, patched: Float[Tensor, "r vocab"], state: MetricState) -> Float[Tensor, " r"]:
+        """The exact effect of a patch: its value minus the base run's."""
+        return self.value(patched, state) - self.value(state.base, state)
 
 
 class KL(TraceMetric):
-    """KL(patched || original) at the target position; attribution linearises the logits of the original
-    answer and of the ``classes`` top tokens of the perturbed prediction."""
+    """KL(p || p_original) at the target position; attribution linearises the logits of the original answer and
+    of the ``classes`` top tokens of the perturbed prediction."""
 
     name = "kl"
 
@@ -65,38 +74,42 @@ class KL(TraceMetric):
             raise ValueError(f"classes must be >= 1 (tokens of the perturbed prediction to linearise), got {classes}")
         self.n_classes = classes
 
-    def state(self, original, perturbed):
+    def classes(self, original, perturbed):
         answer = original.argmax(-1, keepdim=True)
         others = perturbed.scatter(1, answer, -torch.inf)
-        top = others.topk(min(self.n_classes, others.shape[1] - 1), dim=1).indices
-        return MetricState(original, torch.cat([answer, top], 1))
+        return torch.cat([answer, others.topk(min(self.n_classes, others.shape[1] - 1), dim=1).indices], 1)
 
-    def exact(self, patched, state):
-        return kl_rows(patched, state.original)
+    def value(self, log_probs, state):
+        return kl_rows(log_probs, state.original)
 
     def outputs(self, logits, state):
         return logits.gather(1, state.classes.to(logits.device))
 
     def estimate(self, delta, state):
-        # Only the linearised classes' logits move; the rest of the vocabulary keeps its logits.
-        logp = state.original.gather(1, state.classes)  # [b, m]
-        rest = state.original.scatter(1, state.classes, -torch.inf).logsumexp(1)  # log of the others' mass
-        shifted = logp + delta.double()
-        log_z = torch.logaddexp(shifted.logsumexp(-1), rest)  # how the log-normaliser moves
-        q = (shifted - log_z[..., None]).exp()
-        return ((q * delta.double()).sum(-1) - log_z).clamp(min=0)
+        # The base run's logits with only the linearised classes moved; the KL of that against the original,
+        # summed over the moved classes and, in closed form, over the rest.
+        base, original, classes = state.base, state.original, state.classes
+        moved = torch.zeros_like(base, dtype=torch.bool).scatter(1, classes, True)
+        log_rest = base.masked_fill(moved, -torch.inf).logsumexp(1)  # log of the unmoved classes' mass
+        p = base.exp()
+        rest_term = torch.where(moved | (p == 0), 0.0, p * (base - original)).sum(1)
+        shifted = base.gather(1, classes) + delta.double()
+        log_z = torch.logaddexp(shifted.logsumexp(-1), log_rest)  # how the log-normaliser moves
+        inside = ((shifted - log_z[..., None]).exp() * (shifted - log_z[..., None] - original.gather(1, classes))).sum(-1)
+        outside = (-log_z).exp() * rest_term - log_z * (log_rest - log_z).exp()
+        return inside + outside - kl_rows(base, original)
 
 
 class AnswerLogProb(TraceMetric):
-    """log p(original answer | patched) - log p(original answer | original): negative where the patch hurts."""
+    """log p(original answer): the effect is the change of the original answer's log-probability."""
 
     name = "logprob"
 
-    def state(self, original, perturbed):
-        return MetricState(original, original.argmax(-1, keepdim=True))
+    def classes(self, original, perturbed):
+        return original.argmax(-1, keepdim=True)
 
-    def exact(self, patched, state):
-        return (patched.gather(1, state.classes) - state.original.gather(1, state.classes))[:, 0]
+    def value(self, log_probs, state):
+        return log_probs.gather(1, state.classes)[:, 0]
 
     def outputs(self, logits, state):
         return logits.log_softmax(-1).gather(1, state.classes.to(logits.device))

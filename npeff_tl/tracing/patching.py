@@ -1,6 +1,6 @@
 """Exact activation patching, the slow ground truth: one forward pass per (example, node), run in batches of
-``patch_batch`` sequences. Each pass is the original model with one node's activation at one position replaced
-by its value in the perturbed run."""
+``patch_batch`` sequences. Each pass is the base run (original when noising, perturbed when denoising) with one
+node's activation at one position replaced by its value in the other run."""
 
 from __future__ import annotations
 
@@ -27,20 +27,20 @@ def patching_effects(adapter: ModelAdapter, runs: Runs, kinds: list[NodeKind], m
         grid = torch.stack(torch.meshgrid(*(torch.arange(n) for n in shape), indexing="ij"), -1).reshape(-1, 4)
         jobs = grid[grid[:, 3] <= runs.targets.cpu()[grid[:, 0]]]  # rows (example, layer, unit, position)
         for chunk in jobs.split(patch_batch):
-            with torch.no_grad(), adapter.model.hooks(fwd_hooks=_patch_hooks(kind, chunk, runs)):
+            with torch.no_grad(), runs.context, adapter.model.hooks(fwd_hooks=_patch_hooks(kind, chunk, runs)):
                 patched = target_log_probs(adapter, runs.tokens[chunk[:, 0]], runs.targets[chunk[:, 0]])
-            effects[tuple(chunk.T)] = metric.exact(patched, state.rows(chunk[:, 0]))
+            effects[tuple(chunk.T)] = metric.effect(patched, state.rows(chunk[:, 0]))
         out[kind.key] = effects
     return out
 
 
 def _patch_hooks(kind: NodeKind, chunk: Tensor, runs: Runs) -> list:
-    """One hook per layer in ``chunk``: row r gets the perturbed value of its (unit, position)."""
+    """One hook per layer in ``chunk``: row r gets the other run's value of its (unit, position)."""
     hooks = []
     for layer in chunk[:, 1].unique().tolist():
         rows = torch.nonzero(chunk[:, 1] == layer).flatten()
         example, unit, position = chunk[rows, 0], chunk[rows, 2], chunk[rows, 3]
-        source = kind.as_units(runs.perturbed_acts[kind.hook(layer)])
+        source = kind.as_units(runs.sources[kind.hook(layer)])
 
         def patch(act, hook, rows=rows, example=example, unit=unit, position=position, source=source):
             act = act.clone()

@@ -1,9 +1,13 @@
-"""The two runs a trace compares, for one batch of examples: the original model and the perturbed one (under
-the perturbation's context manager), with the perturbed run's activations at every node hook."""
+"""The runs a trace compares, for one batch of examples: the original model and the perturbed one (under the
+perturbation's context manager). Noising patches nodes of the perturbed run into the original run; denoising
+patches nodes of the original run into the perturbed run. ``Runs`` says which run is patched (its context and
+log-probabilities) and holds the activations patched in."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -11,14 +15,18 @@ from torch import Tensor
 
 from ..adapters import ModelAdapter
 
+DIRECTIONS = ("noising", "denoising")
+
 
 @dataclass(frozen=True)
 class Runs:
     tokens: Int[Tensor, "b seq"]  # cut after the last target position (a causal model never looks further)
     targets: Int[Tensor, " b"]
-    original: Float[Tensor, "b vocab"]  # log-probabilities at the targets, float64
+    original: Float[Tensor, "b vocab"]  # log-probabilities at the targets, float64, CPU
     perturbed: Float[Tensor, "b vocab"]
-    perturbed_acts: dict[str, Tensor]  # hook name -> activation of the perturbed run
+    base: Float[Tensor, "b vocab"]  # the run patches go into: original (noising) or perturbed (denoising)
+    context: Any  # a reusable context manager under which the base run runs
+    sources: dict[str, Tensor]  # hook name -> the other run's activation, patched in
 
 
 def target_log_probs(adapter: ModelAdapter, tokens: Tensor, targets: Tensor) -> Float[Tensor, "b vocab"]:
@@ -27,8 +35,9 @@ def target_log_probs(adapter: ModelAdapter, tokens: Tensor, targets: Tensor) -> 
     return logits.double().log_softmax(-1).cpu()
 
 
-def run_pair(adapter: ModelAdapter, tokens: Tensor, targets: Tensor, perturbation, hooks: list[str]) -> Runs:
-    """Both runs of one batch; ``hooks`` are the hook names whose perturbed activations are kept."""
+def run_pair(adapter: ModelAdapter, tokens: Tensor, targets: Tensor, perturbation, hooks: list[str],
+             direction: str) -> Runs:
+    """Both runs of one batch; ``hooks`` are the hook names whose activations are patched in."""
     model = adapter.model
     tokens = tokens[:, : int(targets.max()) + 1]
     acts: dict[str, Tensor] = {}
@@ -36,8 +45,12 @@ def run_pair(adapter: ModelAdapter, tokens: Tensor, targets: Tensor, perturbatio
     def keep(act, hook):
         acts[hook.name] = act.detach()
 
+    keeping = model.hooks(fwd_hooks=[(name, keep) for name in hooks])
+    denoise = direction == "denoising"
     with torch.no_grad():
-        original = target_log_probs(adapter, tokens, targets)
-        with perturbation, model.hooks(fwd_hooks=[(name, keep) for name in hooks]):
+        with keeping if denoise else nullcontext():
+            original = target_log_probs(adapter, tokens, targets)
+        with perturbation, nullcontext() if denoise else keeping:
             perturbed = target_log_probs(adapter, tokens, targets)
-    return Runs(tokens, targets, original, perturbed, acts)
+    return Runs(tokens, targets, original, perturbed, perturbed if denoise else original,
+                perturbation if denoise else nullcontext(), acts)

@@ -1,6 +1,7 @@
 """``trace``: where in the forward pass a perturbation's effect travels. For each node (head output, MLP
 output, residual stream; optionally MLP neurons) at each position up to the target, the effect on a metric of
-patching that node from the perturbed run into the original run, by exact patching, AtP or AtP*."""
+patching that node from the perturbed run into the original run (noising: is its change sufficient?) or from
+the original run into the perturbed run (denoising: is its change necessary?), by exact patching, AtP or AtP*."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .metrics import TraceMetric, trace_metric
 from .nodes import DEFAULT_NODES, node_kinds
 from .patching import patching_effects
 from .result import Trace
-from .runs import run_pair
+from .runs import DIRECTIONS, run_pair
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ def trace(
     metric: str | TraceMetric = "kl",
     classes: int = 3,
     nodes: tuple[str, ...] = DEFAULT_NODES,
+    direction: str = "noising",
     batch_size: int = 16,
     patch_batch: int = 256,
     progress: bool = True,
@@ -60,7 +62,10 @@ def trace(
     "atp" or "atp*" (QK fix + GradDrop). ``metric``: "kl" (KL of the patched vs the original prediction;
     attribution linearises the logits of the answer and the ``classes`` top tokens of the perturbed prediction)
     or "logprob" (change of the original answer's log-probability). ``nodes``: kinds from
-    ``npeff_tl.tracing.NODE_KINDS``. The model is left exactly as it was (hooks removed, parameters restored)."""
+    ``npeff_tl.tracing.NODE_KINDS``. ``direction``: "noising" patches the perturbed run's nodes into the original
+    run; "denoising" patches the original run's nodes into the perturbed run (negative KL effects then remove
+    part of the perturbation's effect). An effect is the patched run's metric minus the unpatched run's. The model
+    is left exactly as it was (hooks removed, parameters restored)."""
     if not is_hooked_transformer(model):
         raise TypeError(f"trace needs a transformer_lens.HookedTransformer, got {type(model).__name__}; for a "
                         "TransformerBridge, trace the HookedTransformer it was converted from")
@@ -68,6 +73,8 @@ def trace(
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         method = METHODS[method]
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if batch_size < 1 or patch_batch < 1:
         raise ValueError(f"batch_size and patch_batch must be >= 1, got {batch_size} and {patch_batch}")
     adapter = as_adapter(model)
@@ -88,9 +95,9 @@ def trace(
     for start in range(0, len(examples), batch_size):
         index = torch.arange(start, min(start + batch_size, len(examples)))
         tokens = examples.tokens[examples.seq_index[index]].to(adapter.device)
-        runs = run_pair(adapter, tokens, examples.position[index].to(adapter.device), perturbation, hooks)
-        state = measure.state(runs.original, runs.perturbed)
-        totals.append(measure.exact(runs.perturbed, state))
+        runs = run_pair(adapter, tokens, examples.position[index].to(adapter.device), perturbation, hooks, direction)
+        state = measure.state(runs.original, runs.perturbed, runs.base)
+        totals.append(measure.value(runs.perturbed, state) - measure.value(runs.original, state))
         if method.exact:
             effects = patching_effects(adapter, runs, kinds, measure, state, patch_batch)
         else:
@@ -102,6 +109,7 @@ def trace(
         bar.update(len(index))
     bar.close()
     settings = {"classes": classes if measure.name == "kl" else None, "nodes": [k.key for k in kinds],
+                "direction": direction,
                 "magnitude": magnitude, "sign": sign, "n_examples": len(examples), "batch_size": batch_size}
     return Trace(method.name, measure.name, {k: torch.cat(v) for k, v in per_example.items()}, torch.cat(totals),
                  settings)

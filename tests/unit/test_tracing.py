@@ -38,26 +38,36 @@ def _units(kind, act):
     return {"attn.hook_z": act, "mlp.hook_post": act[..., None]}.get(kind, act[:, None])
 
 
-def test_exact_patching_matches_patching_one_node_at_a_time(model64, ragged, step):
-    result = trace(model64, step, ragged, method="patching", nodes=NODES, batch_size=2, patch_batch=7, progress=False)
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_exact_patching_matches_patching_one_node_at_a_time(model64, ragged, step, direction):
+    """Noising: a node of the perturbed run into the original run, effect KL(patched || original). Denoising: a
+    node of the original run into the perturbed run, effect KL(patched || original) - KL(perturbed || original)."""
+    from contextlib import nullcontext
+
+    result = trace(model64, step, ragged, method="patching", nodes=NODES, batch_size=2, patch_batch=7,
+                   direction=direction, progress=False)
+    base_context, source_context = (nullcontext(), step) if direction == "noising" else (step, nullcontext())
     for i in range(len(ragged)):
         tokens, target = ragged.tokens[ragged.seq_index[i]], int(ragged.position[i])
         original = _target_log_probs(model64, tokens, target)
-        with step:
+        with base_context:
+            base = _target_log_probs(model64, tokens, target)
+        with source_context:
             _, cache = model64.run_with_cache(tokens[None, : target + 1])
         for kind in NODES:
             for layer in range(model64.cfg.n_layers):
                 hook = f"blocks.{layer}.{kind}"
-                perturbed = _units(kind, cache[hook][0])
-                for unit in range(perturbed.shape[1]):
+                source = _units(kind, cache[hook][0])
+                for unit in range(source.shape[1]):
                     for position in range(target + 1):
                         def patch(act, hook, unit=unit, position=position):
                             act = act.clone()
-                            _units(kind, act[0])[position, unit] = perturbed[position, unit]
+                            _units(kind, act[0])[position, unit] = source[position, unit]
                             return act
 
-                        patched = _target_log_probs(model64, tokens, target, [(hook, patch)])
-                        expected = float(kl_rows(patched[None], original[None])[0])
+                        with base_context:
+                            patched = _target_log_probs(model64, tokens, target, [(hook, patch)])
+                        expected = float(kl_rows(patched[None], original[None])[0] - kl_rows(base[None], original[None])[0])
                         got = result.per_example[kind][i, layer]
                         got = got[unit] if kind in ("attn.hook_z", "mlp.hook_post") else got
                         assert float(got[target - position]) == pytest.approx(expected, rel=1e-9, abs=1e-15)
@@ -70,25 +80,32 @@ def test_exact_patching_matches_patching_one_node_at_a_time(model64, ragged, ste
     originals = torch.stack([_target_log_probs(model64, ragged.tokens[ragged.seq_index[i]], int(ragged.position[i]))
                              for i in range(len(ragged))])
     assert torch.allclose(result.total, kl_rows(changed, originals), rtol=1e-10)
+    assert result.settings["direction"] == direction
 
 
-def test_atp_is_gradient_times_change_of_each_node_on_single_examples(model64, ragged, step):
-    result = trace(model64, step, ragged, method="atp", metric="logprob", nodes=NODES, progress=False)
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_atp_is_gradient_times_change_of_each_node_on_single_examples(model64, ragged, step, direction):
+    """Oracle: autograd on one example at a time, at the base run, times the other run's activation minus it."""
+    from contextlib import nullcontext
+
+    result = trace(model64, step, ragged, method="atp", metric="logprob", nodes=NODES, direction=direction,
+                   progress=False)
+    base_context, source_context = (nullcontext(), step) if direction == "noising" else (step, nullcontext())
     for i in range(len(ragged)):
         tokens, target = ragged.tokens[ragged.seq_index[i]][None], int(ragged.position[i])
-        with step:
+        answer = _target_log_probs(model64, tokens[0], target).argmax()  # the original answer
+        with source_context:
             _, cache = model64.run_with_cache(tokens)
         acts = {}
 
         def keep(act, hook):
-            act.retain_grad() if act.requires_grad else None
             acts[hook.name] = act
             return act
 
         hooks = [(f"blocks.{layer}.{kind}", keep) for kind in NODES for layer in range(2)]
-        logits = model64.run_with_hooks(tokens, fwd_hooks=hooks)[0, target]
-        answer = logits.argmax()
-        grads = torch.autograd.grad(logits.log_softmax(-1)[answer], list(acts.values()))
+        with base_context:
+            logits = model64.run_with_hooks(tokens, fwd_hooks=hooks)[0, target]
+            grads = torch.autograd.grad(logits.log_softmax(-1)[answer], list(acts.values()))
         for (hook, act), grad in zip(acts.items(), grads):
             kind, layer = hook.split(".", 2)[2], int(hook.split(".")[1])
             expected = (_units(kind, grad[0]) * _units(kind, cache[hook][0] - act[0].detach())).sum(-1)  # [pos, unit]
@@ -99,17 +116,22 @@ def test_atp_is_gradient_times_change_of_each_node_on_single_examples(model64, r
 
 
 def test_the_kl_estimate_is_the_kl_of_the_changed_logits():
+    """For both bases (the original run when noising, the perturbed run when denoising): the estimate is
+    KL(base with the linearised classes' logits moved || original) - KL(base || original), computed directly."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 11, generator=g, dtype=torch.float64) * 3
     original, perturbed = logits.log_softmax(-1), (logits + torch.randn(3, 11, generator=g)).log_softmax(-1)
     metric = KL(classes=3)
-    state = metric.state(original, perturbed)
-    assert (state.classes[:, 0] == original.argmax(-1)).all() and len(set(state.classes[0].tolist())) == 4
-    delta = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)  # 5 nodes
-    changed = logits.expand(5, 3, 11).scatter_add(2, state.classes.expand(5, 3, 4), delta).log_softmax(-1)
-    expected = kl_rows(changed.reshape(15, 11), original.repeat(5, 1)).reshape(5, 3)
-    assert torch.allclose(metric.estimate(delta, state), expected, rtol=1e-10, atol=1e-14)
-    assert torch.allclose(metric.estimate(torch.zeros(3, 4, dtype=torch.float64), state), torch.zeros(3, dtype=torch.float64))
+    for base in (original, perturbed):
+        state = metric.state(original, perturbed, base)
+        assert (state.classes[:, 0] == original.argmax(-1)).all() and len(set(state.classes[0].tolist())) == 4
+        delta = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)  # 5 nodes
+        changed = base.expand(5, 3, 11).scatter_add(2, state.classes.expand(5, 3, 4), delta).log_softmax(-1)
+        expected = (kl_rows(changed.reshape(15, 11), original.repeat(5, 1)).reshape(5, 3)
+                    - kl_rows(base, original))
+        assert torch.allclose(metric.estimate(delta, state), expected, rtol=1e-10, atol=1e-14)
+        zero = metric.estimate(torch.zeros(3, 4, dtype=torch.float64), state)
+        assert torch.allclose(zero, torch.zeros(3, dtype=torch.float64), atol=1e-14)
 
 
 def test_a_saturated_attention_that_atp_misses_and_atp_star_recovers():
@@ -193,5 +215,7 @@ def test_bad_input_is_a_clear_error(model64, ragged, step):
         trace(model64, step, ragged, magnitude=1.0)
     with pytest.raises(TypeError, match="HookedTransformer"):
         trace(torch.nn.Linear(2, 2), step, ragged)
+    with pytest.raises(ValueError, match="direction must be one of"):
+        trace(model64, step, ragged, direction="backwards")
     with pytest.raises(ValueError, match="classes must be"):
         trace(model64, step, ragged, classes=0)
