@@ -41,7 +41,7 @@ case "$cmd" in
               memory=tests/unit/test_memory.py
               exec .venv-tl4/bin/python -m pytest -n auto --dist worksteal -m "not hooked and not sae" \
                   tests/integration/test_bridge.py tests/unit/test_{grads,pefs,params,interventions,selectivity}.py \
-                  tests/unit/test_{baselines,components,examples_and_targets,store}.py \
+                  tests/unit/test_{baselines,components,examples_and_targets,store,tracing}.py \
                   "$memory::test_the_pef_estimate_is_within_25_percent_of_the_measured_peak" \
                   "$memory::test_the_batch_size_picker_takes_the_largest_batch_that_fits" "$@" ;;
     *) echo "usage: ./run.sh demo [ARGS...] | ./run.sh test [PYTEST ARGS...] | ./run.sh test-tl4 [PYTEST ARGS...]" >&2

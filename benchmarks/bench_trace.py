@@ -10,7 +10,8 @@ Per component: Spearman correlation of mean |effect| over all head and MLP nodes
 exact patching's top 10 nodes among the estimate's top 20; time of exact patching / time of AtP* (same examples,
 same process, one after the other). Figures are medians over components of both fits.
 For the components whose top training examples are mostly induction it also prints the heads and positions
-their exact traces route through on the induction examples among their top test examples (see RESULTS.md).
+their exact traces route through on the induction examples among their top test examples, noising and
+denoising (see RESULTS.md).
 Last line: bench_trace: atpstar_spearman=<s> atpstar_top10_recall=<r> atp_spearman=<a> speedup_vs_patching=<x>
 """
 
@@ -124,7 +125,12 @@ def main() -> None:
             print(f"      exact: {describe(traces['patching'])}")
             routes = induction_routes(model, examples, [test.labels[i] for i in top.tolist()], traces["patching"])
             if strategy == "induction" and routes:
-                print(f"      routes: {routes}")
+                print(f"      routes (noising): {routes}")
+                restored = trace(model, dictionary.intervention(j, magnitude, 1), examples, method="patching",
+                                 direction="denoising", progress=False)
+                print(f"      denoising (exact): {describe(restored)}")
+                print(f"      routes (denoising): "
+                      f"{induction_routes(model, examples, [test.labels[i] for i in top.tolist()], restored)}")
             if plain["recall"] < star["recall"] or plain["spearman"] < star["spearman"] - 0.05:
                 print(f"      AtP:   {describe(traces['atp'])}")
             print("      heat map (resid_post, layer x offset 0..): "

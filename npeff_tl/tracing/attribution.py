@@ -63,8 +63,11 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
     def leaf(act, hook):  # the graph starts at the embeddings, whether or not parameters require gradients
         return act.detach().requires_grad_(True)
 
-    def keep(act, hook):
-        acts[hook.name] = act
+    def keeper(name: str):  # keyed by the name registered (a TransformerBridge's hook.name is its own alias)
+        def keep(act, hook):
+            acts[name] = act
+
+        return keep
 
     def gate(act, hook, index):
         if act.requires_grad:
@@ -74,7 +77,7 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
     node_hooks = [kind.hook(layer) for kind in kinds for layer in range(n_layers)]
     qk_hooks = [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in
                 ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_pattern")] if qk_fix else []
-    hooks = [("blocks.0.hook_resid_pre", leaf)] + [(name, keep) for name in node_hooks + qk_hooks]
+    hooks = [("blocks.0.hook_resid_pre", leaf)] + [(name, keeper(name)) for name in node_hooks + qk_hooks]
     writers = _writers(model) if grad_drop else {}
     for index, name in writers.items():
         hooks.append((name, lambda act, hook, index=index: gate(act, hook, index)))

@@ -42,10 +42,13 @@ def run_pair(adapter: ModelAdapter, tokens: Tensor, targets: Tensor, perturbatio
     tokens = tokens[:, : int(targets.max()) + 1]
     acts: dict[str, Tensor] = {}
 
-    def keep(act, hook):
-        acts[hook.name] = act.detach()
+    def keeper(name: str):  # keyed by the name registered (a TransformerBridge's hook.name is its own alias)
+        def keep(act, hook):
+            acts[name] = act.detach()
 
-    keeping = model.hooks(fwd_hooks=[(name, keep) for name in hooks])
+        return keep
+
+    keeping = model.hooks(fwd_hooks=[(name, keeper(name)) for name in hooks])
     denoise = direction == "denoising"
     with torch.no_grad():
         with keeping if denoise else nullcontext():

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import as_adapter
+from ..adapters.bridge import is_bridge
 from ..adapters.hooked import is_hooked_transformer
 from ..examples import Examples, TokensLike
 from ..interventions import ParameterDirection, perturb
@@ -54,7 +55,8 @@ def trace(
     patch_batch: int = 256,
     progress: bool = True,
 ) -> Trace:
-    """Trace ``perturbation`` on ``examples`` (their target positions) through ``model`` (a HookedTransformer).
+    """Trace ``perturbation`` on ``examples`` (their target positions) through ``model`` (a HookedTransformer;
+    a TransformerBridge with exact patching only).
 
     ``perturbation`` is a reusable context manager that changes the model (a ``ParameterPerturbation``, a
     dictionary's ``intervention(j, magnitude, sign)``, a ``HookIntervention``) or a ``ParameterDirection``
@@ -66,9 +68,9 @@ def trace(
     run; "denoising" patches the original run's nodes into the perturbed run (negative KL effects then remove
     part of the perturbation's effect). An effect is the patched run's metric minus the unpatched run's. The model
     is left exactly as it was (hooks removed, parameters restored)."""
-    if not is_hooked_transformer(model):
-        raise TypeError(f"trace needs a transformer_lens.HookedTransformer, got {type(model).__name__}; for a "
-                        "TransformerBridge, trace the HookedTransformer it was converted from")
+    if not (is_hooked_transformer(model) or is_bridge(model)):
+        raise TypeError(f"trace needs a transformer_lens.HookedTransformer or TransformerBridge, got "
+                        f"{type(model).__name__}")
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -80,12 +82,15 @@ def trace(
     adapter = as_adapter(model)
     kinds = node_kinds(model, nodes)
     measure = trace_metric(metric, classes)
-    if method.qk_fix:
+    if method.qk_fix and not is_bridge(model):
         check_qk_fix(model.cfg)
     perturbation = _as_intervention(model, perturbation, magnitude, sign)
     examples = as_examples(examples, adapter=adapter)
     if len(examples) == 0:
         raise ValueError("no examples to trace")
+    if is_bridge(model) and not method.exact:
+        raise ValueError("AtP needs gradients at attn.hook_z, which a TransformerBridge's reshaped hooks do not "
+                         "carry; use method='patching' on a bridge, or AtP on a HookedTransformer")
     n_offsets = int(examples.position.max()) + 1
     hooks = [kind.hook(layer) for kind in kinds for layer in range(model.cfg.n_layers)]
 

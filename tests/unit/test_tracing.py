@@ -1,6 +1,6 @@
-"""Tracing: exact patching against a one-node-at-a-time loop, AtP against autograd on single examples, the KL
-estimate against a direct computation, a saturated-softmax construction that AtP misses and AtP* recovers,
-agreement figures, exact restore, saving, and the errors at the entry."""
+"""Tracing: exact patching against a one-node-at-a-time loop (also on a TransformerBridge), AtP against autograd on
+single examples, the KL estimate against a direct computation, a saturated-softmax construction that AtP misses
+and AtP* recovers, agreement figures, exact restore, saving, and the errors at the entry."""
 
 import pytest
 import torch
@@ -83,6 +83,7 @@ def test_exact_patching_matches_patching_one_node_at_a_time(model64, ragged, ste
     assert result.settings["direction"] == direction
 
 
+@pytest.mark.hooked  # AtP is refused on a TransformerBridge (its reshaped hooks carry no gradient)
 @pytest.mark.parametrize("direction", ["noising", "denoising"])
 def test_atp_is_gradient_times_change_of_each_node_on_single_examples(model64, ragged, step, direction):
     """Oracle: autograd on one example at a time, at the base run, times the other run's activation minus it."""
@@ -134,6 +135,7 @@ def test_the_kl_estimate_is_the_kl_of_the_changed_logits():
         assert torch.allclose(zero, torch.zeros(3, dtype=torch.float64), atol=1e-14)
 
 
+@pytest.mark.hooked  # AtP is refused on a TransformerBridge (its reshaped hooks carry no gradient)
 def test_a_saturated_attention_that_atp_misses_and_atp_star_recovers():
     """Layer 1's head 0 attends (almost) only to one position; the perturbation moves position 1's residual stream
     so that the head attends there instead. The gradient through the saturated softmax is ~0, so AtP sees almost
@@ -168,6 +170,7 @@ def test_a_saturated_attention_that_atp_misses_and_atp_star_recovers():
     assert (star > exact / 5).all()  # and AtP* keeps it (GradDrop averages in passes without that path)
 
 
+@pytest.mark.hooked  # AtP is refused on a TransformerBridge (its reshaped hooks carry no gradient)
 def test_atp_star_ranks_nodes_like_patching_on_a_random_perturbation(model64, ragged, step):
     exact = trace(model64, step, ragged, method="patching", progress=False)
     star = trace(model64, step, ragged, method="atp*", progress=False)
@@ -185,6 +188,7 @@ def test_spearman_and_ranks_against_the_textbook_formula():
     assert spearman(a, a.exp()) == pytest.approx(1.0)
 
 
+@pytest.mark.hooked  # AtP is refused on a TransformerBridge (its reshaped hooks carry no gradient)
 def test_tracing_restores_the_model_and_its_hooks_and_results_round_trip(model64, ragged, step, tmp_path):
     before = {k: v.clone() for k, v in model64.state_dict().items()}
     result = trace(model64, step, ragged, method="atp*", nodes=NODES, progress=False)
@@ -200,6 +204,11 @@ def test_tracing_restores_the_model_and_its_hooks_and_results_round_trip(model64
 
 
 def test_bad_input_is_a_clear_error(model64, ragged, step):
+    from npeff_tl.adapters.bridge import is_bridge
+
+    if is_bridge(model64):
+        with pytest.raises(ValueError, match="use method='patching' on a bridge"):
+            trace(model64, step, ragged)
     space = nt.ParamSpace(model64, include=["blocks.0.mlp.W_in"])
     with pytest.raises(ValueError, match="method must be one of"):
         trace(model64, step, ragged, method="atp**")
@@ -213,7 +222,7 @@ def test_bad_input_is_a_clear_error(model64, ragged, step):
         trace(model64, torch.ones(space.size), ragged)
     with pytest.raises(ValueError, match="applies to a ParameterDirection only"):
         trace(model64, step, ragged, magnitude=1.0)
-    with pytest.raises(TypeError, match="HookedTransformer"):
+    with pytest.raises(TypeError, match="HookedTransformer or TransformerBridge"):
         trace(torch.nn.Linear(2, 2), step, ragged)
     with pytest.raises(ValueError, match="direction must be one of"):
         trace(model64, step, ragged, direction="backwards")
