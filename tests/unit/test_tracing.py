@@ -171,6 +171,24 @@ def test_a_saturated_attention_that_atp_misses_and_atp_star_recovers():
 
 
 @pytest.mark.hooked  # AtP is refused on a TransformerBridge (its reshaped hooks carry no gradient)
+def test_the_qk_fix_vanishes_to_second_order_for_small_perturbations(model64, ragged):
+    """The QK fix replaces a first-order term by its exact-softmax version: their difference shrinks 100x when the
+    step shrinks 10x (second order), and it leaves the last layer's nodes alone (they feed no later head)."""
+    space = nt.ParamSpace(model64, include=["blocks.*.attn.W_[QKV]", "blocks.*.mlp.W_*"])
+    direction = nt.random_direction(space, seed=3)
+    gaps = []
+    for magnitude in (3e-2, 3e-3):
+        step = nt.perturb(model64, direction, space, magnitude=magnitude)
+        plain = trace(model64, step, ragged, method="atp", metric="logprob", progress=False)
+        fixed = trace(model64, step, ragged, method=TraceMethod("qk", qk_fix=True), metric="logprob", progress=False)
+        gaps.append(max(float((plain.per_example[k] - fixed.per_example[k]).nan_to_num().abs().max())
+                        for k in plain.per_example))
+        for kind in ("attn.hook_z", "hook_mlp_out"):
+            assert torch.equal(plain.per_example[kind][:, -1].nan_to_num(), fixed.per_example[kind][:, -1].nan_to_num())
+    assert gaps[1] > 0 and 50 < gaps[0] / gaps[1] < 200
+
+
+@pytest.mark.hooked  # AtP is refused on a TransformerBridge (its reshaped hooks carry no gradient)
 def test_atp_star_ranks_nodes_like_patching_on_a_random_perturbation(model64, ragged, step):
     exact = trace(model64, step, ragged, method="patching", progress=False)
     star = trace(model64, step, ragged, method="atp*", progress=False)
