@@ -6,6 +6,7 @@ D-NPEFF and LRM-NPEFF are fitted to the PEFs of the train split (all attention a
 For every component: its ``--top`` test examples by coefficient, the magnitude at which its intervention moves
 them by a mean KL of 0.5 nats (sign +1), and three traces of that intervention over every head output, MLP output
 and residual-stream node at every position up to the target: exact patching (the ground truth), AtP and AtP*.
+``--metric logprob`` traces the change of the original answer's log-probability instead of the KL.
 Per component: Spearman correlation of mean |effect| over all head and MLP nodes x positions, and the recall of
 exact patching's top 10 nodes among the estimate's top 20; time of exact patching / time of AtP* (same examples,
 same process, one after the other). Figures are medians over components of both fits.
@@ -57,7 +58,7 @@ def induction_routes(model, examples: nt.Examples, labels: list[str], exact) -> 
         effects = exact.per_example["attn.hook_z"][i]  # [layer, head, offset]
         layer1.append(effects[1, :, 0])
         layer0.append(effects[0, :, t - (j + 1)])
-        share.append(effects[0, :, t - (j + 1)] / effects[0].nansum(-1).clamp(min=1e-300))
+        share.append(effects[0, :, t - (j + 1)].abs() / effects[0].abs().nansum(-1).clamp(min=1e-300))
         _, cache = model.run_with_cache(seq[None, : t + 1])
         attend1.append(cache["blocks.1.attn.hook_pattern"][0, :, t, j + 1])
         attend0.append(cache["blocks.0.attn.hook_pattern"][0, :, j + 1, j])
@@ -68,11 +69,11 @@ def induction_routes(model, examples: nt.Examples, labels: list[str], exact) -> 
     attend1, attend0 = torch.stack(attend1).mean(0), torch.stack(attend0).mean(0)
     h1, h0 = int(layer1.argmax()), int(layer0.argmax())
     i1, p0 = int(attend1.argmax()), int(attend0.argmax())  # the induction-like and previous-token-like heads
-    return (f"{n} induction examples, total KL {float(exact.total.mean()):.3g}: at the target, layer-1 head "
+    return (f"{n} induction examples, total effect {float(exact.total.mean()):.3g}: at the target, layer-1 head "
             f"{h1} carries the most ({float(layer1[h1]):.3g} nats; attends {float(attend1[h1]):.2f} to the token "
             f"after the earlier occurrence), the head attending there most is {i1} ({float(attend1[i1]):.2f}, "
             f"{float(layer1[i1]):.3g} nats); at that token, layer-0 head {h0} carries the most ({float(layer0[h0]):.3g} "
-            f"nats, {float(share[h0]):.0%} of its effect over all positions; attends {float(attend0[h0]):.2f} to the "
+            f"nats, {float(share[h0]):.0%} of its |effect| over all positions; attends {float(attend0[h0]):.2f} to the "
             f"previous token), the head attending most to the previous token is {p0} ({float(attend0[p0]):.2f}, "
             f"{float(layer0[p0]):.3g} nats)")
 
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--components", type=int, default=16)
     parser.add_argument("--top", type=int, default=20, help="test examples traced per component")
     parser.add_argument("--nnz", type=int, default=8192)
+    parser.add_argument("--metric", default="kl", choices=["kl", "logprob"], help="what the traces measure")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -93,7 +95,8 @@ def main() -> None:
     space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"])
     target = nt.Target(classes=nt.TopK(4))
     print(f"bench_trace: {args.model}, {len(train)} train / {len(test)} test examples, {args.components} components "
-          f"per fit, top {args.top} test examples each, KL target {KL_TARGET}, {args.threads} threads")
+          f"per fit, top {args.top} test examples each, KL target {KL_TARGET}, metric {args.metric}, {args.threads} "
+          "threads")
     rows = []
     for kind in ("diagonal", "lowrank"):
         pefs = nt.compute_pefs(model, train.examples, space, target, kind, nnz=args.nnz, progress=False)
@@ -114,7 +117,7 @@ def main() -> None:
             for method in ("patching", "atp", "atp*"):
                 start = time.perf_counter()
                 traces[method] = trace(model, dictionary.intervention(j, magnitude, 1), examples, method=method,
-                                       progress=False)
+                                       metric=args.metric, progress=False)
                 seconds[method] = time.perf_counter() - start
             star, plain = agreement(traces["patching"], traces["atp*"]), agreement(traces["patching"], traces["atp"])
             rows.append({"fit": dictionary.name, "component": j, "strategy": strategy, "star": star, "atp": plain,
@@ -127,7 +130,7 @@ def main() -> None:
             if strategy == "induction" and routes:
                 print(f"      routes (noising): {routes}")
                 restored = trace(model, dictionary.intervention(j, magnitude, 1), examples, method="patching",
-                                 direction="denoising", progress=False)
+                                 metric=args.metric, direction="denoising", progress=False)
                 print(f"      denoising (exact): {describe(restored)}")
                 print(f"      routes (denoising): "
                       f"{induction_routes(model, examples, [test.labels[i] for i in top.tolist()], restored)}")
