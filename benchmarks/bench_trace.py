@@ -42,11 +42,11 @@ def describe(tr, k: int = 5) -> str:
 
 
 def induction_routes(model, examples: nt.Examples, labels: list[str], exact) -> str | None:
-    """On the induction examples among ``examples`` (the last token occurred before, at position j): which layer-1
-    head carries the effect at the target and how much it attends to j + 1 (the token after the earlier
-    occurrence); which layer-0 head carries it at position j + 1 and how much it attends from there to j (a
-    previous-token head); and the share of that layer-0 head's effect that sits at j + 1."""
-    layer1, layer0, share, attend1, attend0 = [], [], [], [], []
+    """On the induction examples among ``examples`` (the last token occurred before, at position j), per head: the
+    effect of each layer-1 head at the target and its attention to j + 1 (the token after the earlier
+    occurrence); the effect of each layer-0 head at j + 1, the share of its |effect| that sits there, and its
+    attention from j + 1 to j (a previous-token head) and to itself."""
+    layer1, layer0, share, attend1, attend0, attend_self = [], [], [], [], [], []
     for i, label in enumerate(labels):
         if label != "induction":
             continue
@@ -62,20 +62,19 @@ def induction_routes(model, examples: nt.Examples, labels: list[str], exact) -> 
         _, cache = model.run_with_cache(seq[None, : t + 1])
         attend1.append(cache["blocks.1.attn.hook_pattern"][0, :, t, j + 1])
         attend0.append(cache["blocks.0.attn.hook_pattern"][0, :, j + 1, j])
+        attend_self.append(cache["blocks.0.attn.hook_pattern"][0, :, j + 1, j + 1])
     if not layer1:
         return None
     n = len(share)
+    vector = lambda values, f: "[" + " ".join(format(float(v), f) for v in values) + "]"  # noqa: E731
     layer1, layer0, share = torch.stack(layer1).mean(0), torch.stack(layer0).mean(0), torch.stack(share).mean(0)
     attend1, attend0 = torch.stack(attend1).mean(0), torch.stack(attend0).mean(0)
-    h1, h0 = int(layer1.argmax()), int(layer0.argmax())
-    i1, p0 = int(attend1.argmax()), int(attend0.argmax())  # the induction-like and previous-token-like heads
-    return (f"{n} induction examples, total effect {float(exact.total.mean()):.3g}: at the target, layer-1 head "
-            f"{h1} carries the most ({float(layer1[h1]):.3g} nats; attends {float(attend1[h1]):.2f} to the token "
-            f"after the earlier occurrence), the head attending there most is {i1} ({float(attend1[i1]):.2f}, "
-            f"{float(layer1[i1]):.3g} nats); at that token, layer-0 head {h0} carries the most ({float(layer0[h0]):.3g} "
-            f"nats, {float(share[h0]):.0%} of its |effect| over all positions; attends {float(attend0[h0]):.2f} to the "
-            f"previous token), the head attending most to the previous token is {p0} ({float(attend0[p0]):.2f}, "
-            f"{float(layer0[p0]):.3g} nats)")
+    attend_self = torch.stack(attend_self).mean(0)
+    return (f"{n} induction examples, total effect {float(exact.total.mean()):.3g}; per head: layer 1 at the target: "
+            f"effect {vector(layer1, '.3g')}, attention to the token after the earlier occurrence "
+            f"{vector(attend1, '.2f')}; layer 0 at that token: effect {vector(layer0, '.3g')} (share of each head's "
+            f"|effect| over all positions {vector(share, '.2f')}), attention to the previous token "
+            f"{vector(attend0, '.2f')}, to itself {vector(attend_self, '.2f')}")
 
 
 def main() -> None:
