@@ -45,7 +45,7 @@ def test_the_printed_settings_load_back_and_name_every_library_field():
         keys = set(tomllib.loads(text)["fit"][table.split(".")[1]])
         assert keys == {f.name for f in dataclasses.fields(settings)} - {"n_components", "seed"}
     assert set(tomllib.loads(text)["selectivity"]) == {f.name for f in dataclasses.fields(nt.SelectivityConfig)} | {
-        "n_measured"}
+        "n_measured", "circuit_method"}
 
 
 @pytest.mark.parametrize("override, message", [
@@ -56,6 +56,7 @@ def test_the_printed_settings_load_back_and_name_every_library_field():
     ("fit.lrm_npeff.dtype=float16", "dtype must be \"float32\" or \"float64\", got 'float16'"),
     ("fit.lrm_npeff.speed=2", "unknown config key fit.lrm_npeff.speed; fit.lrm_npeff has n_iters_g_only"),
     ("selectivity.n_measured=0", "n_measured must be >= 1, got 0"),
+    ("selectivity.circuit_method=\"atp**\"", "circuit_method must be one of"),
     ("selectivity.trace_classes=4", "selectivity.trace_classes must be a class rule table"),
     ("selectivity.trace_classes={\"rule\": \"Top\"}", "class rule 'Top' is unknown"),
     ("fit", "write section.key=value"),
