@@ -87,38 +87,48 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
         logits = adapter.target_logits(runs.tokens, runs.targets[:, None])[:, 0]
         outputs = metric.outputs(logits, state)  # [b, m]
     deltas = {name: (runs.sources[name] - acts[name].detach()).double() for name in node_hooks}
-    names = node_hooks + [h for h in qk_hooks if "resid_pre" not in h]  # what gradients are taken at
-    grad_inputs = [acts[name] for name in names]
+    qk_names = [h for h in qk_hooks if "resid_pre" not in h]
+    grad_inputs = [acts[name] for name in node_hooks + qk_names]
     passes = [None] + drop
-    grads = []  # per (pass, slot): hook name -> gradient
-    slots = torch.eye(outputs.shape[1], dtype=outputs.dtype, device=outputs.device)[:, None, :].expand(
-        -1, outputs.shape[0], -1)  # one backward pass per output slot, vectorised over the slots
+    m = outputs.shape[1]
+    slots = torch.eye(m, dtype=outputs.dtype, device=outputs.device)[:, None, :].expand(-1, outputs.shape[0], -1)
+    linear = {kind.key: [] for kind in kinds}  # per pass: [m, layers, b, seq, units], gradient x change
+    qk_grads = []  # per (pass, slot): hook name -> gradient at queries, keys and patterns (for the QK fix)
     for writer in passes:
         dropped["writer"] = writer
         got = torch.autograd.grad(outputs, grad_inputs, slots, retain_graph=True, allow_unused=True,
-                                  is_grads_batched=True)
-        for slot in range(outputs.shape[1]):
-            grads.append({n: (torch.zeros_like(a) if g is None else g[slot]).double()
-                          for n, a, g in zip(names, grad_inputs, got)})
-    del outputs, logits
-    P, m = len(passes), len(grads) // len(passes)
+                                  is_grads_batched=True)  # one backward pass per output slot, vectorised
+        got = [torch.zeros(m, *a.shape, dtype=a.dtype, device=a.device) if g is None else g
+               for a, g in zip(grad_inputs, got)]
+        by_name = dict(zip(node_hooks + qk_names, got))
+        for kind in kinds:
+            linear[kind.key].append(torch.stack([_times_change(kind, by_name[kind.hook(layer)],
+                                                               deltas[kind.hook(layer)])
+                                                 for layer in range(n_layers)], 1))
+        qk_grads += [{name: by_name[name][slot] for name in qk_names} for slot in range(m)]
+    del outputs, logits, got, by_name
+    P = len(passes)
 
     b, seq = runs.tokens.shape
     after_target = torch.arange(seq)[None, :] > runs.targets.cpu()[:, None]  # [b, seq]
     out = {}
     for kind in kinds:
-        linear = torch.stack([torch.stack([
-            torch.einsum("btuf,btuf->btu", kind.as_units(g[kind.hook(layer)]), kind.as_units(deltas[kind.hook(layer)]))
-            for g in grads]) for layer in range(n_layers)], 1)  # [P*m, layers, b, seq, units]
+        changes = torch.cat(linear.pop(kind.key))  # [P*m, layers, b, seq, units]
         if qk_fix:
-            linear = linear + _qk_corrections(model, kind, deltas, acts, grads)
-        linear = linear.reshape(P, m, n_layers, b, seq, -1).cpu()
-        # metric.estimate wants [..., b, m]
-        estimate = metric.estimate(linear.permute(0, 2, 4, 5, 3, 1), state)  # [P, layers, seq, units, b]
+            changes = changes + _qk_corrections(model, kind, deltas, acts, qk_grads)
+        changes = changes.reshape(P, m, n_layers, b, seq, -1).cpu()
+        estimate = metric.estimate(changes.permute(0, 2, 4, 5, 3, 1), state)  # [P, layers, seq, units, b]
         per_pass = estimate.permute(0, 4, 1, 3, 2)  # [P, b, layers, units, seq]
         effects = _combine(per_pass, drop, kind, n_layers) if grad_drop else per_pass[0]
         out[kind.key] = effects.masked_fill(after_target[:, None, None, :], torch.nan)
     return out
+
+
+def _times_change(kind: NodeKind, grad: Tensor, delta: Tensor) -> Float[Tensor, "m b seq units"]:
+    """Gradient . change per unit, for gradients with a leading slot axis [m, b, seq, ...]."""
+    units = kind.as_units(grad.flatten(0, 1))
+    units = units.reshape(grad.shape[0], -1, *units.shape[1:])  # [m, b, seq, units, features]
+    return torch.einsum("mbtuf,btuf->mbtu", units.double(), kind.as_units(delta))
 
 
 def _writers(model) -> dict[int, str]:
@@ -167,9 +177,9 @@ def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], acts: dict
         K = torch.einsum("btd,hde->bthe", x, W_K) + b_K
         scores = torch.einsum("bthe,bshe->bhts", Q, K) / scale
         A = scores.masked_fill(~causal, -torch.inf).softmax(-1)  # [b, head, query, key]
-        G = torch.stack([g[f"blocks.{later}.attn.hook_pattern"] for g in grads])  # [pm, b, head, query, key]
-        Gq = torch.stack([g[f"blocks.{later}.attn.hook_q"] for g in grads])  # [pm, b, pos, head, d_head]
-        Gk = torch.stack([g[f"blocks.{later}.attn.hook_k"] for g in grads])
+        G = torch.stack([g[f"blocks.{later}.attn.hook_pattern"] for g in grads]).double()  # [pm, b, head, q, key]
+        Gq = torch.stack([g[f"blocks.{later}.attn.hook_q"] for g in grads]).double()  # [pm, b, pos, head, d_head]
+        Gk = torch.stack([g[f"blocks.{later}.attn.hook_k"] for g in grads]).double()
         GA = (G * A).sum(-1)  # [pm, b, head, query]
         G_key = G.permute(0, 1, 4, 2, 3)  # [pm, b, key, head, query]
         A_key = A.permute(0, 3, 1, 2)[:, :, None]  # [b, key, 1, head, query]

@@ -97,7 +97,7 @@ class KL(TraceMetric):
         log_z = torch.logaddexp(shifted.logsumexp(-1), log_rest)  # how the log-normaliser moves
         inside = ((shifted - log_z[..., None]).exp() * (shifted - log_z[..., None] - original.gather(1, classes))).sum(-1)
         outside = (-log_z).exp() * rest_term - log_z * (log_rest - log_z).exp()
-        return inside + outside - kl_rows(base, original)
+        return (inside + outside).clamp(min=0) - kl_rows(base, original)  # a KL is >= 0; rounding can say less
 
 
 class AnswerLogProb(TraceMetric):
