@@ -113,9 +113,9 @@ def trace(
             per_example[kind.key].append(by_offset if kind.unit else by_offset[:, :, 0])
         bar.update(len(index))
     bar.close()
-    settings = {"classes": classes if measure.name == "kl" else None, "nodes": [k.key for k in kinds],
-                "direction": direction,
-                "magnitude": magnitude, "sign": sign, "n_examples": len(examples), "batch_size": batch_size}
+    settings = {"classes": getattr(measure, "n_classes", None), "nodes": [k.key for k in kinds],
+                "direction": direction, "magnitude": magnitude, "sign": sign, "n_examples": len(examples),
+                "batch_size": batch_size}
     return Trace(method.name, measure.name, {k: torch.cat(v) for k, v in per_example.items()}, torch.cat(totals),
                  settings)
 
