@@ -86,18 +86,20 @@ class KL(TraceMetric):
         return logits.gather(1, state.classes.to(logits.device))
 
     def estimate(self, delta, state):
-        # The base run's logits with only the linearised classes moved; the KL of that against the original,
-        # summed over the moved classes and, in closed form, over the rest.
+        # The base run's logits with only the linearised classes moved by delta, in closed form and in terms of
+        # expm1 / log1p, so that tiny changes keep their precision: with p the base probabilities and
+        # Z = 1 + sum_S p (e^delta - 1) the new normaliser, KL(new || original) = sum_S q delta - log Z
+        # + (KL(base || original) + sum_S p (e^delta - 1)(base - original)) / Z.
         base, original, classes = state.base, state.original, state.classes
-        moved = torch.zeros_like(base, dtype=torch.bool).scatter(1, classes, True)
-        log_rest = base.masked_fill(moved, -torch.inf).logsumexp(1)  # log of the unmoved classes' mass
-        p = base.exp()
-        rest_term = torch.where(moved | (p == 0), 0.0, p * (base - original)).sum(1)
-        shifted = base.gather(1, classes) + delta.double()
-        log_z = torch.logaddexp(shifted.logsumexp(-1), log_rest)  # how the log-normaliser moves
-        inside = ((shifted - log_z[..., None]).exp() * (shifted - log_z[..., None] - original.gather(1, classes))).sum(-1)
-        outside = (-log_z).exp() * rest_term - log_z * (log_rest - log_z).exp()
-        return (inside + outside).clamp(min=0) - kl_rows(base, original)  # a KL is >= 0; rounding can say less
+        delta = delta.double()
+        p = base.gather(1, classes).exp()
+        grown = p * torch.expm1(delta)  # [..., b, m]
+        log_z = torch.log1p(grown.sum(-1))
+        q = p * (delta - log_z[..., None]).exp()
+        kl_base = kl_rows(base, original)
+        shift = base.gather(1, classes) - original.gather(1, classes)
+        new = (q * delta).sum(-1) - log_z + (kl_base + (grown * shift).sum(-1)) * (-log_z).exp()
+        return new.clamp(min=0) - kl_base  # a KL is >= 0; rounding can say less
 
 
 class AnswerLogProb(TraceMetric):
