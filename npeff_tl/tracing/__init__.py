@@ -7,5 +7,5 @@ from .nodes import DEFAULT_NODES, NODE_KINDS, NodeKind
 from .result import Trace, load_trace
 from .tracer import METHODS, TraceMethod, trace
 
-__all__ = ["agreement", "spearman", "KL", "AnswerLogProb", "TraceMetric", "DEFAULT_NODES", "NODE_KINDS", "NodeKind", "Trace", "load_trace",
-           "METHODS", "TraceMethod", "trace"]
+__all__ = ["agreement", "spearman", "KL", "AnswerLogProb", "TraceMetric", "DEFAULT_NODES", "NODE_KINDS", "NodeKind",
+           "Trace", "load_trace", "METHODS", "TraceMethod", "trace"]

@@ -16,6 +16,8 @@ outputs (``metrics``) at the base run. AtP* (Kramar et al., arXiv 2403.00745) fi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -75,9 +77,11 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
         return act
 
     node_hooks = [kind.hook(layer) for kind in kinds for layer in range(n_layers)]
-    qk_hooks = [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in
-                ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_pattern")] if qk_fix else []
-    hooks = [("blocks.0.hook_resid_pre", leaf)] + [(name, keeper(name)) for name in node_hooks + qk_hooks]
+    qk_names = [f"blocks.{layer}.attn.{name}" for layer in range(1, n_layers) for name in
+                ("hook_q", "hook_k", "hook_pattern")] if qk_fix else []  # gradients taken there
+    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(1, n_layers)] if qk_fix else []
+    hooks = [("blocks.0.hook_resid_pre", leaf)] + [(name, keeper(name))
+                                                   for name in node_hooks + qk_names + resid_names]
     writers = _writers(model) if grad_drop else {}
     for index, name in writers.items():
         hooks.append((name, lambda act, hook, index=index: gate(act, hook, index)))
@@ -87,7 +91,6 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
         logits = adapter.target_logits(runs.tokens, runs.targets[:, None])[:, 0]
         outputs = metric.outputs(logits, state)  # [b, m]
     deltas = {name: (runs.sources[name] - acts[name].detach()).double() for name in node_hooks}
-    qk_names = [h for h in qk_hooks if "resid_pre" not in h]
     grad_inputs = [acts[name] for name in node_hooks + qk_names]
     passes = [None] + drop
     m = outputs.shape[1]
@@ -111,11 +114,12 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
 
     b, seq = runs.tokens.shape
     after_target = torch.arange(seq)[None, :] > runs.targets.cpu()[:, None]  # [b, seq]
+    later_heads = [_later_attention(model, later, acts, qk_grads) for later in range(1, n_layers)] if qk_fix else []
     out = {}
     for kind in kinds:
         changes = torch.cat(linear.pop(kind.key))  # [P*m, layers, b, seq, units]
-        if qk_fix:
-            changes = changes + _qk_corrections(model, kind, deltas, acts, qk_grads)
+        if later_heads:  # a one-layer model has no later heads
+            changes = changes + _qk_corrections(model, kind, deltas, later_heads)
         changes = changes.reshape(P, m, n_layers, b, seq, -1).cpu()
         estimate = metric.estimate(changes.permute(0, 2, 4, 5, 3, 1), state)  # [P, layers, seq, units, b]
         per_pass = estimate.permute(0, 4, 1, 3, 2)  # [P, b, layers, units, seq]
@@ -154,59 +158,79 @@ def _combine(per_pass: Tensor, drop: list[int], kind: NodeKind, n_layers: int) -
     return out
 
 
-def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], acts: dict[str, Tensor],
-                    grads: list[dict[str, Tensor]]) -> Float[Tensor, "pm layers b seq units"]:
+@dataclass(frozen=True)
+class _LaterAttention:
+    """One later block's attention as the QK fix needs it: recomputed in float64 from its residual input, with the
+    gradients at its pattern, queries and keys of every (pass, slot). The same for every node kind."""
+
+    layer: int
+    resid: Tensor  # [b, seq, d_model]
+    Q: Tensor  # [b, pos, head, d_head]
+    K: Tensor
+    A: Tensor  # [b, head, query, key]
+    G: Tensor  # [pm, b, head, query, key]
+    Gq: Tensor  # [pm, b, pos, head, d_head]
+    Gk: Tensor
+    GA: Tensor  # [pm, b, head, query]: sum over keys of G . A
+
+
+def _later_attention(model, later: int, acts: dict[str, Tensor], grads: list[dict[str, Tensor]]) -> _LaterAttention:
+    attn = model.blocks[later].attn
+    resid = acts[f"blocks.{later}.hook_resid_pre"].detach().double()
+    with torch.no_grad():  # TL's norms return the model's dtype
+        x = model.blocks[later].ln1(resid).double()
+    Q = torch.einsum("btd,hde->bthe", x, attn.W_Q.detach().double()) + attn.b_Q.detach().double()
+    K = torch.einsum("btd,hde->bthe", x, attn.W_K.detach().double()) + attn.b_K.detach().double()
+    seq = resid.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=resid.device).tril()  # [query, key]
+    A = (torch.einsum("bthe,bshe->bhts", Q, K) / float(attn.attn_scale)).masked_fill(~causal, -torch.inf).softmax(-1)
+    G = torch.stack([g[f"blocks.{later}.attn.hook_pattern"] for g in grads]).double()
+    Gq = torch.stack([g[f"blocks.{later}.attn.hook_q"] for g in grads]).double()
+    Gk = torch.stack([g[f"blocks.{later}.attn.hook_k"] for g in grads]).double()
+    return _LaterAttention(later, resid, Q, K, A, G, Gq, Gk, (G * A).sum(-1))
+
+
+def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_heads: list[_LaterAttention]
+                    ) -> Float[Tensor, "pm layers b seq units"]:
     """Per (pass, slot) and node: the exact-softmax effect of the node's direct-path change of every later
     head's queries and keys, minus the first-order term it replaces."""
     cfg = model.cfg
-    n_layers = cfg.n_layers
     first = deltas[kind.hook(0)]
     b, seq = first.shape[:2]
     units = kind.n_units(cfg)
-    out = torch.zeros(len(grads), n_layers, b, seq, units, dtype=torch.float64, device=first.device)
+    out = torch.zeros(len(later_heads[0].G), cfg.n_layers, b, seq, units, dtype=torch.float64, device=first.device)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=first.device).tril()  # [query, key]
-    for later in range(1, n_layers):
-        attn = model.blocks[later].attn
+    step = max(1, QK_CHUNK // (b * seq * cfg.n_heads * seq))  # units per chunk
+    for heads in later_heads:
+        attn, ln = model.blocks[heads.layer].attn, model.blocks[heads.layer].ln1
         W_Q, b_Q, W_K, b_K = (p.detach().double() for p in (attn.W_Q, attn.b_Q, attn.W_K, attn.b_K))
         scale = float(attn.attn_scale)
-        ln = model.blocks[later].ln1
-        resid = acts[f"blocks.{later}.hook_resid_pre"].detach().double()  # [b, seq, d_model]
-        with torch.no_grad():  # TL's norms return the model's dtype
-            x = ln(resid).double()
-        Q = torch.einsum("btd,hde->bthe", x, W_Q) + b_Q
-        K = torch.einsum("btd,hde->bthe", x, W_K) + b_K
-        scores = torch.einsum("bthe,bshe->bhts", Q, K) / scale
-        A = scores.masked_fill(~causal, -torch.inf).softmax(-1)  # [b, head, query, key]
-        G = torch.stack([g[f"blocks.{later}.attn.hook_pattern"] for g in grads]).double()  # [pm, b, head, q, key]
-        Gq = torch.stack([g[f"blocks.{later}.attn.hook_q"] for g in grads]).double()  # [pm, b, pos, head, d_head]
-        Gk = torch.stack([g[f"blocks.{later}.attn.hook_k"] for g in grads]).double()
-        GA = (G * A).sum(-1)  # [pm, b, head, query]
+        Q, K, A, G = heads.Q, heads.K, heads.A, heads.G
         G_key = G.permute(0, 1, 4, 2, 3)  # [pm, b, key, head, query]
         A_key = A.permute(0, 3, 1, 2)[:, :, None]  # [b, key, 1, head, query]
         logit_A = A_key.log() - torch.log1p(-A_key)
-        per_unit = b * seq * cfg.n_heads * seq
-        step = max(1, QK_CHUNK // per_unit)
-        for layer in range(later):
+        for layer in range(heads.layer):
             delta = kind.as_units(deltas[kind.hook(layer)])
             for start in range(0, units, step):
                 stop = min(units, start + step)
                 with torch.no_grad():
-                    x2 = ln(resid[:, :, None] + kind.writes(model, layer, delta[:, :, start:stop])).double()
+                    x2 = ln(heads.resid[:, :, None] + kind.writes(model, layer, delta[:, :, start:stop])).double()
                 dQ = torch.einsum("btud,hde->btuhe", x2, W_Q) + b_Q - Q[:, :, None]
                 dK = torch.einsum("btud,hde->btuhe", x2, W_K) + b_K - K[:, :, None]
                 # queries: row t of the pattern recomputed with the patched query at t
                 rows = torch.einsum("btuhe,bshe->btuhs", Q[:, :, None] + dQ, K) / scale
                 rows = rows.masked_fill(~causal[None, :, None, None, :], -torch.inf).softmax(-1)
                 dA_rows = rows - A.permute(0, 2, 1, 3)[:, :, None]  # [b, query, unit, head, key]
-                term = torch.einsum("pbhts,btuhs->pbtu", G, dA_rows) - torch.einsum("pbthe,btuhe->pbtu", Gq, dQ)
+                term = (torch.einsum("pbhts,btuhs->pbtu", G, dA_rows)
+                        - torch.einsum("pbthe,btuhe->pbtu", heads.Gq, dQ))
                 # keys: entry t of every later row recomputed with the patched key at t (one logit moves)
                 shift = torch.einsum("bshe,btuhe->btuhs", Q, dK) / scale  # [b, key, unit, head, query]
                 new = torch.sigmoid(logit_A + shift)
                 others = torch.where(A_key < 1, (1 - new) / (1 - A_key), torch.ones_like(new)) - 1
                 # sum over rows s and heads of G . dA: the other entries of row s scale by (1 + others), entry t
                 # becomes new
-                term = (term + torch.einsum("btuhs,pbhs->pbtu", others, GA)
+                term = (term + torch.einsum("btuhs,pbhs->pbtu", others, heads.GA)
                         + torch.einsum("btuhs,pbths->pbtu", new - A_key - others * A_key, G_key)
-                        - torch.einsum("pbthe,btuhe->pbtu", Gk, dK))
+                        - torch.einsum("pbthe,btuhe->pbtu", heads.Gk, dK))
                 out[:, layer, :, :, start:stop] += term
     return out

@@ -44,11 +44,11 @@ class Trace:
     def ranked(self, kinds: tuple[str, ...] = COMPONENT_NODES) -> list[dict]:
         """Every node of ``kinds`` with its mean effect, largest |effect| first: name (TL hook, unit in brackets),
         layer, unit (None for a whole activation), offset before the target, effect."""
-        rows = []
+        rows, means = [], self.effects
         for key in kinds:
             if key not in self.per_example:
                 continue
-            kind, mean = NODE_KINDS[key], self.effects[key]
+            kind, mean = NODE_KINDS[key], means[key]
             grid = mean.reshape(mean.shape[0], -1, mean.shape[-1])  # [layers, units, offsets]
             for layer, unit, offset in torch.nonzero(~grid.isnan()).tolist():
                 rows.append({"node": node_name(kind, layer, unit), "layer": layer, "unit": unit if kind.unit else None,
