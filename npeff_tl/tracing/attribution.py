@@ -25,7 +25,7 @@ from torch import Tensor
 from ..adapters import ModelAdapter
 from .metrics import MetricState, TraceMetric
 from .nodes import NodeKind
-from .runs import Runs
+from .runs import Runs, capture
 
 QK_CHUNK = 2**24  # entries of the QK fix's [b, pos, units, heads, pos] tensors per chunk of units
 
@@ -65,12 +65,6 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
     def leaf(act, hook):  # the graph starts at the embeddings, whether or not parameters require gradients
         return act.detach().requires_grad_(True)
 
-    def keeper(name: str):  # keyed by the name registered (a TransformerBridge's hook.name is its own alias)
-        def keep(act, hook):
-            acts[name] = act
-
-        return keep
-
     def gate(act, hook, index):
         if act.requires_grad:
             act.register_hook(lambda g: torch.zeros_like(g) if dropped["writer"] == index else g)
@@ -80,7 +74,7 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
     qk_names = [f"blocks.{layer}.attn.{name}" for layer in range(1, n_layers) for name in
                 ("hook_q", "hook_k", "hook_pattern")] if qk_fix else []  # gradients taken there
     resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(1, n_layers)] if qk_fix else []
-    hooks = [("blocks.0.hook_resid_pre", leaf)] + [(name, keeper(name))
+    hooks = [("blocks.0.hook_resid_pre", leaf)] + [(name, capture(acts, name, detach=False))
                                                    for name in node_hooks + qk_names + resid_names]
     writers = _writers(model) if grad_drop else {}
     for index, name in writers.items():

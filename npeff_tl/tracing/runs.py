@@ -29,6 +29,16 @@ class Runs:
     sources: dict[str, Tensor]  # hook name -> the other run's activation, patched in
 
 
+def capture(store: dict[str, Tensor], name: str, detach: bool = True):
+    """A forward hook that keeps its activation in ``store`` under ``name``, the name it is registered under (a
+    TransformerBridge's ``hook.name`` is its own alias, not the name asked for)."""
+
+    def keep(act, hook):
+        store[name] = act.detach() if detach else act
+
+    return keep
+
+
 def target_log_probs(adapter: ModelAdapter, tokens: Tensor, targets: Tensor) -> Float[Tensor, "b vocab"]:
     """Float64 log-probabilities (on the CPU) at one target position per sequence, under whatever hooks are active."""
     logits = adapter.target_logits(tokens, targets[:, None])[:, 0]
@@ -42,13 +52,7 @@ def run_pair(adapter: ModelAdapter, tokens: Tensor, targets: Tensor, perturbatio
     tokens = tokens[:, : int(targets.max()) + 1]
     acts: dict[str, Tensor] = {}
 
-    def keeper(name: str):  # keyed by the name registered (a TransformerBridge's hook.name is its own alias)
-        def keep(act, hook):
-            acts[name] = act.detach()
-
-        return keep
-
-    keeping = model.hooks(fwd_hooks=[(name, keeper(name)) for name in hooks])
+    keeping = model.hooks(fwd_hooks=[(name, capture(acts, name)) for name in hooks])
     denoise = direction == "denoising"
     with torch.no_grad():
         with keeping if denoise else nullcontext():
