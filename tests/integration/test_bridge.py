@@ -124,7 +124,7 @@ def test_a_perturbation_restores_the_model_bit_for_bit(models, examples):
 def test_an_sae_spliced_at_a_bridge_hook_is_sae_lens_reconstruction(models, examples):
     from npeff_tl.baselines.sae import SAEDictionary, train_sae
 
-    _, bridge, _ = models
+    architecture, bridge, _ = models
     hook = "blocks.1.hook_resid_pre"
     train = nt.LabeledExamples(examples, labels=["a", "b", "a", "b", "a"])
     sae = train_sae(bridge, train, hook, d_sae=8, k=2, steps=20, batch_size=16, progress=False).double()
@@ -146,7 +146,10 @@ def test_an_sae_spliced_at_a_bridge_hook_is_sae_lens_reconstruction(models, exam
         ablated = bridge(tokens)
     with torch.no_grad(), bridge.hooks(fwd_hooks=[(hook, remove_feature)]):
         expected = bridge(tokens)
-    assert torch.allclose(ablated, expected, atol=1e-9) and float((ablated - clean).abs().max()) > 1e-6
+    # the two ways of removing the feature differ by rounding, which Llama's float32 normalisation (see TOLERANCE)
+    # can round apart by a float32 ulp of the logits
+    atol = 1e-7 if architecture == "llama" else 1e-9
+    assert torch.allclose(ablated, expected, atol=atol) and float((ablated - clean).abs().max()) > 1e-6
     assert torch.equal(bridge(tokens), clean)
 
 
