@@ -3,11 +3,13 @@ need. Without an initialised process group (or with one rank) every helper is th
 the algorithms have one code path.
 
 Under ``torchrun`` (or with ``--distributed`` on the command line) ``init_from_env`` starts the default group:
-NCCL when CUDA is available, gloo otherwise.
+NCCL when CUDA is available, gloo otherwise, and ends it when the process exits (a gloo group left to the
+interpreter's teardown can abort the process: "terminate called without an active exception").
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 
@@ -95,5 +97,12 @@ def init_from_env(backend: str | None = None) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
+    atexit.register(_end_at_exit)
     logger.info("rank %d of %d (%s)", rank(), world_size(), backend)
     return active()
+
+
+def _end_at_exit() -> None:
+    """Destroy the default group while the interpreter is still whole (no-op if ``leave`` already did)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
