@@ -1,9 +1,10 @@
 """Throughput of compute_pefs against torch.func, a naive loop and a no-per-example floor, in one process.
 
-Run:  .venv/bin/python benchmarks/bench_pefs.py [--threads N] [--quick] [--breakdown] [--device cuda]
+Run:  .venv/bin/python benchmarks/bench_pefs.py [--threads N] [--quick] [--breakdown] [--device cuda] [--include GLOB]
 
 Setting: diagonal PEFs, top-4 classes, nnz 65536 (capped at the space size), sequence length 32, batch 16,
-MLP weights selected. Models built from configs with random weights: "tiny" (2 layers, d_model 64; its space
+MLP weights selected (``--include``: another selection, e.g. ``'blocks.0.mlp.W_*'``, the first block alone, whose
+maps reach the loss at every position, so the last-block shortcut of D-PEFs does not apply). Models built from configs with random weights: "tiny" (2 layers, d_model 64; its space
 is 65,536 parameters, so nnz is the whole space and nothing is selected or sorted) and "gpt2-width" (2 layers,
 d_model 768, 12 heads, d_mlp 3072, d_vocab 50257; 9.4M parameters, of which the top 65,536 are kept).
 
@@ -39,7 +40,6 @@ import warnings
 import torch
 
 import npeff_tl as nt
-from npeff_tl.pefs.compute import fisher_diagonal
 from npeff_tl.pefs.grads import as_examples, batch_grads, batch_target_logits
 from npeff_tl.pefs.objectives import ClassLogProbs
 from npeff_tl.pefs.workspace import Workspace
@@ -47,7 +47,7 @@ from npeff_tl.pefs.workspace import Workspace
 K, NNZ, SEQ, BATCH = 4, 65536, 32, 16
 
 
-def build(width: str, device: str = "cpu"):
+def build(width: str, device: str = "cpu", include: str = "blocks.*.mlp.W_*"):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     shapes = {
@@ -59,7 +59,7 @@ def build(width: str, device: str = "cpu"):
         cfg = HookedTransformerConfig(n_layers=2, n_ctx=SEQ, act_fn="gelu", normalization_type="LN", device=device,
                                       seed=0, **shapes)
         model = HookedTransformer(cfg).eval()
-    space = nt.ParamSpace(model, include="blocks.*.mlp.W_*")
+    space = nt.ParamSpace(model, include=include)
     return model, space
 
 
@@ -137,7 +137,6 @@ def floor(model, space, tokens) -> float:
 def gradients(model, space, tokens) -> float:
     """Examples/s of the per-example gradients and D-PEF diagonals alone (breakdown of ours)."""
     adapter, examples, rule, workspace = nt.as_adapter(model), as_examples(tokens), nt.TopK(K), Workspace()
-    diagonal = torch.empty(BATCH, space.size, device=model.cfg.device)
     start = now(model)
     for first in range(0, len(tokens), BATCH):
         index = torch.arange(first, min(first + BATCH, len(tokens)))
@@ -146,9 +145,9 @@ def gradients(model, space, tokens) -> float:
             chosen = rule.select(logits, index)
             return ClassLogProbs(chosen.class_ids, rule, scale=chosen.weights.sqrt())
 
-        pieces, _ = batch_grads(adapter, space, examples, index, objective, None, workspace=workspace)
-        for name, factors in pieces:
-            fisher_diagonal(factors, diagonal[: len(index), slice(*space.offsets[name])])
+        pieces, _ = batch_grads(adapter, space, examples, index, objective, None, workspace=workspace, diagonal=True)
+        for _ in pieces:  # each diagonal is computed when its turn comes
+            pass
     return len(tokens) / (now(model) - start)
 
 
@@ -178,19 +177,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer examples and repeats (smoke test)")
     parser.add_argument("--breakdown", action="store_true", help="also time ours' gradients alone")
     parser.add_argument("--device", default="cpu", help="where the models run (cuda: for the GPU check)")
+    parser.add_argument("--include", default="blocks.*.mlp.W_*", help="the parameters selected (a ParamSpace glob)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else 5
     print(f"bench_pefs: torch {torch.__version__}, device {args.device}, {args.threads} threads, K={K}, nnz={NNZ}, "
-          f"seq={SEQ}, batch={BATCH}")
+          f"seq={SEQ}, batch={BATCH}, parameters {args.include}")
     fns = {"ours": ours, "vmap": vmap, "naive": naive, "floor": floor} | ({"gradients": gradients} if args.breakdown else {})
 
-    model, space = build("tiny", args.device)
+    model, space = build("tiny", args.device, args.include)
     tokens = tokens_for(model, 64 if args.quick else 256)
     tiny = interleaved_rates(fns, model, space, dict.fromkeys(fns, tokens), repeats)
     print("tiny:       " + "  ".join(f"{k} {v:8.1f} ex/s" for k, v in medians(tiny).items()))
 
-    model, space = build("gpt2-width", args.device)
+    model, space = build("gpt2-width", args.device, args.include)
     n = BATCH if args.quick else 2 * BATCH
     ours(model, space, tokens_for(model, BATCH))  # warm-up
     rss_before = peak_rss_mb()

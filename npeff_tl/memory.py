@@ -110,7 +110,8 @@ def estimate_pefs_memory(
     func = sum(numel[name] for name in space.names if name not in maps)
     saved, fixed = activations if activations is not None else _activations(adapter, space, seq_len)
     per_batch = {
-        "per-example gradients (largest tensor)": k * b * largest * f,
+        # D-PEFs take the classes one at a time through one buffer; LRM-PEFs keep all k
+        "per-example gradients (largest tensor)": (k if kind.uses_factors else 1) * b * largest * f,
         "diagonal of the largest tensor": b * largest * f,
         "output gradients of the hooked maps": k * b * T * d_out * f,
         "activations saved for backward": b * saved + fixed,

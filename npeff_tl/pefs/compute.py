@@ -28,18 +28,11 @@ from ..targets import ClassRule, Target, TopK
 from .containers import PEFS_FORMAT, PEFs, check_nnz, load_pefs
 from .grads import as_examples, batch_grads, hooked_names
 from .kinds import PEFKind, pef_kind, row_sums
+from .linear_grads import fisher_diagonal
 from .objectives import ClassLogProbs
 from .workspace import Workspace
 
 logger = logging.getLogger(__name__)
-
-
-def fisher_diagonal(factors: Float[Tensor, "b k n"], out: Float[Tensor, "b n"]) -> Float[Tensor, "b n"]:
-    """The D-PEF entries f = sum_c u_c^2 of factor columns ``factors[:, c]``, written into ``out``."""
-    torch.mul(factors[:, 0], factors[:, 0], out=out)
-    for c in range(1, factors.shape[1]):
-        out.addcmul_(factors[:, c], factors[:, c])
-    return out
 
 
 def _batch_pefs(
@@ -58,8 +51,9 @@ def _batch_pefs(
 ) -> dict[str, Tensor]:
     """The sparse PEF rows of a batch; its dense D-PEFs are added to ``fisher_sum``.
 
-    The factor columns u_c = sqrt(w_c) grad log p_c come one parameter tensor at a time; norms, the Fisher sum
-    and the running top-k are updated per tensor (no [b, k, size] copy). The rows may live in ``workspace``:
+    The factor columns u_c = sqrt(w_c) grad log p_c come one parameter tensor at a time (only their sum of squares,
+    for kinds that need no more); norms, the Fisher sum and the running top-k are updated per tensor (no
+    [b, k, size] copy). The rows may live in ``workspace``:
     they are valid until the next batch.
     """
     rule = target.classes
@@ -76,15 +70,18 @@ def _batch_pefs(
         seen.update(logits=logits, selection=selection)
         return ClassLogProbs(selection.class_ids, rule, scale=selection.weights.sqrt())  # padding: weight 0
 
-    pieces, _ = batch_grads(adapter, space, examples, index, class_log_probs, None, method, workspace)
+    pieces, _ = batch_grads(adapter, space, examples, index, class_log_probs, None, method, workspace,
+                            diagonal=not kind.uses_factors)
     logits, selection = seen["logits"], seen["selection"]
     b, k = selection.class_ids.shape
     device = logits.device
     trace = torch.zeros(b, dtype=torch.float64, device=device)
     batch_rows = kind.batch_rows(b, k, nnz, space.size, target.classes.max_classes, workspace, device)
-    for name, factors in pieces:  # [b, k, numel]: u_c restricted to one parameter tensor
+    for name, piece in pieces:  # u_c restricted to one parameter tensor, [b, k, numel], or sum_c u_c^2, [b, numel]
         start, stop = space.offsets[name]
-        diagonal = fisher_diagonal(factors, workspace.get("diagonal", (b, stop - start), factors.dtype, device))
+        factors = piece if kind.uses_factors else None
+        diagonal = piece if factors is None else fisher_diagonal(
+            factors, workspace.get("diagonal", (b, stop - start), factors.dtype, device))
         fisher_sum[start:stop] += diagonal.sum(0)  # b terms in the working dtype; across batches in float64
         trace += row_sums(diagonal)
         batch_rows.add(start, factors, diagonal)

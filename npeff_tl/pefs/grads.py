@@ -26,7 +26,7 @@ from ..progress import progress_bar
 from ..provenance import tensor_fingerprint
 from ..store import ShardStore
 from ..targets import Position
-from .linear_grads import linear_map_grads
+from .linear_grads import fisher_diagonal, linear_map_grads
 from .objectives import Objective, ObjectiveFor
 from .workspace import Workspace
 
@@ -152,7 +152,8 @@ def batch_grads(
     aux: Tensor | dict[str, Tensor] | None,
     method: str = "auto",
     workspace: Workspace | None = None,
-) -> tuple[Iterator[tuple[str, Float[Tensor, "b k numel"]]], Float[Tensor, "b k"]]:
+    diagonal: bool = False,
+) -> tuple[Iterator[tuple[str, Float[Tensor, "b k numel"] | Float[Tensor, "b numel"]]], Float[Tensor, "b k"]]:
     """Per-example gradients of ``objective`` for examples ``index`` (``aux``: their rows of objective data).
 
     ``objective`` may also be an ``ObjectiveFor``: a function of the batch's logits (detached, [b, vocab])
@@ -184,7 +185,7 @@ def batch_grads(
 
     if hooked:
         hooked_grads, outputs = linear_map_grads(
-            adapter, hooked, tokens, positions, objective_on_grid, row, slot, workspace or Workspace()
+            adapter, hooked, tokens, positions, objective_on_grid, row, slot, workspace or Workspace(), diagonal
         )
     if rest:
         logits = None
@@ -203,7 +204,11 @@ def batch_grads(
 
     def in_space_order() -> Iterator[tuple[str, Tensor]]:
         for name in space.names:
-            yield next(hooked_grads) if name not in func_grads else (name, func_grads.pop(name))
+            if name not in func_grads:
+                yield next(hooked_grads)
+                continue
+            grads = func_grads.pop(name)
+            yield name, fisher_diagonal(grads, grads.new_empty(grads.shape[::2])) if diagonal else grads
 
     return in_space_order(), outputs
 

@@ -21,8 +21,9 @@ class BatchRows(ABC):
     """One batch's stored rows, built from its factor columns as they come, one parameter tensor at a time."""
 
     @abstractmethod
-    def add(self, start: int, factors: Float[Tensor, "b k numel"], diagonal: Float[Tensor, "b numel"]) -> None:
-        """The factor columns over parameters [start, start + numel) and their D-PEF entries sum_c u_c^2."""
+    def add(self, start: int, factors: Float[Tensor, "b k numel"] | None, diagonal: Float[Tensor, "b numel"]) -> None:
+        """The factor columns over parameters [start, start + numel) (None for kinds that do not use them) and
+        their D-PEF entries sum_c u_c^2."""
 
     @abstractmethod
     def rows(self, class_ids: Int[Tensor, "b k"]) -> dict[str, Tensor]:
@@ -37,6 +38,7 @@ class PEFKind(ABC):
     container: ClassVar[type[PEFs]]
     counted: ClassVar[str]  # what nnz entries are chosen from, for error messages
     rank_one: ClassVar[bool]  # an NPEFF component of these PEFs is a direction g (pseudo-Fisher g g^T), not a diagonal
+    uses_factors: ClassVar[bool]  # its rows need the factor columns u_c, not only their sum of squares
 
     def component_diagonal(self, component: Float[Tensor, " size"]) -> Float[Tensor, " size"]:
         """The diagonal of an NPEFF component's pseudo-Fisher (where its Fisher mass sits): h, or g^2."""
@@ -66,7 +68,7 @@ class Diagonal(PEFKind):
     """D-PEFs: the diagonal f_i = sum_c u_c^2, its nnz largest entries (descending; every entry in parameter
     order when nnz is the whole space), norm ||f_i||."""
 
-    name, container, counted, rank_one = "diagonal", DiagonalPEFs, "parameters", False
+    name, container, counted, rank_one, uses_factors = "diagonal", DiagonalPEFs, "parameters", False, False
 
     def choice_size(self, space_size: int, max_classes: int) -> int:
         return space_size
@@ -81,7 +83,7 @@ class Diagonal(PEFKind):
 class LowRank(PEFKind):
     """LRM-PEFs: the factor U_i itself, its nnz largest |entries| over classes x parameters, norm ||U_i^T U_i||."""
 
-    name, container, counted, rank_one = "lowrank", LowRankPEFs, "classes x parameters", True
+    name, container, counted, rank_one, uses_factors = "lowrank", LowRankPEFs, "classes x parameters", True, True
 
     def choice_size(self, space_size: int, max_classes: int) -> int:
         return space_size * max_classes

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import npeff_tl.pefs.grads as grads_module
+import npeff_tl.pefs.linear_grads as linear_grads_module
 from npeff_tl import (
     AnswerLogProb,
     CrossEntropy,
@@ -11,6 +12,9 @@ from npeff_tl import (
     as_adapter,
     per_example_grads,
 )
+from npeff_tl.pefs.grads import batch_grads
+from npeff_tl.pefs.linear_grads import single_positions
+from npeff_tl.pefs.objectives import ClassLogProbs
 from helpers.models import unembed_bias
 from helpers.oracles import loop_grads
 
@@ -100,6 +104,47 @@ def test_hook_path_equals_torch_func_on_every_linear_map(model64):
     func = _grads(model64, examples, space, objective, "func")
     assert hooks.abs().max() > 0
     assert torch.allclose(hooks, func, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["hooks", "func"])
+def test_squared_gradients_equal_the_squares_of_the_per_output_gradients(model64, monkeypatch, method):
+    """``diagonal=True`` (what D-PEFs use) against squaring and summing the per-output gradients, on every linear
+    map, several positions per sequence; on the hook path the last block's maps take the one-position shortcut."""
+    examples = Examples.from_tokens([[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17]],
+                                    [[1, 5], [2], [0, 3, 7]])
+    adapter = as_adapter(model64)
+    space = ParamSpace(model64, include=sorted(adapter.linear_maps()))
+    objective = ClassLogProbs(torch.tensor([[3, 1, 4], [1, 5, 9], [2, 6, 5], [3, 5, 8], [9, 7, 9], [3, 2, 3]]))
+    index = torch.arange(len(examples))
+    shortcut = []
+
+    def recorded(dy):
+        at = single_positions(dy)
+        shortcut.append(at is not None)
+        return at
+
+    monkeypatch.setattr(linear_grads_module, "single_positions", recorded)
+    def collected(**kwargs):  # each tensor is valid until the next one comes
+        pieces, _ = batch_grads(adapter, space, examples, index, objective, objective.aux, method, **kwargs)
+        return {name: piece.clone() for name, piece in pieces}
+
+    factors, squares = collected(), collected(diagonal=True)
+    assert list(squares) == space.names
+    for name in space.names:
+        assert squares[name].shape == (len(examples), space.offsets[name][1] - space.offsets[name][0])
+        assert torch.allclose(squares[name], factors[name].square().sum(1), rtol=1e-12, atol=1e-300), name
+    if method == "hooks":  # the maps of block 1 reach the loss only at the target: one position each
+        assert any(shortcut) and not all(shortcut)
+        assert (squares["blocks.1.mlp.W_in"] > 0).any()
+
+
+def test_single_positions_finds_the_one_nonzero_position_or_refuses():
+    dy = torch.zeros(2, 3, 5, 1, 4)  # [k, b, pos, head, d_out]
+    dy[1, 0, 2, 0, 3] = 1.0
+    dy[0, 2, 4, 0, 0] = -2.0
+    assert single_positions(dy).tolist() == [2, 0, 4]  # example 1 has no nonzero entry: position 0
+    dy[0, 1, 1, 0, 1] = dy[1, 1, 3, 0, 2] = 1.0
+    assert single_positions(dy) is None
 
 
 @pytest.mark.parametrize("frozen", ["all", "some"])
