@@ -31,10 +31,14 @@ class Runs:
 
 def capture(store: dict[str, Tensor], name: str, detach: bool = True):
     """A forward hook that keeps its activation in ``store`` under ``name``, the name it is registered under (a
-    TransformerBridge's ``hook.name`` is its own alias, not the name asked for)."""
+    TransformerBridge's ``hook.name`` is its own alias, not the name asked for). It returns the activation, which
+    puts the kept tensor itself on the forward path: a TransformerBridge hands its hooks a reshaped view (heads
+    split at ``attn.hook_z``) and, when a hook returns nothing, goes on with the tensor before the reshape, so
+    gradients taken at the kept view would be zero."""
 
     def keep(act, hook):
         store[name] = act.detach() if detach else act
+        return act
 
     return keep
 

@@ -56,7 +56,7 @@ def trace(
     progress: bool = True,
 ) -> Trace:
     """Trace ``perturbation`` on ``examples`` (their target positions) through ``model`` (a HookedTransformer;
-    a TransformerBridge with exact patching only).
+    a TransformerBridge with exact patching or plain AtP: AtP*'s QK fix needs HookedTransformer weights).
 
     ``perturbation`` is a reusable context manager that changes the model (a ``ParameterPerturbation``, a
     dictionary's ``intervention(j, magnitude, sign)``, a ``HookIntervention``) or a ``ParameterDirection``
@@ -88,9 +88,9 @@ def trace(
     examples = as_examples(examples, adapter=adapter)
     if len(examples) == 0:
         raise ValueError("no examples to trace")
-    if is_bridge(model) and not method.exact:
-        raise ValueError("AtP needs gradients at attn.hook_z, which a TransformerBridge's reshaped hooks do not "
-                         "carry; use method='patching' on a bridge, or AtP on a HookedTransformer")
+    if is_bridge(model) and method.qk_fix:
+        raise ValueError("AtP*'s QK fix recomputes attention from HookedTransformer weights, which a TransformerBridge "
+                         "does not have; use method='atp' or method='patching' on a bridge")
     n_offsets = int(examples.position.max()) + 1
     hooks = [kind.hook(layer) for kind in kinds for layer in range(model.cfg.n_layers)]
 

@@ -1,5 +1,5 @@
-"""Tracing: exact patching against a one-node-at-a-time loop (also on a TransformerBridge), AtP against autograd on
-single examples, the KL estimate against a direct computation, a saturated-softmax construction that AtP misses
+"""Tracing: exact patching against a one-node-at-a-time loop and AtP against autograd on single examples (both also on
+a TransformerBridge), the KL estimate against a direct computation, a saturated-softmax construction that AtP misses
 and AtP* recovers, agreement figures, exact restore, saving, and the errors at the entry."""
 
 import pytest
@@ -83,10 +83,10 @@ def test_exact_patching_matches_patching_one_node_at_a_time(model64, ragged, ste
     assert result.settings["direction"] == direction
 
 
-@pytest.mark.hooked  # AtP is refused on a TransformerBridge (its reshaped hooks carry no gradient)
 @pytest.mark.parametrize("direction", ["noising", "denoising"])
 def test_atp_is_gradient_times_change_of_each_node_on_single_examples(model64, ragged, step, direction):
-    """Oracle: autograd on one example at a time, at the base run, times the other run's activation minus it."""
+    """Oracle: autograd on one example at a time, at the base run, times the other run's activation minus it (also
+    on a TransformerBridge, whose head outputs reach its hooks as reshaped views)."""
     from contextlib import nullcontext
 
     result = trace(model64, step, ragged, method="atp", metric="logprob", nodes=NODES, direction=direction,
@@ -99,11 +99,12 @@ def test_atp_is_gradient_times_change_of_each_node_on_single_examples(model64, r
             _, cache = model64.run_with_cache(tokens)
         acts = {}
 
-        def keep(act, hook):
-            acts[hook.name] = act
+        def keep(act, hook, name):  # keyed by the name asked for: a bridge's hook.name is its own alias
+            acts[name] = act
             return act
 
-        hooks = [(f"blocks.{layer}.{kind}", keep) for kind in NODES for layer in range(2)]
+        hooks = [(name, lambda act, hook, name=name: keep(act, hook, name))
+                 for name in (f"blocks.{layer}.{kind}" for kind in NODES for layer in range(2))]
         with base_context:
             logits = model64.run_with_hooks(tokens, fwd_hooks=hooks)[0, target]
             grads = torch.autograd.grad(logits.log_softmax(-1)[answer], list(acts.values()))
@@ -225,7 +226,7 @@ def test_bad_input_is_a_clear_error(model64, ragged, step):
     from npeff_tl.adapters.bridge import is_bridge
 
     if is_bridge(model64):
-        with pytest.raises(ValueError, match="use method='patching' on a bridge"):
+        with pytest.raises(ValueError, match="use method='atp' or method='patching' on a bridge"):
             trace(model64, step, ragged)
     space = nt.ParamSpace(model64, include=["blocks.0.mlp.W_in"])
     with pytest.raises(ValueError, match="method must be one of"):
