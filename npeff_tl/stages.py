@@ -105,15 +105,17 @@ def _save_effects(run: Run, dictionary, path: Path) -> None:
 
 
 def _save_traces(run: Run, dictionary, path: Path) -> None:
-    """The circuits of the measured components (``npeff_tl.effects.component_traces``), where the model is a
-    HookedTransformer and the run asks for them."""
-    from .adapters.hooked import is_hooked_transformer
+    """The circuits of the measured components (``npeff_tl.effects.component_traces``), where the run asks for
+    them; with plain AtP where AtP*'s QK fix does not cover the model's attention (rotary, grouped-query...)."""
     from .effects import component_traces
     from .evaluation.selectivity import load_selectivity
+    from .tracing.tracer import method_for
 
-    method = run.config.selectivity.circuit_method
-    if not method or not is_hooked_transformer(run.model):
+    if not run.config.selectivity.circuit_method:
         return
+    method, why = method_for(run.model, run.config.selectivity.circuit_method)
+    if why:
+        run.say(f"  {dictionary.name}: {why}; circuits traced with plain AtP")
     traces = component_traces(dictionary, run.data.test, load_selectivity(path),
                               run.coefficients(dictionary.name)["test"], method=method, progress=run.progress)
     for j, result in traces.items():

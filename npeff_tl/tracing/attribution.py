@@ -30,9 +30,10 @@ from .runs import Runs, capture
 QK_CHUNK = 2**24  # entries of the QK fix's [b, pos, units, heads, pos] tensors per chunk of units
 
 
-def check_qk_fix(cfg) -> None:
-    """The QK fix recomputes plain dot-product attention; refuse models whose attention it would get wrong."""
-    problems = [name for name, bad in (
+def qk_fix_problems(cfg) -> list[str]:
+    """What in a model's attention the QK fix (which recomputes plain causal dot-product attention) would get
+    wrong; empty when it applies."""
+    return [name for name, bad in (
         ("rotary/ALiBi/relative positions", cfg.positional_embedding_type not in ("standard",)),
         ("grouped-query attention", getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads)),
         ("attention soft-capping", (getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0),
@@ -41,6 +42,11 @@ def check_qk_fix(cfg) -> None:
         ("split or per-head attention inputs", cfg.use_split_qkv_input or cfg.use_attn_in),
         ("bidirectional attention", cfg.attention_dir != "causal"),
     ) if bad]
+
+
+def check_qk_fix(cfg) -> None:
+    """Refuse models whose attention the QK fix would get wrong."""
+    problems = qk_fix_problems(cfg)
     if problems:
         raise ValueError(f"AtP*'s QK fix supports plain causal dot-product attention, not {', '.join(problems)}; use "
                          "method='atp' (no QK fix) or method='patching'")
@@ -109,6 +115,8 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
     b, seq = runs.tokens.shape
     after_target = torch.arange(seq)[None, :] > runs.targets.cpu()[:, None]  # [b, seq]
     later_heads = [_later_attention(model, later, acts, qk_grads) for later in range(1, n_layers)] if qk_fix else []
+    for heads in later_heads:
+        _check_recomputed_pattern(heads, acts[f"blocks.{heads.layer}.attn.hook_pattern"], after_target)
     out = {}
     for kind in kinds:
         changes = torch.cat(linear.pop(kind.key))  # [P*m, layers, b, seq, units]
@@ -168,6 +176,26 @@ class _LaterAttention:
     GA: Tensor  # [pm, b, head, query]: sum over keys of G . A
 
 
+def _scale(model, attn) -> float:
+    """The attention logits' divisor: a HookedTransformer's own, sqrt(d_head) for a TransformerBridge (checked
+    against the model's pattern by ``_check_recomputed_pattern``)."""
+    return float(attn.attn_scale) if hasattr(attn, "attn_scale") else model.cfg.d_head ** 0.5
+
+
+PATTERN_TOLERANCE = 1e-4
+
+
+def _check_recomputed_pattern(heads: "_LaterAttention", pattern: Tensor, after_target: Tensor) -> None:
+    """The QK fix is only as right as its recomputed attention: refuse a model whose pattern it does not reproduce
+    (another scale, positional scheme or mask than plain causal dot-product attention)."""
+    rows = ~after_target.to(pattern.device)[:, None, :, None]  # query rows up to each example's target
+    gap = float(((heads.A - pattern.detach().double()).abs() * rows).max())
+    if gap > PATTERN_TOLERANCE:
+        raise ValueError(f"AtP*'s QK fix recomputes layer {heads.layer}'s attention pattern {gap:.1e} away from the "
+                         "model's own (not plain causal dot-product attention with scale sqrt(d_head)?); use "
+                         "method='atp' or method='patching'")
+
+
 def _later_attention(model, later: int, acts: dict[str, Tensor], grads: list[dict[str, Tensor]]) -> _LaterAttention:
     attn = model.blocks[later].attn
     resid = acts[f"blocks.{later}.hook_resid_pre"].detach().double()
@@ -177,7 +205,7 @@ def _later_attention(model, later: int, acts: dict[str, Tensor], grads: list[dic
     K = torch.einsum("btd,hde->bthe", x, attn.W_K.detach().double()) + attn.b_K.detach().double()
     seq = resid.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=resid.device).tril()  # [query, key]
-    A = (torch.einsum("bthe,bshe->bhts", Q, K) / float(attn.attn_scale)).masked_fill(~causal, -torch.inf).softmax(-1)
+    A = (torch.einsum("bthe,bshe->bhts", Q, K) / _scale(model, attn)).masked_fill(~causal, -torch.inf).softmax(-1)
     G = torch.stack([g[f"blocks.{later}.attn.hook_pattern"] for g in grads]).double()
     Gq = torch.stack([g[f"blocks.{later}.attn.hook_q"] for g in grads]).double()
     Gk = torch.stack([g[f"blocks.{later}.attn.hook_k"] for g in grads]).double()
@@ -198,7 +226,7 @@ def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_head
     for heads in later_heads:
         attn, ln = model.blocks[heads.layer].attn, model.blocks[heads.layer].ln1
         W_Q, b_Q, W_K, b_K = (p.detach().double() for p in (attn.W_Q, attn.b_Q, attn.W_K, attn.b_K))
-        scale = float(attn.attn_scale)
+        scale = _scale(model, attn)
         Q, K, A, G = heads.Q, heads.K, heads.A, heads.G
         G_key = G.permute(0, 1, 4, 2, 3)  # [pm, b, key, head, query]
         A_key = A.permute(0, 3, 1, 2)[:, :, None]  # [b, key, 1, head, query]

@@ -17,7 +17,7 @@ from ..examples import Examples, TokensLike
 from ..interventions import ParameterDirection, perturb
 from ..pefs.grads import as_examples
 from ..progress import progress_bar
-from .attribution import attribution_effects, check_qk_fix
+from .attribution import attribution_effects, check_qk_fix, qk_fix_problems
 from .metrics import TraceMetric, trace_metric
 from .nodes import DEFAULT_NODES, node_kinds
 from .patching import patching_effects
@@ -82,15 +82,12 @@ def trace(
     adapter = as_adapter(model)
     kinds = node_kinds(model, nodes)
     measure = trace_metric(metric, classes)
-    if method.qk_fix and not is_bridge(model):
+    if method.qk_fix:
         check_qk_fix(model.cfg)
     perturbation = _as_intervention(model, perturbation, magnitude, sign)
     examples = as_examples(examples, adapter=adapter)
     if len(examples) == 0:
         raise ValueError("no examples to trace")
-    if is_bridge(model) and method.qk_fix:
-        raise ValueError("AtP*'s QK fix recomputes attention from HookedTransformer weights, which a TransformerBridge "
-                         "does not have; use method='atp' or method='patching' on a bridge")
     n_offsets = int(examples.position.max()) + 1
     hooks = [kind.hook(layer) for kind in kinds for layer in range(model.cfg.n_layers)]
 
@@ -118,6 +115,15 @@ def trace(
                 "batch_size": batch_size}
     return Trace(method.name, measure.name, {k: torch.cat(v) for k, v in per_example.items()}, torch.cat(totals),
                  settings)
+
+
+def method_for(model, method: str) -> tuple[str, str | None]:
+    """``method``, or "atp" where it is AtP* and the QK fix does not cover ``model``'s attention, with the reason
+    (None when nothing changed): what a run traces with when its configured method cannot run on this model."""
+    problems = qk_fix_problems(model.cfg) if METHODS[method].qk_fix else []
+    if not problems:
+        return method, None
+    return "atp", f"AtP*'s QK fix does not cover {', '.join(problems)}"
 
 
 def _as_intervention(model, perturbation, magnitude: float | None, sign: int):

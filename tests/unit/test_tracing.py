@@ -1,6 +1,7 @@
-"""Tracing: exact patching against a one-node-at-a-time loop and AtP against autograd on single examples (both also on
-a TransformerBridge), the KL estimate against a direct computation, a saturated-softmax construction that AtP misses
-and AtP* recovers, agreement figures, exact restore, saving, and the errors at the entry."""
+"""Tracing: exact patching against a one-node-at-a-time loop and AtP against autograd on single examples, the KL
+estimate against a direct computation, a saturated-softmax construction that AtP misses and AtP* recovers, the QK
+fix's check of its recomputed attention, agreement figures, exact restore, saving, and the errors at the entry; all
+but the construction also on a TransformerBridge (the TL4 job)."""
 
 import pytest
 import torch
@@ -136,7 +137,7 @@ def test_the_kl_estimate_is_the_kl_of_the_changed_logits():
         assert torch.allclose(zero, torch.zeros(3, dtype=torch.float64), atol=1e-14)
 
 
-@pytest.mark.hooked  # AtP is refused on a TransformerBridge (its reshaped hooks carry no gradient)
+@pytest.mark.hooked  # the construction is tuned to this HookedTransformer's weights (a bridge's differ)
 def test_a_saturated_attention_that_atp_misses_and_atp_star_recovers():
     """Layer 1's head 0 attends (almost) only to one position; the perturbation moves position 1's residual stream
     so that the head attends there instead. The gradient through the saturated softmax is ~0, so AtP sees almost
@@ -171,7 +172,6 @@ def test_a_saturated_attention_that_atp_misses_and_atp_star_recovers():
     assert (star > exact / 5).all()  # and AtP* keeps it (GradDrop averages in passes without that path)
 
 
-@pytest.mark.hooked  # AtP is refused on a TransformerBridge (its reshaped hooks carry no gradient)
 def test_the_qk_fix_vanishes_to_second_order_for_small_perturbations(model64, ragged):
     """The QK fix replaces a first-order term by its exact-softmax version: their difference shrinks 100x when the
     step shrinks 10x (second order), and it leaves the last layer's nodes alone (they feed no later head)."""
@@ -189,7 +189,29 @@ def test_the_qk_fix_vanishes_to_second_order_for_small_perturbations(model64, ra
     assert gaps[1] > 0 and 50 < gaps[0] / gaps[1] < 200
 
 
-@pytest.mark.hooked  # AtP is refused on a TransformerBridge (its reshaped hooks carry no gradient)
+@pytest.mark.hooked
+def test_runs_trace_with_plain_atp_where_the_qk_fix_does_not_apply(model64):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from npeff_tl.tracing.tracer import method_for
+
+    rotary = HookedTransformer(HookedTransformerConfig(
+        n_layers=1, d_model=16, d_head=4, n_heads=4, n_key_value_heads=2, d_mlp=32, d_vocab=23, n_ctx=12,
+        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", device="cpu"))
+    assert method_for(rotary, "atp*") == (
+        "atp", "AtP*'s QK fix does not cover rotary/ALiBi/relative positions, grouped-query attention")
+    assert method_for(rotary, "patching") == ("patching", None)
+    assert method_for(model64, "atp*") == ("atp*", None)
+
+
+def test_the_qk_fix_refuses_attention_it_does_not_reproduce(model64, ragged, step, monkeypatch):
+    import npeff_tl.tracing.attribution as attribution
+
+    monkeypatch.setattr(attribution, "_scale", lambda model, attn: 2 * model.cfg.d_head ** 0.5)
+    with pytest.raises(ValueError, match="recomputes layer 1's attention pattern .* away from the model's own"):
+        trace(model64, step, ragged, method="atp*", progress=False)
+
+
 def test_atp_star_ranks_nodes_like_patching_on_a_random_perturbation(model64, ragged, step):
     exact = trace(model64, step, ragged, method="patching", progress=False)
     star = trace(model64, step, ragged, method="atp*", progress=False)
@@ -207,7 +229,6 @@ def test_spearman_and_ranks_against_the_textbook_formula():
     assert spearman(a, a.exp()) == pytest.approx(1.0)
 
 
-@pytest.mark.hooked  # AtP is refused on a TransformerBridge (its reshaped hooks carry no gradient)
 def test_tracing_restores_the_model_and_its_hooks_and_results_round_trip(model64, ragged, step, tmp_path):
     before = {k: v.clone() for k, v in model64.state_dict().items()}
     result = trace(model64, step, ragged, method="atp*", nodes=NODES, progress=False)
@@ -223,11 +244,6 @@ def test_tracing_restores_the_model_and_its_hooks_and_results_round_trip(model64
 
 
 def test_bad_input_is_a_clear_error(model64, ragged, step):
-    from npeff_tl.adapters.bridge import is_bridge
-
-    if is_bridge(model64):
-        with pytest.raises(ValueError, match="use method='atp' or method='patching' on a bridge"):
-            trace(model64, step, ragged)
     space = nt.ParamSpace(model64, include=["blocks.0.mlp.W_in"])
     with pytest.raises(ValueError, match="method must be one of"):
         trace(model64, step, ragged, method="atp**")
