@@ -182,15 +182,13 @@ def _scale(model, attn) -> float:
     return float(attn.attn_scale) if hasattr(attn, "attn_scale") else model.cfg.d_head ** 0.5
 
 
-PATTERN_TOLERANCE = 1e-4
-
-
-def _check_recomputed_pattern(heads: "_LaterAttention", pattern: Tensor, after_target: Tensor) -> None:
+def _check_recomputed_pattern(heads: _LaterAttention, pattern: Tensor, after_target: Tensor) -> None:
     """The QK fix is only as right as its recomputed attention: refuse a model whose pattern it does not reproduce
-    (another scale, positional scheme or mask than plain causal dot-product attention)."""
+    (another scale, positional scheme or mask than plain causal dot-product attention), up to the rounding of the
+    model's dtype."""
     rows = ~after_target.to(pattern.device)[:, None, :, None]  # query rows up to each example's target
     gap = float(((heads.A - pattern.detach().double()).abs() * rows).max())
-    if gap > PATTERN_TOLERANCE:
+    if gap > max(1e-4, 10 * torch.finfo(pattern.dtype).eps):
         raise ValueError(f"AtP*'s QK fix recomputes layer {heads.layer}'s attention pattern {gap:.1e} away from the "
                          "model's own (not plain causal dot-product attention with scale sqrt(d_head)?); use "
                          "method='atp' or method='patching'")
