@@ -26,6 +26,26 @@ def test_target_logits_match_full_forward(model64, tokens):
     assert torch.allclose(logits, full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1])), atol=1e-12)
 
 
+@pytest.mark.hooked
+def test_target_logits_skip_the_unembed_module_only_where_no_hook_would_see_it(model64, tokens, monkeypatch):
+    """TransformerLens's Unembed copies W_U on every call; unobserved, the same map is applied directly."""
+    from transformer_lens.components import Unembed
+
+    positions = torch.tensor([[8, 3]] * len(tokens))
+    adapter = as_adapter(model64)
+    calls = []
+    original = Unembed.forward
+    monkeypatch.setattr(Unembed, "forward", lambda self, x: calls.append(1) or original(self, x))
+    full = model64(tokens)[:, [8, 3]]
+    calls.clear()
+    direct = adapter.target_logits(tokens, positions)
+    assert calls == []
+    assert torch.allclose(direct, full, rtol=1e-12, atol=1e-12)
+    with model64.hooks(fwd_hooks=[("unembed.hook_out", lambda logits, hook: logits + 1.0)]):
+        hooked = adapter.target_logits(tokens, positions)
+    assert calls == [1] and torch.allclose(hooked, direct + 1.0, rtol=1e-12, atol=1e-12)
+
+
 def test_target_logits_without_layernorm():
     from helpers.models import make_model
 
