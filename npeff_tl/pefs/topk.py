@@ -30,6 +30,11 @@ def _sample_rank(k: int) -> int:
     return math.ceil(_MARGIN * k / _SAMPLE_FRACTION)
 
 
+def _sample_columns(n: int) -> Int[Tensor, " s"]:
+    """The fixed random sample (one column in ``_SAMPLE_FRACTION``, sorted) that estimates a piece's threshold."""
+    return torch.randint(n, (n // _SAMPLE_FRACTION,), generator=torch.Generator().manual_seed(n)).sort().values
+
+
 def row_selection(rows: int, k: int, total: int, key=None, workspace: Workspace | None = None):
     """What keeps ``k`` of ``total`` columns per row: ``AllColumns`` (column order) when k == total, else
     ``StreamingTopK`` (descending key, which refuses k > total)."""
@@ -99,6 +104,55 @@ class StreamingTopK:
         if self._width > 2 * self.k:
             self._compact()
 
+    def add_group(self, values: Float[Tensor, "rows g n"], offsets: list[int], bound: Float[Tensor, "rows n"]) -> None:
+        """Offer ``g`` pieces of one width at once (piece c at column offset ``offsets[c]``) whose keys are bounded
+        by ``bound``: key(values[:, c, j])^2 <= bound[:, j] for every c (LRM-PEFs: |u_c|^2 <= sum_c u_c^2). One
+        threshold pass over the bound finds the candidates of all g pieces, instead of one key and one threshold
+        pass per piece; the result is the same exact top-k."""
+        rows, g, n = values.shape
+        if g * n <= 4 * self.k or g * (n // _SAMPLE_FRACTION) < _sample_rank(self.k):
+            for c in range(g):
+                self.add(values[:, c], offsets[c])
+            return
+        sample = _sample_columns(n).to(values.device)
+        sampled = torch.cat([values[:, c].index_select(1, sample) for c in range(g)], dim=1)  # piece by piece: the
+        # pieces may be strided views (class-major buffers), where one index_select over the group is 5x slower
+        estimate = self.key(sampled).topk(_sample_rank(self.k), dim=1, sorted=False).values.amin(1)
+        floor = self._floor if self._floor is not None else torch.full_like(estimate, -math.inf)
+        picked = []
+        for row in range(rows):
+            piece, column = self._group_hits(values[row], bound[row], torch.maximum(estimate[row], floor[row]))
+            if len(piece) < self.k and estimate[row] > floor[row]:  # the estimate was too high for this row
+                piece, column = self._group_hits(values[row], bound[row], floor[row])
+                if len(piece) > self.k:
+                    top = self.key(values[row, piece, column]).topk(self.k, sorted=False).indices
+                    piece, column = piece[top], column[top]
+            picked.append((piece, column))
+        width = max(len(piece) for piece, _ in picked)
+        kept = torch.zeros(rows, width, dtype=values.dtype, device=values.device)
+        keys = torch.full((rows, width), -math.inf, dtype=values.dtype, device=values.device)
+        indices = torch.zeros(rows, width, dtype=torch.long, device=values.device)
+        starts = torch.as_tensor(offsets, device=values.device)
+        for row, (piece, column) in enumerate(picked):
+            chosen = values[row, piece, column]
+            kept[row, : len(chosen)], keys[row, : len(chosen)] = chosen, self.key(chosen)
+            indices[row, : len(chosen)] = starts[piece] + column
+        self._hold(keys, kept, indices)
+        if self._width > 2 * self.k:
+            self._compact()
+
+    def _group_hits(self, values: Float[Tensor, "g n"], bound: Float[Tensor, " n"], threshold: Tensor
+                    ) -> tuple[Int[Tensor, " m"], Int[Tensor, " m"]]:
+        """(piece, column) of the entries of key > ``threshold``: candidates from the bound first (key > t implies
+        bound >= t^2, rounding included: squares and sums of non-negative numbers round monotonically; the
+        margin only adds candidates), then the exact key test on them."""
+        if threshold > 0:
+            candidates = (bound >= threshold.to(bound.dtype).square() * (1 - 1e-5)).nonzero().squeeze(1)
+        else:
+            candidates = torch.arange(values.shape[1], device=values.device)
+        piece, at = (self.key(values[:, candidates]) > threshold).nonzero(as_tuple=True)
+        return piece, candidates[at]
+
     def result(self) -> tuple[Float[Tensor, "rows k"], Int[Tensor, "rows k"]]:
         """(values, column indices), sorted by descending key."""
         self._compact()
@@ -108,7 +162,7 @@ class StreamingTopK:
     def _above_threshold(self, keys: Tensor) -> tuple[Tensor, Tensor]:
         """Columns of each row above the row's threshold, padded to a common width, and which are real."""
         n = keys.shape[1]
-        sample = torch.randint(n, (n // _SAMPLE_FRACTION,), generator=torch.Generator().manual_seed(n)).sort().values
+        sample = _sample_columns(n)
         rank = _sample_rank(self.k)
         # index_select of sorted columns: twice as fast as keys[:, sample] on CPU
         estimate = keys.index_select(1, sample.to(keys.device)).topk(rank, dim=1, sorted=False).values.amin(1)

@@ -66,6 +66,29 @@ def test_streaming_top_k_is_exact(kind, seed):
         assert torch.equal(values, row.gather(1, indices))  # every value sits at its index
 
 
+@pytest.mark.parametrize("kind", ["normal", "heavy-tailed", "later-pieces-larger", "sparse", "skewed"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grouped_pieces_give_the_exact_top_k_from_candidates_of_their_bound(kind, seed):
+    """LRM-PEFs: the classes of one parameter tensor offered at once (class c at joint column c * size + j), their
+    candidates found from sum_c u_c^2; against a plain topk of the joint row."""
+    g, k, widths = 3, 300, [40_000, 100, 7, 25_000]
+    size = sum(widths)
+    classes = [_rows(seed + 10 * c, widths, kind) for c in range(g)]  # classes[c][t]: [5, widths[t]]
+    row = torch.cat([torch.cat(pieces, dim=1) for pieces in classes], dim=1)
+    want = row.abs().topk(k, dim=1)
+    top = StreamingTopK(5, k, g * size, key=torch.abs)
+    start = 0
+    for t, n in enumerate(widths):
+        values = torch.stack([classes[c][t] for c in range(g)], dim=1)  # [5, g, n]
+        top.add_group(values.clone(), [c * size + start for c in range(g)], values.square().sum(1))
+        start += n
+    values, indices = top.result()
+    assert torch.equal(values.abs(), want.values)  # same keys in the same (descending) order
+    if kind != "sparse":  # no ties: the same entries too
+        assert torch.equal(indices, want.indices)
+    assert torch.equal(values, row.gather(1, indices))
+
+
 @pytest.mark.parametrize("key", [torch.square, None])
 def test_keeping_everything_sorts_the_whole_row(key):
     pieces = [p.abs() for p in _rows(3, [700, 300], "normal")]
