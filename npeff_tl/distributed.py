@@ -3,8 +3,9 @@ need. Without an initialised process group (or with one rank) every helper is th
 the algorithms have one code path.
 
 Under ``torchrun`` (or with ``--distributed`` on the command line) ``init_from_env`` starts the default group:
-NCCL when CUDA is available, gloo otherwise, and ends it when the process exits (a gloo group left to the
-interpreter's teardown can abort the process: "terminate called without an active exception").
+NCCL when CUDA is available, gloo otherwise, and ends it when the process exits, all ranks together (a gloo
+group left to the interpreter's teardown, or torn down while a peer still runs, can abort the process:
+"terminate called without an active exception").
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -103,6 +105,14 @@ def init_from_env(backend: str | None = None) -> bool:
 
 
 def _end_at_exit() -> None:
-    """Destroy the default group while the interpreter is still whole (no-op if ``leave`` already did)."""
-    if dist.is_initialized():
+    """Destroy the default group while the interpreter is still whole (no-op if ``leave`` already did), after
+    the other ranks have finished too when this one ends normally: a rank that tore its group down while a peer
+    was still running aborted now and then ("terminate called without an active exception"). After an
+    uncaught error there is no barrier, since the peers may be waiting in another collective."""
+    if not dist.is_initialized():
+        return
+    try:
+        if getattr(sys, "last_value", None) is None:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()

@@ -1,14 +1,15 @@
 """One rank of the torch.distributed tests (launched by tests/integration/test_distributed.py through torchrun, gloo on CPU).
 
     python -m torch.distributed.run --nproc_per_node N tests/helpers/distributed_worker.py OUT [--die-after-shards K]
-                                    [--only-pefs] [--late-rank R]
+                                    [--only-pefs] [--late-rank R] [--raise-on-rank R]
 
 Computes diagonal and low-rank PEFs of a tiny model into OUT/pefs_{kind}, fits D-NPEFF and LRM-NPEFF to them
 and LRM-NPEFF to planted low-rank PEFs, fits coefficients of the PEFs again, and (rank 0) saves the factors to
 OUT/result.safetensors. Every shard a rank
 writes is listed in OUT/written_rank{r}.txt. ``--die-after-shards K``: rank 1 exits hard after writing K
 shards, as a crashed rank would. ``--late-rank R``: rank R looks at the store's finished shards 3 s later than
-the others, as a rank slowed down by a busy machine would.
+the others, as a rank slowed down by a busy machine would. ``--raise-on-rank R``: rank R raises after the PEFs, while the
+others go on to the fits' collectives.
 """
 
 import argparse
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--die-after-shards", type=int)
     parser.add_argument("--only-pefs", action="store_true")
     parser.add_argument("--late-rank", type=int)
+    parser.add_argument("--raise-on-rank", type=int)
     args = parser.parse_args()
     out = Path(args.out)
     distributed.init_from_env("gloo")
@@ -73,6 +75,8 @@ def main() -> None:
             for kind in ("diagonal", "lowrank")}
     if args.only_pefs:
         return
+    if rank == args.raise_on_rank:
+        raise RuntimeError("a planned failure")
     dnpeff = nt.DNPEFF(3, max_iter=60, seed=1).fit(pefs["diagonal"], progress=False)
     lrm = nt.LRMNPEFF(3, n_iters_g_only=20, n_iters_joint=40, seed=1).fit(pefs["lowrank"], progress=False)
     refit = dnpeff.fit_coefficients(pefs["diagonal"], n_iter=50, batch_size=5, progress=False)

@@ -116,6 +116,13 @@ def test_a_rank_that_starts_late_still_gets_its_own_shards(tmp_path, one_rank_pe
     _assert_same_pef_stores(one_rank_pefs, out)
 
 
+def test_a_rank_that_fails_ends_the_run_instead_of_waiting_at_exit(tmp_path):
+    """Ranks meet at a barrier when they exit normally; one that fails must not: its peers sit in another
+    collective, and a barrier there would hang the job instead of ending it."""
+    result = _torchrun(3, tmp_path / "failing", "--raise-on-rank", "1", check=False)
+    assert result.returncode != 0 and "a planned failure" in result.stderr
+
+
 def test_the_command_line_runs_pefs_and_fit_on_every_rank_then_goes_on_in_one(own_model_and_data, tmp_path):
     """`torchrun -m npeff_tl.cli --distributed selectivity`: PEFs and fits on 2 ranks, selectivity on rank 0; the
     artifacts match a one-process run's."""
