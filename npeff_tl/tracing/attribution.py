@@ -166,6 +166,11 @@ class _LaterAttention:
     gradients at its pattern, queries and keys of every (pass, slot). The same for every node kind."""
 
     layer: int
+    W_Q: Tensor  # float64 weights and the logits' divisor, read once per block (a bridge builds them per read)
+    b_Q: Tensor
+    W_K: Tensor
+    b_K: Tensor
+    scale: float
     resid: Tensor  # [b, seq, d_model]
     Q: Tensor  # [b, pos, head, d_head]
     K: Tensor
@@ -196,18 +201,20 @@ def _check_recomputed_pattern(heads: _LaterAttention, pattern: Tensor, after_tar
 
 def _later_attention(model, later: int, acts: dict[str, Tensor], grads: list[dict[str, Tensor]]) -> _LaterAttention:
     attn = model.blocks[later].attn
+    W_Q, b_Q, W_K, b_K = (p.detach().double() for p in (attn.W_Q, attn.b_Q, attn.W_K, attn.b_K))
+    scale = _scale(model, attn)
     resid = acts[f"blocks.{later}.hook_resid_pre"].detach().double()
     with torch.no_grad():  # TL's norms return the model's dtype
         x = model.blocks[later].ln1(resid).double()
-    Q = torch.einsum("btd,hde->bthe", x, attn.W_Q.detach().double()) + attn.b_Q.detach().double()
-    K = torch.einsum("btd,hde->bthe", x, attn.W_K.detach().double()) + attn.b_K.detach().double()
+    Q = torch.einsum("btd,hde->bthe", x, W_Q) + b_Q
+    K = torch.einsum("btd,hde->bthe", x, W_K) + b_K
     seq = resid.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=resid.device).tril()  # [query, key]
-    A = (torch.einsum("bthe,bshe->bhts", Q, K) / _scale(model, attn)).masked_fill(~causal, -torch.inf).softmax(-1)
+    A = (torch.einsum("bthe,bshe->bhts", Q, K) / scale).masked_fill(~causal, -torch.inf).softmax(-1)
     G = torch.stack([g[f"blocks.{later}.attn.hook_pattern"] for g in grads]).double()
     Gq = torch.stack([g[f"blocks.{later}.attn.hook_q"] for g in grads]).double()
     Gk = torch.stack([g[f"blocks.{later}.attn.hook_k"] for g in grads]).double()
-    return _LaterAttention(later, resid, Q, K, A, G, Gq, Gk, (G * A).sum(-1))
+    return _LaterAttention(later, W_Q, b_Q, W_K, b_K, scale, resid, Q, K, A, G, Gq, Gk, (G * A).sum(-1))
 
 
 def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_heads: list[_LaterAttention]
@@ -222,9 +229,8 @@ def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_head
     causal = torch.ones(seq, seq, dtype=torch.bool, device=first.device).tril()  # [query, key]
     step = max(1, QK_CHUNK // (b * seq * cfg.n_heads * seq))  # units per chunk
     for heads in later_heads:
-        attn, ln = model.blocks[heads.layer].attn, model.blocks[heads.layer].ln1
-        W_Q, b_Q, W_K, b_K = (p.detach().double() for p in (attn.W_Q, attn.b_Q, attn.W_K, attn.b_K))
-        scale = _scale(model, attn)
+        ln = model.blocks[heads.layer].ln1
+        W_Q, b_Q, W_K, b_K, scale = heads.W_Q, heads.b_Q, heads.W_K, heads.b_K, heads.scale
         Q, K, A, G = heads.Q, heads.K, heads.A, heads.G
         G_key = G.permute(0, 1, 4, 2, 3)  # [pm, b, key, head, query]
         A_key = A.permute(0, 3, 1, 2)[:, :, None]  # [b, key, 1, head, query]

@@ -55,8 +55,8 @@ def trace(
     patch_batch: int = 256,
     progress: bool = True,
 ) -> Trace:
-    """Trace ``perturbation`` on ``examples`` (their target positions) through ``model`` (a HookedTransformer;
-    a TransformerBridge with exact patching or plain AtP: AtP*'s QK fix needs HookedTransformer weights).
+    """Trace ``perturbation`` on ``examples`` (their target positions) through ``model`` (a HookedTransformer
+    or a TransformerBridge; AtP*'s QK fix refuses attention it does not reproduce, see ``method_for``).
 
     ``perturbation`` is a reusable context manager that changes the model (a ``ParameterPerturbation``, a
     dictionary's ``intervention(j, magnitude, sign)``, a ``HookIntervention``) or a ``ParameterDirection``
