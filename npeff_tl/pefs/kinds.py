@@ -147,12 +147,8 @@ class _LowRankRows(BatchRows):
 
     def add(self, start, factors, diagonal) -> None:
         self.gram += lowrank_gram(factors)
-        offsets = [c * self.size + start for c in range(self.k)]  # (class c, parameter j) has joint index c * size + j
-        if isinstance(self.top, AllColumns):
-            for c, offset in enumerate(offsets):
-                self.top.add(factors[:, c], offset)
-        else:  # |u_c|^2 <= sum_c u_c^2: the D-PEF entries bound every class's keys
-            self.top.add_group(factors, offsets, diagonal)
+        # (class c, parameter j) has joint index c * size + j; |u_c|^2 <= sum_c u_c^2 bounds every class's keys
+        self.top.add_group(factors, [c * self.size + start for c in range(self.k)], diagonal)
 
     def rows(self, class_ids) -> dict[str, Tensor]:
         if isinstance(self.top, AllColumns):  # every entry, already in (class, parameter) order

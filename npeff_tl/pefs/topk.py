@@ -59,6 +59,12 @@ class AllColumns:
         self._row[:, offset : offset + values.shape[1]] = values
         self._filled += values.shape[1]
 
+    def add_group(self, values: Float[Tensor, "rows g n"], offsets: list[int], bound=None) -> None:
+        """Copy ``g`` pieces of one width to their column offsets (``StreamingTopK.add_group``'s call; nothing is
+        selected here, so the bound is not needed)."""
+        for c, offset in enumerate(offsets):
+            self.add(values[:, c], offset)
+
     def result(self) -> tuple[Float[Tensor, "rows total"], Int[Tensor, "rows total"]]:
         """(values, column indices), in column order."""
         if self._filled != self.total:
