@@ -42,6 +42,7 @@ class _TargetLogits(nn.Module):
         self.model = model
 
     def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        from transformer_lens.components import Unembed
         from transformer_lens.utilities.activation_functions import apply_softcap
 
         model = self.model
@@ -51,17 +52,11 @@ class _TargetLogits(nn.Module):
         if model.cfg.normalization_type is not None:
             resid = model.ln_final(resid)
         unembed = model.unembed
-        if _observed(unembed) or type(unembed) is not _unembed_class():
+        if _observed(unembed) or type(unembed) is not Unembed:
             logits = unembed(resid)
         else:
             logits = F.linear(resid, unembed.W_U.T, unembed.b_U)
         return apply_softcap(logits, model.cfg.output_logits_soft_cap)
-
-
-def _unembed_class() -> type:
-    from transformer_lens.components import Unembed
-
-    return Unembed
 
 
 def _observed(module: nn.Module) -> bool:

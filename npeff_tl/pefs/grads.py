@@ -208,7 +208,7 @@ def batch_grads(
                 yield next(hooked_grads)
                 continue
             grads = func_grads.pop(name)
-            yield name, fisher_diagonal(grads, grads.new_empty(grads.shape[::2])) if diagonal else grads
+            yield name, fisher_diagonal(grads) if diagonal else grads
 
     return in_space_order(), outputs
 

@@ -64,8 +64,11 @@ def _with_head_axis(t: Tensor, axis: int) -> Tensor:
     return t if t.ndim == axis + 2 else t.unsqueeze(axis)
 
 
-def fisher_diagonal(factors: Float[Tensor, "b k n"], out: Float[Tensor, "b n"]) -> Float[Tensor, "b n"]:
-    """The D-PEF entries f = sum_c u_c^2 of factor columns ``factors[:, c]``, written into ``out``."""
+def fisher_diagonal(factors: Float[Tensor, "b k n"], out: Float[Tensor, "b n"] | None = None
+                    ) -> Float[Tensor, "b n"]:
+    """The D-PEF entries f = sum_c u_c^2 of factor columns ``factors[:, c]``, written into ``out`` (a new tensor
+    by default)."""
+    out = factors.new_empty(factors.shape[::2]) if out is None else out
     torch.mul(factors[:, 0], factors[:, 0], out=out)
     for c in range(1, factors.shape[1]):
         out.addcmul_(factors[:, c], factors[:, c])
@@ -138,7 +141,7 @@ def linear_map_grads(
             b = dy.shape[1]
             if m.input is None:  # bias: sum over positions
                 g = dy.sum(2).reshape(k, b, -1).transpose(0, 1)
-                yield name, fisher_diagonal(g, g.new_empty(g.shape[::2])) if diagonal else g
+                yield name, fisher_diagonal(g) if diagonal else g
                 continue
             x = _with_head_axis(captured(m.input).detach(), 2)  # [seqs, pos, head, d_in]
             x = x if one_per_sequence else x[row]
