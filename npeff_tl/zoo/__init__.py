@@ -1,15 +1,17 @@
 """The zoo: small HookedTransformers with examples whose mechanisms are labelled.
 
-Two kinds of entry. Task models (``tasks-2l``, ``tasks-3l``) are trained on synthetic tasks whose per-example
+Three kinds of entry. Task models (``tasks-2l``, ``tasks-3l``) are trained on synthetic tasks whose per-example
 strategy is known by construction. Field models (``pycode-4l``) are language models trained on real text, the
 source of Python's standard library, with next-token examples from held-out files labelled by rules on the
-text (``field_data.py``).
+text (``field_data.py``). Pretrained entries (``smollm2-135m``) are real language models whose weights come
+from a package on the package registry, prepared once into a local cache (``pretrained.py``), studied on the
+same kind of field examples in their own tokenisation.
 
 ``model, data = npeff_tl.zoo.load(NAME)`` gives a model (weights shipped in the package; no downloads) and a
 ``datasets.DatasetDict`` with splits "train" and "test" and columns ``tokens``, ``target_pos``, ``answer``,
 ``strategy``, ``strategies`` and ``text``: the token at ``target_pos + 1`` of the text, the one the model
-predicts at ``target_pos``, is ``answer``. ``npeff_tl.zoo.list()`` names the entries; each has a JSON card
-(config, seeds, accuracy, training command). ``python -m npeff_tl.zoo.train NAME`` regenerates an entry.
+predicts at ``target_pos``, is ``answer``. ``npeff_tl.zoo.list()`` names the entries; each trained entry has a
+JSON card (config, seeds, accuracy, training command) and ``python -m npeff_tl.zoo.train NAME`` regenerates it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .field import FieldEntry
+from .pretrained import SMOLLM2_135M, PretrainedEntry
 from .tasks import TASKS, VOCAB, generate
 from .tokenizer import load_tokenizer
 
@@ -65,22 +68,24 @@ class ZooEntry:
         return _task_dataset(self, n_train, n_test)
 
 
-ENTRIES: dict[str, ZooEntry | FieldEntry] = {
+ENTRIES: dict[str, ZooEntry | FieldEntry | PretrainedEntry] = {
     e.name: e
     for e in [
         ZooEntry("tasks-2l", n_layers=2),
         ZooEntry("tasks-3l", n_layers=3, seed=1, data_seed=1),
         FieldEntry("pycode-4l"),
+        SMOLLM2_135M,
     ]
 }
 
 
 def list() -> builtins.list[str]:  # noqa: A001 - mirrors the zoo API, nt.zoo.list()
-    """Names of the zoo entries (those with shipped weights)."""
-    return [name for name in ENTRIES if (MODELS_DIR / name / "model.safetensors").exists()]
+    """Names of the zoo entries: those with shipped weights, and the pretrained ones (prepared on first use)."""
+    return [name for name, e in ENTRIES.items()
+            if isinstance(e, PretrainedEntry) or (MODELS_DIR / name / "model.safetensors").exists()]
 
 
-def entry(name: str) -> ZooEntry | FieldEntry:
+def entry(name: str) -> ZooEntry | FieldEntry | PretrainedEntry:
     if name not in ENTRIES:
         raise ValueError(f"unknown zoo model {name!r}; available: {builtins.list(ENTRIES)}")
     return ENTRIES[name]
@@ -88,7 +93,10 @@ def entry(name: str) -> ZooEntry | FieldEntry:
 
 def build_model(name: str, device: str | torch.device = "cpu"):
     """An untrained model of entry ``name`` with its tokenizer attached."""
-    return entry(name).build_model(device)
+    e = entry(name)
+    if isinstance(e, PretrainedEntry):
+        raise ValueError(f"{name} is a pretrained entry: it is loaded (nt.zoo.load_model), not built or trained here")
+    return e.build_model(device)
 
 
 def dataset(name: str, n_train: int = 256, n_test: int = 128):
@@ -124,10 +132,18 @@ def _task_dataset(e: ZooEntry, n_train: int, n_test: int):
 
 
 def load_model(name: str, device: str | torch.device = "cpu", directory: Path | None = None):
-    """Zoo entry ``name``'s model with its shipped weights (or those in ``directory``), in eval mode."""
+    """Zoo entry ``name``'s model with its shipped weights (or those in ``directory``), in eval mode. A pretrained
+    entry is prepared first if needed (a one-time fetch from the package registry) and loads as a
+    TransformerBridge."""
     from safetensors.torch import load_file
 
-    path = (MODELS_DIR / entry(name).name if directory is None else Path(directory)) / "model.safetensors"
+    e = entry(name)
+    if isinstance(e, PretrainedEntry):
+        if directory is not None:
+            raise ValueError(f"{name} is a pretrained entry: it loads from its prepared directory; pass another "
+                             "Hugging Face directory as the model name instead")
+        return e.load_model(device)
+    path = (MODELS_DIR / e.name if directory is None else Path(directory)) / "model.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no weights for zoo model {name!r} at {path}; run `python -m npeff_tl.zoo.train {name}`")
     from ..tl_models import load_state
