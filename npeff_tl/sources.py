@@ -33,8 +33,8 @@ def load_model(name: str, device: str = "cpu") -> nn.Module:
 
 
 def _from_pretrained(name: str, device: str) -> nn.Module:
-    """A TransformerLens model name as a HookedTransformer (transformer-lens < 4) or, where TransformerLens has
-    no HookedTransformer (4.x), a Hugging Face name through TransformerBridge."""
+    """A TransformerLens model name as a HookedTransformer (transformer-lens < 4); any other name (every name on
+    transformer-lens 4, which has no HookedTransformer) as a Hugging Face model through TransformerBridge."""
     from .adapters.hooked import hooked_transformer_class
 
     if (hooked := hooked_transformer_class()) is None:
@@ -43,9 +43,8 @@ def _from_pretrained(name: str, device: str) -> nn.Module:
 
     try:
         get_official_model_name(name)
-    except ValueError:
-        raise ValueError(f"unknown model name {name!r}: not a zoo model (zoo:NAME), not an existing checkpoint "
-                         "directory, and not a TransformerLens model name") from None
+    except ValueError:  # not one of HookedTransformer's models: a Hugging Face name, through the bridge
+        return _bridge_from_hub(name, device)
     try:
         with warnings.catch_warnings():  # TL 3.9 steers new code to TransformerBridge; HookedTransformer is ours
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -61,8 +60,9 @@ def _bridge_from_hub(name: str, device: str) -> nn.Module:
     try:
         return TransformerBridge.boot_transformers(name, device=device).eval()
     except OSError as error:
-        raise OSError(f"could not load {name!r} from the model hub ({str(error).splitlines()[0]}); without hub "
-                      "access, save_pretrained the model and its tokenizer to a directory and pass that") from None
+        raise OSError(f"could not load {name!r}: not a zoo model (zoo:NAME), not an existing model directory, and "
+                      f"the model hub did not give it ({str(error).splitlines()[0]}); without hub access, "
+                      "save_pretrained the model and its tokenizer to a directory and pass that") from None
 
 
 @dataclass

@@ -136,7 +136,7 @@ def test_a_datasets_directory_is_a_data_source(own_model_and_data, tmp_path):
     (["pefs", "--set", "modle.name=x"], "unknown config section 'modle'; the sections are model, data"),
     (["pefs", "--set", "fit.n_components=many"], "config key fit.n_components must be int, got 'many'"),
     (["pefs", "--config", "/nonexistent/settings.toml"], "config file /nonexistent/settings.toml does not exist"),
-    (["pefs", "--set", "model.name=gpt-17"], "unknown model name 'gpt-17': not a zoo model"),
+    (["pefs", "--set", "model.name=gpt-17"], "could not load 'gpt-17': not a zoo model"),  # nor on the hub
     (["pefs", "--set", "model.name=zoo:gpt-17"], "unknown zoo model 'gpt-17'"),
     (["pefs", "--set", "model.name=gpt2"], "could not load 'gpt2' from the model hub"),  # offline: no hub
     (["pefs", "--set", "data.source=/nonexistent/prompts.jsonl"], "data source /nonexistent/prompts.jsonl does not exist"),
