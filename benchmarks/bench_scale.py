@@ -1,12 +1,16 @@
 """GPT-2-small size, end to end: PEFs, both NPEFF fits, coefficients and one selectivity measurement, with peak
 memory against ``estimate_memory``, projected to 10,000 examples.
 
-Run:  .venv/bin/python -u benchmarks/bench_scale.py [--examples N] [--device cuda] [--quick]
+Run:  .venv/bin/python -u benchmarks/bench_scale.py [--examples N] [--device cuda] [--quick] [--model NAME]
 
-Model: a ``HookedTransformer`` from config with random weights (seed 0): 12 layers, d_model 768, 12 heads,
-d_mlp 3072, d_vocab 50257, sequences of 32 random tokens. Space: every attention and MLP weight (W_Q, W_K, W_V,
-W_O, W_in, W_out of all blocks: 84,934,656 parameters). Target: the last position, top-4 classes; nnz 65536;
-batch 8; PEFs streamed to a store in a temporary directory (what the memory estimate assumes).
+Model: by default a ``HookedTransformer`` of GPT-2-small size from config with random weights (seed 0): 12 layers,
+d_model 768, 12 heads, d_mlp 3072, d_vocab 50257, sequences of 32 random tokens. ``--model NAME`` takes a zoo
+model instead (e.g. ``smollm2-135m``, the real pretrained model, prepared on first use: ``npeff-tl prepare
+smollm2-135m``) on windows of 64 tokens of real text (held-out files of the standard library, in the model's
+tokenisation). Space: every attention and MLP weight (W_Q, W_K, W_V, W_O, W_in, W_gate where the MLP is gated,
+W_out of all blocks: 84,934,656 parameters at GPT-2 size, 106,168,320 in SmolLM2-135M). Target: the last
+position, top-4 classes; nnz 65536; batch 8; PEFs streamed to a store in a temporary directory (what the memory
+estimate assumes).
 
 Figures, in order:
 - D-PEFs and LRM-PEFs of ``--examples`` training examples (default 128): examples/s; for D-PEFs the fraction
@@ -58,8 +62,23 @@ from npeff_tl.memory import estimate_memory  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from bench_pefs import floor, now  # noqa: E402
 
-K, NNZ, SEQ, BATCH, RANK, PROJECTED = 4, 65536, 32, 8, 32, 10_000
-SPACE = ["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_in", "blocks.*.mlp.W_out"]
+K, NNZ, BATCH, RANK, PROJECTED = 4, 65536, 8, 32, 10_000
+SEQ, REAL_SEQ = 32, 64  # random tokens for the model from config; windows of real text for a zoo model
+SPACE = ["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"]
+
+
+def real_windows(model, n: int, seq: int) -> torch.Tensor:
+    """``n`` windows of ``seq`` tokens of the standard library's held-out files in ``model``'s tokenisation: the
+    first window of each file long enough, in the corpus's order."""
+    from npeff_tl.zoo.corpus import Corpus
+
+    windows = []
+    for text in Corpus.from_stdlib("heldout").texts():
+        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        windows += [ids[start: start + seq] for start in range(0, len(ids) - seq + 1, 4 * seq)][: max(1, n // 40)]
+        if len(windows) >= n:
+            return torch.tensor(windows[:n])
+    raise ValueError(f"the held-out files give only {len(windows)} windows of {seq} tokens, fewer than {n}")
 
 
 def build(device: str):
@@ -118,18 +137,24 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=128, help="training examples (at least 128 for the record)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="40 examples and 4 iterations per fit (smoke test)")
+    parser.add_argument("--model", help="a zoo model instead of the GPT-2-size model from config (smollm2-135m)")
     args = parser.parse_args()
     n = 40 if args.quick else args.examples
     iters = 4 if args.quick else 20
     device = args.device
+    seq = REAL_SEQ if args.model else SEQ
     print(f"bench_scale: torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-          f"{n} examples, K={K}, nnz={NNZ}, seq={SEQ}, batch={BATCH}")
-    model = build(device)
+          f"model {args.model or 'GPT-2 size from config'}, {n} examples, K={K}, nnz={NNZ}, seq={seq}, batch={BATCH}")
+    model = nt.zoo.load_model(args.model, device) if args.model else build(device)
     space = nt.ParamSpace(model, include=SPACE)
     print(f"space: {space.size:,} parameters in {len(space.names)} tensors")
-    g = torch.Generator().manual_seed(0)
-    train = torch.randint(0, model.cfg.d_vocab, (n, SEQ), generator=g)
-    heldout = torch.randint(0, model.cfg.d_vocab, (32, SEQ), generator=g)
+    if args.model:
+        windows = real_windows(model, n + 32, seq)
+        train, heldout = windows[:n], windows[n:]
+    else:
+        g = torch.Generator().manual_seed(0)
+        train = torch.randint(0, model.cfg.d_vocab, (n, SEQ), generator=g)
+        heldout = torch.randint(0, model.cfg.d_vocab, (32, SEQ), generator=g)
     target = nt.Target("last", nt.TopK(K))
     ratios, peaks, rates = {}, {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale."))
@@ -140,7 +165,7 @@ def main() -> None:
     pefs = {}
     for kind in ("diagonal", "lowrank"):
         estimate = estimate_memory("pefs", model=model, space=space, target=target, kind=kind, batch_size=BATCH,
-                                   nnz=NNZ, n_examples=n, seq_len=SEQ)
+                                   nnz=NNZ, n_examples=n, seq_len=seq)
         with PeakMemory(device) as peak:
             pefs[kind], seconds = timed(lambda: nt.compute_pefs(model, train, space, target, kind, nnz=NNZ,
                                                                 batch_size=BATCH, store=tmp / kind, progress=False),
@@ -193,7 +218,7 @@ def main() -> None:
     fit_hours = {"dnpeff": seconds_per_iter["dnpeff"] * growth["dnpeff"] * 500 / 3600,
                  "lrm_npeff": seconds_per_iter["lrm_npeff"] * growth["lrm_npeff"] * 1100 / 3600}
     big = {kind: estimate_memory("pefs", model=model, space=space, target=target, kind=kind, batch_size=BATCH,
-                                 nnz=NNZ, n_examples=PROJECTED, seq_len=SEQ).bytes for kind in rates}
+                                 nnz=NNZ, n_examples=PROJECTED, seq_len=seq).bytes for kind in rates}
     big_fits = {method: estimate_memory(method, n_examples=PROJECTED, nnz=NNZ, n_columns=space.size, rank=RANK,
                                         classes=K).bytes for method in fits}
     print(f"projected for {PROJECTED:,} examples on this machine: D-PEFs {pef_hours['diagonal']:.1f} h, "
