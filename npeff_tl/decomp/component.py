@@ -29,13 +29,16 @@ _NEURON_AXIS = {"W_in": 1, "W_gate": 1, "W_out": 0, "b_in": 0, "b_gate": 0}  # t
 
 @dataclass(frozen=True)
 class Readout:
-    """Shares of a component's mass: per parameter tensor, per (layer, head), per (layer, neuron).
-    ``heads`` / ``neurons`` are zero where the space holds no such parameter. Under grouped-query attention a
-    key/value head serves several query heads; its mass is shared evenly among them."""
+    """Shares of a component's mass: per parameter tensor, per (layer, head), per (layer, neuron) and, under
+    grouped-query attention, per (layer, key/value group). ``heads`` / ``neurons`` are zero where the space holds
+    no such parameter. Under grouped-query attention a key/value head serves several query heads: in ``heads`` its
+    mass is shared evenly among them; ``groups`` keeps each group whole (its query heads' mass plus its key/value
+    head's), and has no columns without grouping (or when the space holds no key/value weight to show it)."""
 
     tensors: dict[str, float]
     heads: Float[Tensor, "n_layers n_heads"]
     neurons: Float[Tensor, "n_layers d_mlp"]
+    groups: Float[Tensor, "n_layers n_groups"]
 
 
 @dataclass(frozen=True)
@@ -71,15 +74,18 @@ class Component:
     def readout(self) -> Readout:
         mass = {name: t.double() for name, t in self.pseudo_fisher().items()}
         total = sum(float(t.sum()) for t in mass.values()) or 1.0
-        layers, n_heads, d_mlp = 0, 0, 0
+        layers, n_heads, n_kv, d_mlp = 0, 0, None, 0
         for name, t in mass.items():
             if m := _BLOCK.match(name):
                 layers = max(layers, int(m.group(1)) + 1)
                 if m.group(2) == "attn" and m.group(3) in _HEAD_PARAMS:
                     n_heads = max(n_heads, t.shape[0])
+                    n_kv = t.shape[0] if n_kv is None else min(n_kv, t.shape[0])
                 if m.group(2) == "mlp" and m.group(3) in _NEURON_AXIS:
                     d_mlp = max(d_mlp, t.shape[_NEURON_AXIS[m.group(3)]])
+        n_groups = n_kv if n_kv is not None and n_kv < n_heads else 0
         heads = torch.zeros(layers, n_heads, dtype=torch.float64)
+        groups = torch.zeros(layers, n_groups, dtype=torch.float64)
         neurons = torch.zeros(layers, d_mlp, dtype=torch.float64)
         for name, t in mass.items():
             if not (m := _BLOCK.match(name)):
@@ -89,7 +95,9 @@ class Component:
                 per_head = t.flatten(1).sum(1) / total
                 group = n_heads // len(per_head)  # > 1 for the key/value heads of grouped-query attention
                 heads[layer] += per_head.repeat_interleave(group) / group
+                if n_groups:  # query head h belongs to group h // (n_heads / n_groups), as the model repeats k/v
+                    groups[layer] += per_head.reshape(n_groups, -1).sum(1)
             if kind == "mlp" and param in _NEURON_AXIS:
                 axis = _NEURON_AXIS[param]
                 neurons[layer] += (t.sum(1 - axis) if t.ndim == 2 else t) / total
-        return Readout({name: float(t.sum()) / total for name, t in mass.items()}, heads, neurons)
+        return Readout({name: float(t.sum()) / total for name, t in mass.items()}, heads, neurons, groups)

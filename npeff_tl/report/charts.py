@@ -44,12 +44,21 @@ def readout_bars(readout) -> str:
         labels = [f"L{layer}" for layer in range(readout.heads.shape[0])]
         heads = [f"H{h}" for h in range(readout.heads.shape[1])]
         out += f'<h3>mass per attention head</h3>{heat_table(readout.heads, labels, heads, log=False, percent=True)}'
+    if readout.groups.numel() and float(readout.groups.sum()) > 0:
+        per_group = readout.heads.shape[1] // readout.groups.shape[1]
+        groups = [f"H{g * per_group}-{(g + 1) * per_group - 1}" for g in range(readout.groups.shape[1])]
+        out += (f'<h3>mass per key/value group</h3><p class="note">grouped-query attention: query heads '
+                f'{", ".join(groups)} share one key/value head each; a group\'s mass is its query heads\' and its '
+                f'key/value head\'s (the table above spreads each key/value head over its query heads)</p>'
+                f'{heat_table(readout.groups, labels, groups, log=False, percent=True)}')
     if readout.neurons.numel() and float(readout.neurons.sum()) > 0:
         flat = readout.neurons.flatten()
         top = flat.topk(min(5, flat.numel()))
         d_mlp = readout.neurons.shape[1]
         cells = ", ".join(f"L{i // d_mlp}.N{i % d_mlp} {v:.1%}" for i, v in zip(top.indices.tolist(), top.values.tolist()))
-        out += f'<p class="note">top MLP neurons: {cells}</p>'
+        gated = any(name.endswith(("mlp.W_gate", "mlp.b_gate")) for name in readout.tensors)
+        parts = "gate, input and output weights" if gated else "input and output weights"
+        out += f'<p class="note">top MLP neurons ({parts} of each neuron): {cells}</p>'
     return out
 
 

@@ -53,3 +53,24 @@ def test_top_examples_absolute_and_relative(model64):
     assert indices.tolist() == [1, 2] and values[0] == pytest.approx(3.0 / 3.5)
     with pytest.raises(IndexError, match="component 2 does not exist; there are 2"):
         dec.component(2)
+
+
+def test_readout_under_grouped_query_attention_keeps_each_key_value_group_whole():
+    """4 query heads share 2 key/value heads (heads 0-1 use group 0, 2-3 group 1, as the model repeats k/v)."""
+    space = nt.ParamSpace.from_shapes({"blocks.0.attn.W_Q": (4, 8, 2), "blocks.0.attn.W_K": (2, 8, 2),
+                                       "blocks.0.mlp.W_gate": (8, 6), "blocks.0.mlp.W_in": (8, 6)})
+    named = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in space.shapes.items()}
+    named["blocks.0.attn.W_Q"][2] = 1.0  # 16 entries of query head 2 (group 1; group 0 if groups interleaved)
+    named["blocks.0.attn.W_K"][0] = 2.0  # 32 mass on key head 0 (group 0, query heads 0 and 1)
+    named["blocks.0.mlp.W_gate"][:, 4] = 1.0  # 8 on neuron 4 through its gate
+    dec = nt.Decomposition(kind="diagonal", W=torch.ones(1, 1, dtype=torch.float64),
+                           components=space.to_flat(named)[None], kept_columns=torch.arange(space.size), space=space)
+    readout = dec.component(0).readout()
+    total = 16 + 32 + 8
+    torch.testing.assert_close(readout.groups, torch.tensor([[32 / total, 16 / total]], dtype=torch.float64))
+    torch.testing.assert_close(readout.heads, torch.tensor([[16, 16, 16, 0]], dtype=torch.float64) / total)
+    assert readout.neurons[0, 4] == pytest.approx(8 / total) and float(readout.neurons.sum()) == pytest.approx(8 / total)
+
+
+def test_readout_without_grouping_has_no_group_columns(model64):
+    assert _decomposition(model64).component(0).readout().groups.shape == (2, 0)
