@@ -7,7 +7,10 @@ outputs (``metrics``) at the base run. AtP* (Kramar et al., arXiv 2403.00745) fi
 - QK fix. A node's change reaches later attention heads' queries and keys, where a saturated softmax has almost
   no gradient. For the direct (residual-stream) path into each later head, the patched queries and keys are
   computed exactly, the attention pattern is recomputed with the exact softmax, and only the pattern's effect
-  on the outputs is linearised; this replaces the first-order term of that path.
+  on the outputs is linearised; this replaces the first-order term of that path (the gradient at ``hook_q`` and
+  ``hook_k``, which sit before any rotary embedding, times the change there). Queries and keys go through the
+  rotary embedding the model applied (its own cos and sin: partial rotary and rope scaling included), and with
+  grouped-query attention each query head reads its shared key/value head.
 - GradDrop. Direct and indirect paths can cancel in the gradient while their effects do not cancel. The
   backward pass is repeated with the gradient through each later layer's residual writes (attention and MLP
   outputs) set to zero, and the node's estimate is the mean over the other layers of the absolute estimates
@@ -31,11 +34,14 @@ QK_CHUNK = 2**24  # entries of the QK fix's [b, pos, units, heads, pos] tensors 
 
 
 def qk_fix_problems(cfg) -> list[str]:
-    """What in a model's attention the QK fix (which recomputes plain causal dot-product attention) would get
-    wrong; empty when it applies."""
+    """What in a model's attention the QK fix (which recomputes causal dot-product attention, with rotate-half
+    rotary embeddings and grouped-query attention) would get wrong; empty when it applies."""
+    positions = cfg.positional_embedding_type
     return [name for name, bad in (
-        ("rotary/ALiBi/relative positions", cfg.positional_embedding_type not in ("standard",)),
-        ("grouped-query attention", getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads)),
+        (f"{positions} positions", positions not in ("standard", "rotary")),
+        ("adjacent-pair (GPT-J-style) rotary embeddings", getattr(cfg, "rotary_adjacent_pairs", False)),
+        ("QK normalisation", getattr(cfg, "use_qk_norm", False)),
+        ("log-n attention scaling", getattr(cfg, "use_logn_attn", False)),
         ("attention soft-capping", (getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0),
         ("attention sinks", getattr(cfg, "use_attention_sinks", False)),
         ("QKV clipping", getattr(cfg, "clip_qkv", None) is not None),
@@ -48,8 +54,8 @@ def check_qk_fix(cfg) -> None:
     """Refuse models whose attention the QK fix would get wrong."""
     problems = qk_fix_problems(cfg)
     if problems:
-        raise ValueError(f"AtP*'s QK fix supports plain causal dot-product attention, not {', '.join(problems)}; use "
-                         "method='atp' (no QK fix) or method='patching'")
+        raise ValueError(f"AtP*'s QK fix supports causal dot-product attention (rotary and grouped-query included), "
+                         f"not {', '.join(problems)}; use method='atp' (no QK fix) or method='patching'")
 
 
 def attribution_effects(adapter: ModelAdapter, runs: Runs, kinds: list[NodeKind], metric: TraceMetric,
@@ -80,8 +86,12 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
     qk_names = [f"blocks.{layer}.attn.{name}" for layer in range(1, n_layers) for name in
                 ("hook_q", "hook_k", "hook_pattern")] if qk_fix else []  # gradients taken there
     resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(1, n_layers)] if qk_fix else []
+    rotary_names = [name for layer in range(1, n_layers) for name in
+                    (f"blocks.{layer}.attn.hook_cos", f"blocks.{layer}.attn.hook_sin")
+                    if qk_fix and name in model.hook_dict]  # a bridge's rotary embedding, as its attention got it
     hooks = [("blocks.0.hook_resid_pre", leaf)] + [(name, capture(acts, name, detach=False))
                                                    for name in node_hooks + qk_names + resid_names]
+    hooks += [(name, capture(acts, name)) for name in rotary_names]
     writers = _writers(model) if grad_drop else {}
     for index, name in writers.items():
         hooks.append((name, lambda act, hook, index=index: gate(act, hook, index)))
@@ -160,6 +170,9 @@ def _combine(per_pass: Tensor, drop: list[int], kind: NodeKind, n_layers: int) -
     return out
 
 
+Rotary = tuple[Float[Tensor, "_b pos rotary_dim"], Float[Tensor, "_b pos rotary_dim"]]  # cos, sin (batch 1 or b)
+
+
 @dataclass(frozen=True)
 class _LaterAttention:
     """One later block's attention as the QK fix needs it: recomputed in float64 from its residual input, with the
@@ -167,17 +180,21 @@ class _LaterAttention:
 
     layer: int
     W_Q: Tensor  # float64 weights and the logits' divisor, read once per block (a bridge builds them per read)
-    b_Q: Tensor
-    W_K: Tensor
-    b_K: Tensor
+    b_Q: Tensor | float  # 0.0 where the model has no bias
+    W_K: Tensor  # [kv_head, d_model, d_head]: per key/value head, as hook_k sees them
+    b_K: Tensor | float
     scale: float
+    rotary: Rotary | None
+    group: int  # query heads per key/value head
     resid: Tensor  # [b, seq, d_model]
-    Q: Tensor  # [b, pos, head, d_head]
+    q: Tensor  # [b, pos, head, d_head]: the queries at hook_q (before any rotary embedding)
+    k: Tensor  # [b, pos, kv_head, d_head]: the keys at hook_k
+    Q: Tensor  # [b, pos, head, d_head]: the queries and keys the logits take (rotated, keys per query head)
     K: Tensor
     A: Tensor  # [b, head, query, key]
     G: Tensor  # [pm, b, head, query, key]
     Gq: Tensor  # [pm, b, pos, head, d_head]
-    Gk: Tensor
+    Gk: Tensor  # [pm, b, pos, kv_head, d_head]
     GA: Tensor  # [pm, b, head, query]: sum over keys of G . A
 
 
@@ -187,34 +204,80 @@ def _scale(model, attn) -> float:
     return float(attn.attn_scale) if hasattr(attn, "attn_scale") else model.cfg.d_head ** 0.5
 
 
+def _key_weights(model, attn) -> tuple[Tensor, Tensor | None]:
+    """W_K and b_K per key/value head, as hook_k sees them: a HookedTransformer's grouped-query attention shows W_K
+    repeated per query head and keeps its own in _W_K (unless it ungroups them); a bridge's W_K is its own."""
+    if hasattr(attn, "_W_K") and not getattr(model.cfg, "ungroup_grouped_query_attention", False):
+        return attn._W_K, attn._b_K
+    return attn.W_K, attn.b_K
+
+
+def _rotary(model, attn, layer: int, acts: dict[str, Tensor], seq: int) -> Rotary | None:
+    """The cos and sin of a block's rotary embedding as the model applied them (any rope scaling included): what a
+    bridge's attention got (hook_cos, hook_sin); a HookedTransformer's tables at positions 0, 1, ... (a trace
+    passes no attention mask). None without one (a rotary model whose cos and sin are not found this way is then
+    refused by ``_check_recomputed_pattern``)."""
+    if model.cfg.positional_embedding_type != "rotary":
+        return None
+    if hasattr(attn, "rotary_cos"):
+        return attn.rotary_cos[None, :seq].double(), attn.rotary_sin[None, :seq].double()
+    cos, sin = (acts.get(f"blocks.{layer}.attn.hook_{name}") for name in ("cos", "sin"))
+    return None if cos is None else (cos.double(), sin.double())
+
+
+def _rotate(x: Float[Tensor, "b pos *heads d_head"], rotary: Rotary | None) -> Float[Tensor, "b pos *heads d_head"]:
+    """The rotary embedding at each position: the pairs (i, i + r/2) of the first r = rotary_dim features rotated,
+    the rest passed through (Hugging Face's apply_rotary_pos_emb, TransformerLens's apply_rotary)."""
+    if rotary is None:
+        return x
+    cos, sin = (c.reshape(*c.shape[:2], *[1] * (x.ndim - 3), c.shape[-1]) for c in rotary)
+    r = cos.shape[-1]
+    x_rot = x[..., :r]
+    half = torch.cat((-x_rot[..., r // 2:], x_rot[..., : r // 2]), -1)
+    return torch.cat((x_rot * cos + half * sin, x[..., r:]), -1)
+
+
+def _for_scores(q: Tensor, k: Tensor, rotary: Rotary | None, group: int) -> tuple[Tensor, Tensor]:
+    """Queries [..., head, d_head] and keys [..., kv_head, d_head] at hook_q and hook_k (or changes of them: the map is
+    linear) as the logits take them: rotated, and keys repeated per query head (query head h reads key/value head
+    h // group, as Hugging Face's repeat_kv and TransformerLens's repeat_interleave)."""
+    return _rotate(q, rotary), _rotate(k, rotary).repeat_interleave(group, dim=-2)
+
+
 def _check_recomputed_pattern(heads: _LaterAttention, pattern: Tensor, after_target: Tensor) -> None:
     """The QK fix is only as right as its recomputed attention: refuse a model whose pattern it does not reproduce
-    (another scale, positional scheme or mask than plain causal dot-product attention), up to the rounding of the
-    model's dtype."""
+    (another scale, positional scheme or mask than causal dot-product attention with the model's rotary
+    embedding), up to the rounding of the model's dtype."""
     rows = ~after_target.to(pattern.device)[:, None, :, None]  # query rows up to each example's target
     gap = float(((heads.A - pattern.detach().double()).abs() * rows).max())
     if gap > max(1e-4, 10 * torch.finfo(pattern.dtype).eps):
         raise ValueError(f"AtP*'s QK fix recomputes layer {heads.layer}'s attention pattern {gap:.1e} away from the "
-                         "model's own (not plain causal dot-product attention with scale sqrt(d_head)?); use "
-                         "method='atp' or method='patching'")
+                         "model's own (not causal dot-product attention with scale sqrt(d_head) and the model's "
+                         "rotary embedding?); use method='atp' or method='patching'")
 
 
 def _later_attention(model, later: int, acts: dict[str, Tensor], grads: list[dict[str, Tensor]]) -> _LaterAttention:
     attn = model.blocks[later].attn
-    W_Q, b_Q, W_K, b_K = (p.detach().double() for p in (attn.W_Q, attn.b_Q, attn.W_K, attn.b_K))
+    W_K, b_K = _key_weights(model, attn)
+    W_Q, W_K = attn.W_Q.detach().double(), W_K.detach().double()
+    b_Q, b_K = (0.0 if b is None else b.detach().double() for b in (attn.b_Q, b_K))
     scale = _scale(model, attn)
     resid = acts[f"blocks.{later}.hook_resid_pre"].detach().double()
+    seq = resid.shape[1]
+    rotary = _rotary(model, attn, later, acts, seq)
+    group = W_Q.shape[0] // W_K.shape[0]
     with torch.no_grad():  # TL's norms return the model's dtype
         x = model.blocks[later].ln1(resid).double()
-    Q = torch.einsum("btd,hde->bthe", x, W_Q) + b_Q
-    K = torch.einsum("btd,hde->bthe", x, W_K) + b_K
-    seq = resid.shape[1]
+    q = torch.einsum("btd,hde->bthe", x, W_Q) + b_Q
+    k = torch.einsum("btd,hde->bthe", x, W_K) + b_K
+    Q, K = _for_scores(q, k, rotary, group)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=resid.device).tril()  # [query, key]
     A = (torch.einsum("bthe,bshe->bhts", Q, K) / scale).masked_fill(~causal, -torch.inf).softmax(-1)
     G = torch.stack([g[f"blocks.{later}.attn.hook_pattern"] for g in grads]).double()
     Gq = torch.stack([g[f"blocks.{later}.attn.hook_q"] for g in grads]).double()
     Gk = torch.stack([g[f"blocks.{later}.attn.hook_k"] for g in grads]).double()
-    return _LaterAttention(later, W_Q, b_Q, W_K, b_K, scale, resid, Q, K, A, G, Gq, Gk, (G * A).sum(-1))
+    return _LaterAttention(later, W_Q, b_Q, W_K, b_K, scale, rotary, group, resid, q, k, Q, K, A, G, Gq, Gk,
+                           (G * A).sum(-1))
 
 
 def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_heads: list[_LaterAttention]
@@ -241,14 +304,16 @@ def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_head
                 stop = min(units, start + step)
                 with torch.no_grad():
                     x2 = ln(heads.resid[:, :, None] + kind.writes(model, layer, delta[:, :, start:stop])).double()
-                dQ = torch.einsum("btud,hde->btuhe", x2, W_Q) + b_Q - Q[:, :, None]
-                dK = torch.einsum("btud,hde->btuhe", x2, W_K) + b_K - K[:, :, None]
+                # changes at hook_q and hook_k (what AtP's first-order terms multiply), and as the logits take them
+                dq = torch.einsum("btud,hde->btuhe", x2, W_Q) + b_Q - heads.q[:, :, None]
+                dk = torch.einsum("btud,hde->btuhe", x2, W_K) + b_K - heads.k[:, :, None]
+                dQ, dK = _for_scores(dq, dk, heads.rotary, heads.group)
                 # queries: row t of the pattern recomputed with the patched query at t
                 rows = torch.einsum("btuhe,bshe->btuhs", Q[:, :, None] + dQ, K) / scale
                 rows = rows.masked_fill(~causal[None, :, None, None, :], -torch.inf).softmax(-1)
                 dA_rows = rows - A.permute(0, 2, 1, 3)[:, :, None]  # [b, query, unit, head, key]
                 term = (torch.einsum("pbhts,btuhs->pbtu", G, dA_rows)
-                        - torch.einsum("pbthe,btuhe->pbtu", heads.Gq, dQ))
+                        - torch.einsum("pbthe,btuhe->pbtu", heads.Gq, dq))
                 # keys: entry t of every later row recomputed with the patched key at t (one logit moves)
                 shift = torch.einsum("bshe,btuhe->btuhs", Q, dK) / scale  # [b, key, unit, head, query]
                 new = torch.sigmoid(logit_A + shift)
@@ -257,6 +322,6 @@ def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_head
                 # becomes new
                 term = (term + torch.einsum("btuhs,pbhs->pbtu", others, heads.GA)
                         + torch.einsum("btuhs,pbths->pbtu", new - A_key - others * A_key, G_key)
-                        - torch.einsum("pbthe,btuhe->pbtu", heads.Gk, dK))
+                        - torch.einsum("pbthe,btuhe->pbtu", heads.Gk, dk))
                 out[:, layer, :, :, start:stop] += term
     return out

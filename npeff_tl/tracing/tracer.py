@@ -56,7 +56,8 @@ def trace(
     progress: bool = True,
 ) -> Trace:
     """Trace ``perturbation`` on ``examples`` (their target positions) through ``model`` (a HookedTransformer
-    or a TransformerBridge; AtP*'s QK fix refuses attention it does not reproduce, see ``method_for``).
+    or a TransformerBridge; AtP*'s QK fix covers causal dot-product attention with rotary embeddings and grouped-query
+    attention, and refuses attention it does not reproduce, e.g. ALiBi or soft-capping: see ``method_for``).
 
     ``perturbation`` is a reusable context manager that changes the model (a ``ParameterPerturbation``, a
     dictionary's ``intervention(j, magnitude, sign)``, a ``HookIntervention``) or a ``ParameterDirection``
@@ -118,8 +119,9 @@ def trace(
 
 
 def method_for(model, method: str) -> tuple[str, str | None]:
-    """``method``, or "atp" where it is AtP* and the QK fix does not cover ``model``'s attention, with the reason
-    (None when nothing changed): what a run traces with when its configured method cannot run on this model."""
+    """``method``, or "atp" where it is AtP* and the QK fix does not cover ``model``'s attention (ALiBi, soft-capping,
+    sinks...: ``attribution.qk_fix_problems``), with the reason (None when nothing changed): what a run traces with
+    when its configured method cannot run on this model."""
     problems = qk_fix_problems(model.cfg) if METHODS[method].qk_fix else []
     if not problems:
         return method, None

@@ -1,6 +1,7 @@
 """TransformerBridge over Hugging Face models (GPT-2, GPT-NeoX, Llama with grouped-query attention and a gated MLP),
 built from configs in float64: parameters under TransformerLens names and layouts, per-example gradients and PEFs
-against a loop over the plain Hugging Face model, and exact restores."""
+against a loop over the plain Hugging Face model, exact restores, and AtP*'s QK fix on rotary and grouped-query
+attention against the Hugging Face attention module."""
 
 import pytest
 import torch
@@ -243,19 +244,135 @@ def test_component_readouts_cover_grouped_query_heads_and_gated_neurons(models, 
     assert float(readout.neurons.sum()) == pytest.approx(mlp, rel=1e-9)     # W_gate, W_in and W_out
 
 
-def test_attribution_patching_ranks_nodes_like_exact_patching_on_a_bridge(models, examples):
-    """AtP on every architecture, AtP* where its QK fix covers the attention (GPT-2), a clear refusal where not."""
-    architecture, bridge, _ = models
+def _pattern_gaps(monkeypatch) -> list[float]:
+    """The largest gap between the QK fix's recomputed pattern and the model's own, per later layer of each trace."""
+    import npeff_tl.tracing.attribution as attribution
+
+    check, gaps = attribution._check_recomputed_pattern, []
+
+    def measured(heads, pattern, after_target):
+        rows = ~after_target[:, None, :, None]
+        gaps.append(float(((heads.A - pattern.detach().double()).abs() * rows).max()))
+        check(heads, pattern, after_target)
+
+    monkeypatch.setattr(attribution, "_check_recomputed_pattern", measured)
+    return gaps
+
+
+def _mlp_step(bridge):
     space = nt.ParamSpace(bridge, include=["blocks.*.mlp.W_*"])
-    step = nt.perturb(bridge, nt.random_direction(space, seed=3), space, magnitude=3.0)
+    return nt.perturb(bridge, nt.random_direction(space, seed=3), space, magnitude=3.0)
+
+
+def test_attribution_patching_ranks_nodes_like_exact_patching_on_a_bridge(models, examples):
+    """AtP and AtP* on every architecture: AtP*'s QK fix covers GPT-2's attention, GPT-NeoX's partial rotary
+    embedding and Llama's rotary embedding with grouped-query attention."""
+    _, bridge, _ = models
+    step = _mlp_step(bridge)
     exact = nt.trace(bridge, step, examples, method="patching", progress=False)
-    methods = ["atp", "atp*"] if architecture == "gpt2" else ["atp"]
-    for method in methods:
+    for method in ["atp", "atp*"]:
         figures = nt.tracing.agreement(exact, nt.trace(bridge, step, examples, method=method, progress=False))
         assert figures["spearman"] > 0.9 and figures["recall"] >= 0.8, (method, figures)
-    if architecture != "gpt2":
-        with pytest.raises(ValueError, match="QK fix supports plain causal dot-product attention, not rotary"):
-            nt.trace(bridge, step, examples, method="atp*", progress=False)
+
+
+def test_the_qk_fix_recomputes_the_bridges_own_attention_pattern(models, examples, monkeypatch):
+    """With the rotary embedding (partial on GPT-NeoX) and Llama's key/value heads shared by query heads, the QK
+    fix's recomputed pattern is the bridge's own up to rounding (Hugging Face's softmax runs in float32), far below
+    the check's tolerance (without the rotary embedding, or with another key head per query head, it refuses)."""
+    _, bridge, _ = models
+    gaps = _pattern_gaps(monkeypatch)
+    nt.trace(bridge, _mlp_step(bridge), examples, method="atp*", progress=False)
+    assert len(gaps) == bridge.cfg.n_layers - 1 and max(gaps) < 1e-6, gaps
+
+
+def test_the_qk_fix_takes_the_rotary_embedding_the_model_applied(tmp_path, examples, monkeypatch):
+    """YaRN scaling (other frequencies, and an attention factor on cos and sin) with a rope_theta that the bridge's
+    config does not carry: the QK fix takes the cos and sin its attention got, so the pattern is still its own."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from helpers.hf_models import HUB_NAMES, hf_config, tokenizer
+
+    config = hf_config("llama")
+    config.rope_parameters = dict(rope_type="yarn", rope_theta=100.0, factor=4.0, original_max_position_embeddings=4)
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config).double().eval()
+    assert plain.model.rotary_emb.attention_scaling > 1.1
+    bridge = TransformerBridge.boot_transformers(HUB_NAMES["llama"], hf_model=copy.deepcopy(plain),
+                                                 tokenizer=tokenizer(tmp_path), device="cpu", dtype=torch.float64)
+    gaps = _pattern_gaps(monkeypatch)
+    nt.trace(bridge, _mlp_step(bridge), examples, method="atp*", progress=False)
+    assert gaps and max(gaps) < 1e-6, gaps
+
+
+def test_the_qk_fix_is_the_exact_softmax_change_of_rotary_grouped_query_attention(tmp_path, examples):
+    """Oracle: the Hugging Face attention module's own forward (eager, with its rotary embedding and repeat_kv) on
+    the patched input. For the residual stream after layer 0 at each position of each example, the QK fix (AtP with
+    it minus AtP without, log-probability metric) is, over layer 1's heads, G . (A_q - A) + G . (A_k - A) -
+    Gq . dq - Gk . dk: A_q is the module's pattern with the queries computed from the patched input and the keys
+    from the original one, A_k the other way round, dq and dk the changes of q_proj's and k_proj's outputs, and G,
+    Gq, Gk the answer log-probability's gradients at the bridge's hook_pattern, hook_q and hook_k (before the
+    rotary embedding, as AtP's first-order terms)."""
+    from npeff_tl.tracing.tracer import TraceMethod
+
+    bridge, plain = bridge_and_plain("llama", tmp_path)  # the step below moves MLP weights, not layer 1's attention
+    plain.set_attn_implementation("eager")  # the module returns its pattern
+    with torch.no_grad():  # sharp attention in layer 1, where the softmax is far from its linearisation
+        for model in (plain, bridge.original_model):
+            model.model.layers[1].self_attn.q_proj.weight.mul_(60)
+    layer, cfg = plain.model.layers[1], plain.config
+    step = _mlp_step(bridge)
+    traced = {method: nt.trace(bridge, step, examples, method=method, metric="logprob", nodes=("hook_resid_post",),
+                               progress=False).per_example["hook_resid_post"][:, 0]  # [n, offset], layer 0
+              for method in ("atp", TraceMethod("qk", qk_fix=True))}
+    got = traced[TraceMethod("qk", qk_fix=True)] - traced["atp"]
+    names = ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern", "blocks.1.attn.hook_q", "blocks.1.attn.hook_k"]
+
+    def keep(act, hook, name):
+        acts[name] = act
+        return act
+
+    def pattern(hidden, rotary, mask, held=None, held_input=None):
+        """The module's pattern [head, query, key] on ``hidden``, with its ``held`` projection (if any) computed from
+        ``held_input`` instead."""
+        hold = lambda m, args, out: torch.nn.functional.linear(held_input, m.weight)  # noqa: E731
+        handle = getattr(layer.self_attn, held).register_forward_hook(hold) if held else None
+        try:
+            return layer.self_attn(hidden, position_embeddings=rotary, attention_mask=mask)[1][0]
+        finally:
+            if handle:
+                handle.remove()
+
+    checked = 0
+    for i, (seq, target) in enumerate(zip(examples.seq_index.tolist(), examples.position.tolist())):
+        tokens, acts = examples.tokens[seq: seq + 1, : target + 1], {}
+        with step, torch.no_grad():
+            _, cache = bridge.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_post"])
+        logits = bridge.run_with_hooks(tokens, fwd_hooks=[(name, lambda act, hook, name=name: keep(act, hook, name))
+                                                          for name in names])[0, target]
+        G, Gq, Gk = (g[0] for g in torch.autograd.grad(logits.log_softmax(-1)[logits.argmax()],
+                                                       [acts[name] for name in names[1:]]))
+        with torch.no_grad():
+            x = acts[names[0]].detach()
+            h = layer.input_layernorm(x)
+            rotary = plain.model.rotary_emb(h, torch.arange(target + 1)[None])
+            mask = torch.full((target + 1, target + 1), -torch.inf, dtype=x.dtype).triu(1)[None, None]
+            A = pattern(h, rotary, mask)
+            for position in range(target + 1):
+                moved = x.clone()
+                moved[0, position] = cache["blocks.0.hook_resid_post"][0, position]
+                h2 = layer.input_layernorm(moved)
+                dq, dk = ((getattr(layer.self_attn, proj)(h2) - getattr(layer.self_attn, proj)(h))[0]
+                          .reshape(target + 1, heads, -1) for proj, heads in
+                          (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)))
+                A_q, A_k = (pattern(h2, rotary, mask, held, h) for held in ("k_proj", "q_proj"))
+                expected = float((G * (A_q - A)).sum() + (G * (A_k - A)).sum() - (Gq * dq).sum() - (Gk * dk).sum())
+                # Hugging Face's softmax runs in float32: its rounding, ~1e-9 here, bounds the agreement
+                assert float(got[i, target - position]) == pytest.approx(expected, rel=1e-4, abs=1e-8), (i, position)
+                checked += abs(expected) > 1e-5
+    assert checked >= 10  # the corrections are far above that rounding
 
 
 def test_unknown_hook_names_are_refused_on_a_bridge(models):

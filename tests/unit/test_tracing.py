@@ -1,7 +1,8 @@
 """Tracing: exact patching against a one-node-at-a-time loop and AtP against autograd on single examples, the KL
 estimate against a direct computation, a saturated-softmax construction that AtP misses and AtP* recovers, the QK
-fix's check of its recomputed attention, agreement figures, exact restore, saving, and the errors at the entry; all
-but the construction also on a TransformerBridge (the TL4 job)."""
+fix's check of its recomputed attention and its rotary and grouped-query attention, agreement figures, exact
+restore, saving, and the errors at the entry; all but the construction and the rotary model also on a
+TransformerBridge (the TL4 job)."""
 
 import pytest
 import torch
@@ -189,19 +190,53 @@ def test_the_qk_fix_vanishes_to_second_order_for_small_perturbations(model64, ra
     assert gaps[1] > 0 and 50 < gaps[0] / gaps[1] < 200
 
 
+@pytest.fixture
+def rotary_gqa():
+    """A HookedTransformer with a partial rotary embedding (4 of 8 features) and 4 query heads sharing 2 key/value
+    heads."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    return HookedTransformer(HookedTransformerConfig(
+        n_layers=2, d_model=16, d_head=8, n_heads=4, n_key_value_heads=2, rotary_dim=4, d_mlp=32, d_vocab=23,
+        n_ctx=12, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", seed=0,
+        dtype=torch.float64, device="cpu")).eval()
+
+
 @pytest.mark.hooked
-def test_runs_trace_with_plain_atp_where_the_qk_fix_does_not_apply(model64):
+def test_runs_trace_with_plain_atp_where_the_qk_fix_does_not_apply(model64, rotary_gqa):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from npeff_tl.tracing.tracer import method_for
 
-    rotary = HookedTransformer(HookedTransformerConfig(
-        n_layers=1, d_model=16, d_head=4, n_heads=4, n_key_value_heads=2, d_mlp=32, d_vocab=23, n_ctx=12,
-        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", device="cpu"))
-    assert method_for(rotary, "atp*") == (
-        "atp", "AtP*'s QK fix does not cover rotary/ALiBi/relative positions, grouped-query attention")
-    assert method_for(rotary, "patching") == ("patching", None)
+    alibi = HookedTransformer(HookedTransformerConfig(
+        n_layers=1, d_model=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=23, n_ctx=12, act_fn="gelu",
+        positional_embedding_type="alibi", attn_scores_soft_cap=30.0, device="cpu"))
+    assert method_for(alibi, "atp*") == ("atp", "AtP*'s QK fix does not cover alibi positions, attention soft-capping")
+    assert method_for(alibi, "patching") == ("patching", None)
     assert method_for(model64, "atp*") == ("atp*", None)
+    assert method_for(rotary_gqa, "atp*") == ("atp*", None)
+
+
+@pytest.mark.hooked
+def test_the_qk_fix_covers_rotary_grouped_query_attention_on_a_hookedtransformer(rotary_gqa, ragged, monkeypatch):
+    """The QK fix rotates its queries and keys with the model's own tables and lets each query head read its key
+    head: its recomputed pattern is the model's own to float64 rounding, and AtP* ranks nodes like patching."""
+    import npeff_tl.tracing.attribution as attribution
+
+    check, gaps = attribution._check_recomputed_pattern, []
+
+    def measured(heads, pattern, after_target):
+        rows = ~after_target[:, None, :, None]
+        gaps.append(float(((heads.A - pattern.detach().double()).abs() * rows).max()))
+        check(heads, pattern, after_target)
+
+    monkeypatch.setattr(attribution, "_check_recomputed_pattern", measured)
+    space = nt.ParamSpace(rotary_gqa, include=["blocks.*.attn.W_[QKV]", "blocks.*.mlp.W_*"])
+    step = nt.perturb(rotary_gqa, nt.random_direction(space, seed=3), space, magnitude=3.0)
+    exact = trace(rotary_gqa, step, ragged, method="patching", progress=False)
+    figures = agreement(exact, trace(rotary_gqa, step, ragged, method="atp*", progress=False))
+    assert gaps and max(gaps) < 1e-12, gaps
+    assert figures["spearman"] > 0.9 and figures["recall"] >= 0.8, figures
 
 
 def test_the_qk_fix_refuses_attention_it_does_not_reproduce(model64, ragged, step, monkeypatch):
