@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import npeff_tl.zoo as zoo
-from npeff_tl.zoo.code_labels import CATEGORIES, SourceFacts, target_labels
+from npeff_tl.zoo.code_labels import CATEGORIES, CODE_AND_PROSE_CATEGORIES, SourceFacts, target_labels
 from npeff_tl.zoo.tokenizer import load_code_tokenizer
 
 SNIPPET = '''class Cache(Base):
@@ -24,17 +24,18 @@ def helper():
 '''
 
 
-def _labelled(text, bigram=lambda a, b: 0.0):
+def _labelled(text, bigram=lambda a, b: 0.0, categories=CATEGORIES, unigram=None):
     """[(token text, labels)] of every target of ``text``, each with the whole text before it as its window."""
     tokenizer = load_code_tokenizer().backend_tokenizer
     encoding = tokenizer.encode(text)
     facts = SourceFacts.of(text)
-    return [(text[slice(*encoding.offsets[t])], target_labels(facts, encoding.ids, encoding.offsets, t, t, bigram))
+    return [(text[slice(*encoding.offsets[t])],
+             target_labels(facts, encoding.ids, encoding.offsets, t, t, bigram, categories, unigram))
             for t in range(1, len(encoding.ids))]
 
 
-def _by_category(labelled):
-    return {c: [piece for piece, labels in labelled if c in labels] for c in CATEGORIES}
+def _by_category(labelled, categories=CATEGORIES):
+    return {c: [piece for piece, labels in labelled if c in labels] for c in categories}
 
 
 def test_each_category_on_a_hand_written_snippet():
@@ -63,6 +64,100 @@ def test_multi_label_and_unlabelled_targets():
         {"close_bracket", "close_string"}, {"close_bracket", "close_string", "induction"}]
     assert labelled[0] == ('("', frozenset())  # opening a call: no mechanism the rules name
     assert _labelled("x = y\n") == [(" =", frozenset()), (" y", frozenset()), ("\n", frozenset())]
+
+
+PROSE_BRACKETS = '''def area(r):
+    """Area of a circle (radius r, in metres).
+
+    See [1] and the note (below).
+    """
+    # a comment (that goes on
+    # to the next line) ends here
+    x = f(r)  # call (once)
+    # an unmatched one) and [a mismatch)
+    # opens (here
+    y = g(x)  # closes) there
+    return x
+'''
+
+
+def test_prose_close_matches_brackets_within_one_comment_block_or_docstring():
+    labelled = _labelled(PROSE_BRACKETS, categories=CODE_AND_PROSE_CATEGORIES, unigram=lambda b: 1.0)
+    closers = [(piece, sorted(labels)) for piece, labels in labelled if {"close_bracket", "prose_close"} & labels]
+    assert closers == [
+        ("):", ["close_bracket"]),  # code: Python's tokenize sees it
+        (").", ["prose_close"]), ("]", ["prose_close"]), (").", ["prose_close"]),  # in the docstring
+        (")", ["prose_close"]),  # a comment block of two lines is one block
+        (")", ["close_bracket"]), (")", ["prose_close"]),  # code, then an inline comment
+        (")", ["close_bracket"]),  # g(x)
+    ]  # "one)" and "mismatch)" close nothing, nor does "closes)": code before it on its line begins another block
+    assert _by_category(_labelled(PROSE_BRACKETS), CODE_AND_PROSE_CATEGORIES)["prose_close"] == []  # pycode-4l's rules
+
+
+def test_prose_close_needs_its_opener_inside_the_window():
+    text = "# see (the note\n# below) here\n"
+    encoding = load_code_tokenizer().backend_tokenizer.encode(text)
+    facts, target = SourceFacts.of(text), next(t for t, (a, b) in enumerate(encoding.offsets) if text[a:b] == ")")
+    opener = next(t for t, (a, b) in enumerate(encoding.offsets) if "(" in text[a:b])
+
+    def labels(window):
+        return target_labels(facts, encoding.ids, encoding.offsets, target, window, lambda a, b: 0.0,
+                             CODE_AND_PROSE_CATEGORIES, lambda b: 1.0)
+
+    assert labels(target - opener) == {"prose_close"}
+    assert labels(target - opener - 1) == {"prose"}  # the bracket it closes is before the window
+
+
+PROSE_WORDS = '''def send(sock, data):
+    """Write data to the socket, or to a `socket` in a websocket.
+
+    A closed socket raises; the header goes first.
+    """
+    # sockets, then the header again
+    sock.send(data)  # a socket here
+'''
+
+
+def _rare(*words):
+    """A unigram model under which only ``words`` (single tokens) are rare."""
+    ids = {load_code_tokenizer().backend_tokenizer.encode(w).ids[0] for w in words}
+    return lambda b: 0.0 if b in ids else 1.0
+
+
+def test_prose_copy_is_a_rare_prose_word_copied_without_its_predecessor():
+    rare = _rare(" socket", " header", " data", "socket")
+    labelled = _labelled(PROSE_WORDS, categories=CODE_AND_PROSE_CATEGORIES, unigram=rare)
+    found = [(piece, labels) for piece, labels in labelled if labels & {"prose_copy", "induction"}]
+    assert found == [
+        (" socket", {"prose_copy"}),  # "A closed socket": the docstring said "the socket"
+        (' """', {"close_string", "induction", "prose"}),
+        (" socket", {"prose_copy"}),  # the comment's "sockets" begins with the token
+        (" header", {"induction", "prose"}),  # "the header" again: induction's copy, not prose_copy
+        (" socket", {"prose_copy"}),  # in an inline comment
+    ]
+    # not: "data" in the docstring (its earlier occurrence is code), "socket" inside "websocket" (not a word's start),
+    # the first occurrences, and frequent words (" the")
+    assert _by_category(_labelled(PROSE_WORDS, categories=CODE_AND_PROSE_CATEGORIES, unigram=lambda b: 1.0),
+                        CODE_AND_PROSE_CATEGORIES)["prose_copy"] == []  # frequent words explain themselves
+    assert _by_category(_labelled(PROSE_WORDS, lambda a, b: 1.0, CODE_AND_PROSE_CATEGORIES, rare),
+                        CODE_AND_PROSE_CATEGORIES)["prose_copy"] == []  # so does the current token
+    assert _by_category(_labelled(PROSE_WORDS, unigram=rare), CODE_AND_PROSE_CATEGORIES)["prose_copy"] == []
+
+
+def test_prose_mechanisms_replace_the_prose_label_only_in_their_rule_set():
+    rare = _rare(" socket", " header", " data", "socket")
+    with_prose = _labelled(PROSE_WORDS + PROSE_BRACKETS, categories=CODE_AND_PROSE_CATEGORIES, unigram=rare)
+    code_only = _labelled(PROSE_WORDS + PROSE_BRACKETS, unigram=rare)
+    assert [p for p, _ in with_prose] == [p for p, _ in code_only]
+    for (_, new), (_, old) in zip(with_prose, code_only):
+        if new & {"prose_close", "prose_copy"}:
+            assert "prose" in old and new - {"prose_close", "prose_copy"} == old - {"prose"}
+        else:
+            assert new == old
+    with pytest.raises(ValueError, match="needs unigram_prob"):
+        _labelled("x = 1\n", categories=CODE_AND_PROSE_CATEGORIES)
+    with pytest.raises(ValueError, match="no rule for categories"):
+        _labelled("x = 1\n", categories=("prose", "sarcasm"))
 
 
 def test_a_window_too_short_is_refused():
