@@ -68,10 +68,10 @@ class FieldEntry:
         return load_field_dataset(n_train, n_test)
 
 
-def token_stream(tokenizer, texts: list[str]) -> Int[Tensor, " n"]:
-    """The texts as one stream of token ids, each text preceded by the end-of-text token (as GPT-2 separates
-    documents)."""
-    eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+def token_stream(tokenizer, texts: list[str], separator_id: int | None = None) -> Int[Tensor, " n"]:
+    """The texts as one stream of token ids, each text preceded by the document separator ``separator_id`` (by
+    default the tokenizer's end-of-text token, as GPT-2 separates documents)."""
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT) if separator_id is None else separator_id
     pieces = []
     for encoding in tokenizer.backend_tokenizer.encode_batch(texts):
         pieces.append(torch.tensor([eot, *encoding.ids], dtype=torch.int32))

@@ -26,7 +26,7 @@ from ..store import save_json, save_tensors
 from . import MODELS_DIR, FieldEntry, build_model, dataset, entry, load_model
 from .corpus import Corpus
 from .field import record_strata, train_field
-from .field_data import build_field_data
+from .field_data import FIELD_RECIPES, build_field_data, build_recipe
 from .tasks import VOCAB, generate
 from .tokenizer import TOKENIZER_DIR, build_code_tokenizer, build_tokenizer
 
@@ -112,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", action="store_true", help="only rebuild the shipped word-level tokenizer")
     parser.add_argument("--code-tokenizer", action="store_true",
                         help="only rebuild the field models' BPE tokenizer from this Python's stdlib")
-    parser.add_argument("--field-data", action="store_true",
-                        help="only rebuild the field dataset from this Python's stdlib (with the shipped tokenizer)")
+    parser.add_argument("--field-data", nargs="?", const="pycode-4l", metavar="NAME",
+                        help="only rebuild a field dataset from this Python's stdlib: pycode-4l's (the default, with "
+                             f"the shipped tokenizer) or a pretrained entry's ({', '.join(FIELD_RECIPES)}; give "
+                             "--tokenizer-dir)")
+    parser.add_argument("--tokenizer-dir", type=Path, metavar="DIR",
+                        help="with --field-data NAME: a directory holding the entry's Hugging Face tokenizer")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.tokenizer:
@@ -122,8 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.code_tokenizer:
         build_code_tokenizer(Corpus.from_stdlib("train").texts())
         return 0
-    if args.field_data:
+    if args.field_data == "pycode-4l":
         build_field_data(progress=not args.quiet)
+        return 0
+    if args.field_data is not None:
+        if args.field_data not in FIELD_RECIPES:
+            parser.error(f"no field dataset {args.field_data!r}; known: pycode-4l, {', '.join(FIELD_RECIPES)}")
+        if args.tokenizer_dir is None:
+            parser.error(f"--field-data {args.field_data} needs --tokenizer-dir DIR (the model's tokenizer)")
+        from transformers import AutoTokenizer
+
+        start = time.perf_counter()
+        meta = build_recipe(args.field_data, AutoTokenizer.from_pretrained(str(args.tokenizer_dir)),
+                            directory=args.out, progress=not args.quiet)
+        print({"field_data": args.field_data, "strata": meta["strata"], "dropped": meta["dropped"],
+               "seconds": round(time.perf_counter() - start, 1)})
         return 0
     if args.name is None:
         parser.error("give a zoo entry name")
