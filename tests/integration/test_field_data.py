@@ -1,5 +1,6 @@
 """Field datasets for any tokenizer (``field_data.py``): the builder on a tiny hand-written corpus with the zoo's
-code tokenizer widened past int16, and pycode-4l's shipped dataset unchanged."""
+code tokenizer widened past int16, pycode-4l's shipped dataset unchanged, and the shipped smollm2-135m dataset
+read without its tokenizer (CI does not have it)."""
 
 import hashlib
 import json
@@ -11,9 +12,11 @@ import npeff_tl.zoo as zoo
 from npeff_tl.store import load_tensors
 from npeff_tl.zoo.code_labels import CODE_AND_PROSE_CATEGORIES
 from npeff_tl.zoo.corpus import Corpus
-from npeff_tl.zoo.field_data import (FIELD_DATA_DIR, WINDOW, build_field_data, build_recipe,
+from npeff_tl.zoo.field_data import (FIELD_DATA_DIR, FIELD_RECIPES, WINDOW, build_field_data, build_recipe,
                                      load_field_dataset, token_dtype)
 from npeff_tl.zoo.tokenizer import load_code_tokenizer
+
+SMOLLM2_DIR = FIELD_DATA_DIR / "smollm2-135m"
 
 MODULE = '''"""Helpers for the {name} cache (see the notes below).
 
@@ -164,3 +167,61 @@ def test_pycode_4l_dataset_is_unchanged():
     rows = json.dumps({split: data[split].to_dict() for split in ("train", "test")}, sort_keys=True)
     assert hashlib.sha256(rows.encode()).hexdigest() == PYCODE_ROWS_SHA256
     assert load_tensors(FIELD_DATA_DIR / "examples.safetensors")["train.tokens"].dtype == torch.int16
+
+
+def test_the_shipped_smollm2_dataset_reads_without_its_tokenizer():
+    meta = json.loads((SMOLLM2_DIR / "examples.json").read_text())
+    recipe = FIELD_RECIPES["smollm2-135m"]
+    assert meta["format_version"] == 2 and meta["categories"] == list(recipe.categories)
+    assert meta["tokenizer"]["vocab_size"] == recipe.vocab_size == 49152
+    assert meta["tokenizer"]["token_dtype"] == "int32" and len(meta["tokenizer"]["tokenizer_json_sha256"]) == 64
+    assert meta["separator"] == {"id": 0, "token": "<|endoftext|>"}
+    assert meta["dropped"] == recipe.dropped and meta["command"] == recipe.command
+    assert set(meta["strata"][:len(recipe.categories)]) == set(recipe.categories) >= {"prose_close", "prose_copy"}
+    tensors = load_tensors(SMOLLM2_DIR / "examples.safetensors")
+    for split in ("train", "test"):
+        windows, files = tensors[f"{split}.tokens"], tensors[f"{split}.file"].tolist()
+        assert windows.dtype == torch.int32 and windows.shape == (300 * len(meta["strata"]), WINDOW + 1)
+        assert 0 <= int(windows.min()) and int(windows.max()) < 49152
+        assert int(windows.max()) >= 2 ** 15  # ids that int16 would have wrapped
+        assert {s: meta["labels"][split].count(s) for s in meta["strata"]} == dict.fromkeys(meta["strata"], 300)
+        assert all(meta["pool_sizes"][split][s] >= 300 for s in meta["strata"])
+        assert {meta["file_split"][meta["files"][f]] for f in files} == {split}  # splits by file
+        starts = tensors[f"{split}.target_index"] == WINDOW
+        assert torch.equal(windows[:, 0] == 0, starts)  # <|endoftext|> begins each file, and only there
+    data = load_field_dataset(5, 3, SMOLLM2_DIR)
+    assert "text" not in data["train"].column_names
+    assert len(data["train"]) == 5 * len(meta["strata"]) and len(data["test"]) == 3 * len(meta["strata"])
+    assert all(len(t) == WINDOW and p == WINDOW - 1 for t, p in zip(data["test"]["tokens"], data["test"]["target_pos"]))
+    assert data["test"]["strategies"][0] == data["test"]["strategy"][0].split("+")
+    with pytest.raises(ValueError, match="is not the one the field dataset"):
+        load_field_dataset(1, 1, SMOLLM2_DIR, load_code_tokenizer())
+
+
+def _smollm2_prepared():
+    from npeff_tl.zoo.pretrained import SMOLLM2_135M
+
+    return SMOLLM2_135M.is_prepared()
+
+
+@pytest.mark.skipif(not _smollm2_prepared(), reason="smollm2-135m is not prepared here (./run.sh prepare smollm2-135m)")
+def test_the_shipped_smollm2_dataset_is_what_its_recipe_makes_with_the_prepared_tokenizer(tmp_path):
+    from safetensors.torch import load_file
+
+    from npeff_tl.zoo.pretrained import SMOLLM2_135M
+
+    tokenizer = SMOLLM2_135M.tokenizer(progress=False)
+    data = load_field_dataset(2, 2, SMOLLM2_DIR, tokenizer)
+    retokenised = tokenizer(data["test"]["text"][0], add_special_tokens=False)["input_ids"]
+    assert retokenised[-8:] == data["test"]["tokens"][0][-8:]  # the text decodes the window (its start may merge)
+    shipped = json.loads((SMOLLM2_DIR / "examples.json").read_text())
+    here = {key: Corpus.from_stdlib(split).fingerprint() for key, split in (("corpus", "heldout"),
+                                                                            ("bigram_corpus", "train"))}
+    if any(shipped[key]["sha256"] != sha for key, sha in here.items()):
+        pytest.skip(f"the shipped examples come from Python {shipped['corpus']['python']}'s standard library")
+    built = build_recipe("smollm2-135m", tokenizer, directory=tmp_path, progress=False)
+    for meta in (built, shipped):  # the file's bytes may differ with the transformers version that wrote it
+        del meta["tokenizer"]["tokenizer_json_sha256"]
+    assert built == shipped
+    a, b = load_file(str(tmp_path / "examples.safetensors")), load_file(str(SMOLLM2_DIR / "examples.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
