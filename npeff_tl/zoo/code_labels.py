@@ -22,8 +22,9 @@ They are the rule set ``PROSE_CATEGORIES``, added to ``CATEGORIES`` for models t
 (``CODE_AND_PROSE_CATEGORIES``). A target they label is inside prose by definition, so it does not also carry
 ``prose``: there ``prose`` means prose that none of them explains.
 
-- ``prose_close``: the target closes a bracket opened earlier in the same comment block or docstring, inside the
-  window (consecutive comment lines are one block).
+- ``prose_close``: the target closes a bracket, a double quote or a run of backquotes (reST's `x` and ``x``)
+  opened earlier in the same comment block or docstring, inside the window (consecutive comment lines are one
+  block; single quotes are left out, as apostrophes cannot be told from them).
 - ``prose_copy``: the target begins a word of the prose (two or more letters) whose token already occurred in the
   window's prose, though never after the current token (so not ``induction``), and neither the current token
   (P(target | current) below ``INDUCTION_MAX_BIGRAM``) nor the word's frequency in the training text (below
@@ -47,6 +48,7 @@ INDUCTION_MAX_BIGRAM = 0.05
 PROSE_COPY_MAX_UNIGRAM = 3e-4  # rarer than 3 in 10,000 tokens of the training text: not a function word
 _WORD_TOKEN = re.compile(r" ?[A-Za-z]{2,}")
 _PROSE_OPENERS = {")": "(", "]": "[", "}": "{"}
+_PROSE_QUOTES = '"`'
 _OPENERS = {")": "(", "]": "[", "}": "{"}
 _STATEMENT_BOUNDARIES = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING)
 _BLANKS = re.compile(r"[ \t]*")
@@ -66,7 +68,7 @@ class SourceFacts:
     statement_indent: list[int]  # at the first character of a statement: its column
     current_indent: list[int]  # the column of the last statement that starts at or before the character
     prose_region: list[int]  # inside prose: the number of its comment block or triple-quoted string
-    prose_opener_of: list[int]  # at a closing bracket in prose: the offset of the bracket it closes there
+    prose_opener_of: list[int]  # at a closing bracket or quote in prose: the offset of what it closes there
 
     @classmethod
     def of(cls, text: str) -> SourceFacts:
@@ -130,22 +132,36 @@ class SourceFacts:
         for c in range(n):
             facts.current_indent[c] = facts.statement_indent[c] if facts.statement_indent[c] >= 0 else (
                 facts.current_indent[c - 1] if c else -1)
-        facts._match_prose_brackets()
+        facts._match_prose_pairs()
         return facts
 
-    def _match_prose_brackets(self) -> None:
-        """``prose_opener_of``: brackets matched within each prose region (a closer whose region's innermost open
-        bracket is of another kind, or that has none open, closes nothing)."""
+    def _match_prose_pairs(self) -> None:
+        """``prose_opener_of``, within each prose region: brackets by a stack (a closer whose region's innermost
+        open bracket is of another kind, or that has none open, closes nothing); double quotes and backquotes
+        by turns, a run of them (``) closing the last open run of the same character and length."""
         stacks: dict[int, list[tuple[str, int]]] = {}
-        for c, char in enumerate(self.text):
-            region = self.prose_region[c]
-            if region < 0:
+        open_quotes: dict[tuple[int, str, int], int] = {}
+        c = 0
+        while c < len(self.text):
+            char, region = self.text[c], self.prose_region[c]
+            if region >= 0 and char in _PROSE_QUOTES:
+                end = c
+                while end < len(self.text) and self.text[end] == char and self.prose_region[end] == region:
+                    end += 1
+                key = (region, char, end - c)
+                if key in open_quotes:
+                    self.prose_opener_of[c] = open_quotes.pop(key)
+                else:
+                    open_quotes[key] = c
+                c = end
                 continue
-            stack = stacks.setdefault(region, [])
-            if char in "([{":
-                stack.append((char, c))
-            elif char in _PROSE_OPENERS and stack and stack[-1][0] == _PROSE_OPENERS[char]:
-                self.prose_opener_of[c] = stack.pop()[1]
+            if region >= 0:
+                stack = stacks.setdefault(region, [])
+                if char in "([{":
+                    stack.append((char, c))
+                elif char in _PROSE_OPENERS and stack and stack[-1][0] == _PROSE_OPENERS[char]:
+                    self.prose_opener_of[c] = stack.pop()[1]
+            c += 1
 
 
 def target_labels(

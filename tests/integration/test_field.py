@@ -94,6 +94,32 @@ def test_prose_close_matches_brackets_within_one_comment_block_or_docstring():
     assert _by_category(_labelled(PROSE_BRACKETS), CODE_AND_PROSE_CATEGORIES)["prose_close"] == []  # pycode-4l's rules
 
 
+PROSE_QUOTES = '''def say(word):
+    """Say "hi" or ``x`` or `y`; don't mind it's ``z` or "open.
+    """
+    # a "quoted" word
+    # and "on two
+    # lines"
+    x = "not (prose)"  # "here
+    # and" "not here
+    return x  # closed"
+'''
+
+
+def test_prose_close_pairs_double_quotes_and_backquote_runs_but_not_apostrophes():
+    labelled = _labelled(PROSE_QUOTES, lambda a, b: 1.0, CODE_AND_PROSE_CATEGORIES, lambda b: 1.0)  # no induction
+    closers = [(piece, sorted(labels)) for piece, labels in labelled
+               if {"close_bracket", "close_string", "prose_close"} & labels]
+    assert closers == [
+        ("):", ["close_bracket"]),
+        ('"', ["prose_close"]), ("``", ["prose_close"]), ("`", ["prose_close"]),  # "hi", ``x``, `y`
+        (' """', ["close_string", "prose"]),  # not the apostrophes, ``z` (runs of two lengths), "open
+        ('"', ["prose_close"]), ('"', ["prose_close"]),  # "quoted"; "on two / lines" in one comment block
+        (')"', ["close_string"]),  # a string literal, not prose: Python's tokenize closes it
+        ('"', ["prose_close"]),  # "here / and" across the block; "not here / closed" in another block
+    ]
+
+
 def test_prose_close_needs_its_opener_inside_the_window():
     text = "# see (the note\n# below) here\n"
     encoding = load_code_tokenizer().backend_tokenizer.encode(text)
