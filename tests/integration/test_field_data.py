@@ -178,6 +178,8 @@ def test_the_shipped_smollm2_dataset_reads_without_its_tokenizer():
     assert meta["separator"] == {"id": 0, "token": "<|endoftext|>"}
     assert meta["dropped"] == recipe.dropped and meta["command"] == recipe.command
     assert set(meta["strata"][:len(recipe.categories)]) == set(recipe.categories) >= {"prose_close", "prose_copy"}
+    pycode = json.loads((FIELD_DATA_DIR / "examples.json").read_text())
+    assert meta["file_split"] == pycode["file_split"]  # each held-out file in the same split as in pycode-4l's
     tensors = load_tensors(SMOLLM2_DIR / "examples.safetensors")
     for split in ("train", "test"):
         windows, files = tensors[f"{split}.tokens"], tensors[f"{split}.file"].tolist()
