@@ -259,10 +259,10 @@ class FieldRecipe:
 
     @property
     def command(self) -> str:
-        return f"{FIELD_COMMAND} {self.name} --tokenizer-dir DIR  (DIR: a directory with the model's tokenizer)"
+        return f"{FIELD_COMMAND} {self.name}  (the prepared entry's tokenizer; or --tokenizer-dir DIR)"
 
 
-SMOLLM2_135M = FieldRecipe(
+SMOLLM2_135M_RECIPE = FieldRecipe(
     name="smollm2-135m",
     separator="<|endoftext|>",
     categories=CODE_AND_PROSE_CATEGORIES,
@@ -290,7 +290,7 @@ SMOLLM2_135M = FieldRecipe(
                                    "on their targets, so each is a stratum of its own (code_labels)",
     },
 )
-FIELD_RECIPES = {recipe.name: recipe for recipe in (SMOLLM2_135M,)}
+FIELD_RECIPES = {recipe.name: recipe for recipe in (SMOLLM2_135M_RECIPE,)}
 
 
 def build_recipe(name: str, tokenizer, directory: Path | None = None, progress: bool = True) -> dict:

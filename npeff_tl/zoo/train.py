@@ -115,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--field-data", nargs="?", const="pycode-4l", metavar="NAME",
                         help="only rebuild a field dataset from this Python's stdlib: pycode-4l's (the default, with "
                              f"the shipped tokenizer) or a pretrained entry's ({', '.join(FIELD_RECIPES)}; give "
-                             "--tokenizer-dir)")
+                             "its tokenizer is the prepared entry's unless --tokenizer-dir names one)")
     parser.add_argument("--tokenizer-dir", type=Path, metavar="DIR",
-                        help="with --field-data NAME: a directory holding the entry's Hugging Face tokenizer")
+                        help="with --field-data NAME: a directory holding the entry's Hugging Face tokenizer (default: "
+                             "the prepared entry's, prepared first if needed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.tokenizer:
@@ -132,13 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.field_data is not None:
         if args.field_data not in FIELD_RECIPES:
             parser.error(f"no field dataset {args.field_data!r}; known: pycode-4l, {', '.join(FIELD_RECIPES)}")
-        if args.tokenizer_dir is None:
-            parser.error(f"--field-data {args.field_data} needs --tokenizer-dir DIR (the model's tokenizer)")
         from transformers import AutoTokenizer
 
         start = time.perf_counter()
-        meta = build_recipe(args.field_data, AutoTokenizer.from_pretrained(str(args.tokenizer_dir)),
-                            directory=args.out, progress=not args.quiet)
+        tokenizer = (entry(args.field_data).tokenizer(progress=not args.quiet) if args.tokenizer_dir is None
+                     else AutoTokenizer.from_pretrained(str(args.tokenizer_dir)))  # the prepared entry's by default
+        meta = build_recipe(args.field_data, tokenizer, directory=args.out, progress=not args.quiet)
         print({"field_data": args.field_data, "strata": meta["strata"], "dropped": meta["dropped"],
                "seconds": round(time.perf_counter() - start, 1)})
         return 0
