@@ -139,7 +139,7 @@ class SelectivitySettings(SelectivityConfig):
         n_measured: components measured per method: those with the most training mass.
         circuit_method: how the NPEFF components' circuits are traced for the report (``npeff_tl.trace``):
             "atp*", "atp", "patching" (exact, slow), or "" for none. "atp*" becomes "atp" on models whose attention
-            its QK fix does not cover (rotary, grouped-query...), and the run says so.
+            its QK fix does not cover (ALiBi, soft-capping...), and the run says so.
     """
 
     n_measured: int = 16

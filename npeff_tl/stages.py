@@ -106,7 +106,7 @@ def _save_effects(run: Run, dictionary, path: Path) -> None:
 
 def _save_traces(run: Run, dictionary, path: Path) -> None:
     """The circuits of the measured components (``npeff_tl.effects.component_traces``), where the run asks for
-    them; with plain AtP where AtP*'s QK fix does not cover the model's attention (rotary, grouped-query...)."""
+    them; with plain AtP where AtP*'s QK fix does not cover the model's attention (ALiBi, soft-capping...)."""
     from .effects import component_traces
     from .evaluation.selectivity import load_selectivity
     from .tracing.tracer import method_for
