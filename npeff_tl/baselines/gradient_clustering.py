@@ -31,6 +31,7 @@ from ..pefs import AnswerLogProb, per_example_grads
 
 SKETCH_ABOVE = 2**20
 SKETCH_DIM = 2**16
+GRADIENT_MEMORY = 2**31  # bytes a batch's gradients may take: float32, plus their float64 unit copies
 
 def default_space(model: nn.Module) -> ParamSpace:
     """Every parameter but LayerNorm and embedding ones (TL names: ``embed.W_E``, ``pos_embed.W_pos``, ``*.ln*.w``)."""
@@ -45,7 +46,8 @@ class GradientClustering(ParameterDictionary):
     Args:
         n_clusters: number of clusters (components).
         space: the parameters (default: all but LayerNorm and embeddings).
-        batch_size: examples per gradient batch.
+        batch_size: at most this many examples per gradient batch; fewer where a batch's gradients would take
+            more than ``GRADIENT_MEMORY`` (``gradient_batch``: one example at a time for a 100M-parameter space).
         seed: seeds spectral clustering and the sketch.
         sketch_dim: compare gradients through a count sketch of this many entries (default: ``SKETCH_DIM`` for
             spaces over ``SKETCH_ABOVE`` parameters, else none: exact cosines).
@@ -59,7 +61,8 @@ class GradientClustering(ParameterDictionary):
 
         self.model, self.train, self.name = model, as_labeled(train), name
         self.space = space if space is not None else default_space(model)
-        self.batch_size, self.seed, self.max_relative_magnitude = batch_size, seed, max_relative_magnitude
+        self.batch_size = gradient_batch(self.space.size, batch_size)
+        self.seed, self.max_relative_magnitude = seed, max_relative_magnitude
         if not 2 <= n_clusters <= len(self.train):
             raise ValueError(f"n_clusters must be between 2 and the number of examples ({len(self.train)}), "
                              f"got {n_clusters}")
@@ -122,6 +125,12 @@ class GradientClustering(ParameterDictionary):
     def describe(self) -> str:
         return (f"gradient clustering: {self.n_components} spectral clusters of answer gradients over "
                 f"{self.space.size:,} parameters, fitted to {len(self.train)} examples")
+
+
+def gradient_batch(size: int, requested: int) -> int:
+    """Examples per gradient batch: ``requested``, or fewer (at least one) so that a batch's gradients over ``size``
+    parameters (float32, 4 bytes each) and their float64 unit copies (8 bytes, twice) fit ``GRADIENT_MEMORY``."""
+    return max(1, min(requested, GRADIENT_MEMORY // (20 * size)))
 
 
 def _unit_rows(x: Tensor) -> Tensor:

@@ -42,6 +42,21 @@ def _ami_above_chance(dictionary, test):
     return label_metrics(dictionary, dictionary.coefficients(test), test, k=8)["ami"] - max(shuffled)
 
 
+def test_gradient_clustering_bounds_its_batches_by_memory_and_gets_the_same_clusters(zoo, monkeypatch):
+    from npeff_tl.baselines import gradient_clustering as gc
+
+    assert gc.gradient_batch(106_168_320, 16) == 1  # SmolLM2-135M's attention and MLP weights: one at a time
+    assert gc.gradient_batch(1000, 16) == 16 and gc.gradient_batch(gc.GRADIENT_MEMORY // 100, 16) == 5
+    model, train, _ = zoo
+    train = train.subset(range(40))
+    full = GradientClustering(model, train, n_clusters=4, seed=0)
+    monkeypatch.setattr(gc, "GRADIENT_MEMORY", 20 * full.space.size * 3)  # room for 3 examples per batch
+    small = GradientClustering(model, train, n_clusters=4, seed=0)
+    assert (full.batch_size, small.batch_size) == (16, 3)
+    assert torch.equal(full.labels, small.labels)
+    torch.testing.assert_close(small.train_coefficients, full.train_coefficients, rtol=0, atol=1e-6)
+
+
 def test_gradient_clustering(zoo):
     model, train, test = zoo
     clusters = GradientClustering(model, train, n_clusters=7, seed=0)
