@@ -9,6 +9,7 @@ import torch
 import npeff_tl as nt
 from helpers.hf_models import VOCAB, bridge_and_plain, tl_layout
 from helpers.models import unembed_bias
+from helpers.qk_fix import pattern_gaps
 
 ARCHITECTURES = ["gpt2", "neox", "llama"]
 # Hugging Face's Llama normalises in float32 even in a float64 model, so its gradients agree to float32 precision.
@@ -244,21 +245,6 @@ def test_component_readouts_cover_grouped_query_heads_and_gated_neurons(models, 
     assert float(readout.neurons.sum()) == pytest.approx(mlp, rel=1e-9)     # W_gate, W_in and W_out
 
 
-def _pattern_gaps(monkeypatch) -> list[float]:
-    """The largest gap between the QK fix's recomputed pattern and the model's own, per later layer of each trace."""
-    import npeff_tl.tracing.attribution as attribution
-
-    check, gaps = attribution._check_recomputed_pattern, []
-
-    def measured(heads, pattern, after_target):
-        rows = ~after_target[:, None, :, None]
-        gaps.append(float(((heads.A - pattern.detach().double()).abs() * rows).max()))
-        check(heads, pattern, after_target)
-
-    monkeypatch.setattr(attribution, "_check_recomputed_pattern", measured)
-    return gaps
-
-
 def _mlp_step(bridge):
     space = nt.ParamSpace(bridge, include=["blocks.*.mlp.W_*"])
     return nt.perturb(bridge, nt.random_direction(space, seed=3), space, magnitude=3.0)
@@ -280,7 +266,7 @@ def test_the_qk_fix_recomputes_the_bridges_own_attention_pattern(models, example
     fix's recomputed pattern is the bridge's own up to rounding (Hugging Face's softmax runs in float32), far below
     the check's tolerance (without the rotary embedding, or with another key head per query head, it refuses)."""
     _, bridge, _ = models
-    gaps = _pattern_gaps(monkeypatch)
+    gaps = pattern_gaps(monkeypatch)
     nt.trace(bridge, _mlp_step(bridge), examples, method="atp*", progress=False)
     assert len(gaps) == bridge.cfg.n_layers - 1 and max(gaps) < 1e-6, gaps
 
@@ -302,7 +288,7 @@ def test_the_qk_fix_takes_the_rotary_embedding_the_model_applied(tmp_path, examp
     assert plain.model.rotary_emb.attention_scaling > 1.1
     bridge = TransformerBridge.boot_transformers(HUB_NAMES["llama"], hf_model=copy.deepcopy(plain),
                                                  tokenizer=tokenizer(tmp_path), device="cpu", dtype=torch.float64)
-    gaps = _pattern_gaps(monkeypatch)
+    gaps = pattern_gaps(monkeypatch)
     nt.trace(bridge, _mlp_step(bridge), examples, method="atp*", progress=False)
     assert gaps and max(gaps) < 1e-6, gaps
 

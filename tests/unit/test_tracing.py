@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import npeff_tl as nt
+from helpers.qk_fix import pattern_gaps
 from npeff_tl.interventions.probes import kl_rows
 from npeff_tl.tracing import KL, agreement, load_trace, spearman, trace
 from npeff_tl.tracing.agreement import ranks
@@ -221,16 +222,7 @@ def test_runs_trace_with_plain_atp_where_the_qk_fix_does_not_apply(model64, rota
 def test_the_qk_fix_covers_rotary_grouped_query_attention_on_a_hookedtransformer(rotary_gqa, ragged, monkeypatch):
     """The QK fix rotates its queries and keys with the model's own tables and lets each query head read its key
     head: its recomputed pattern is the model's own to float64 rounding, and AtP* ranks nodes like patching."""
-    import npeff_tl.tracing.attribution as attribution
-
-    check, gaps = attribution._check_recomputed_pattern, []
-
-    def measured(heads, pattern, after_target):
-        rows = ~after_target[:, None, :, None]
-        gaps.append(float(((heads.A - pattern.detach().double()).abs() * rows).max()))
-        check(heads, pattern, after_target)
-
-    monkeypatch.setattr(attribution, "_check_recomputed_pattern", measured)
+    gaps = pattern_gaps(monkeypatch)
     space = nt.ParamSpace(rotary_gqa, include=["blocks.*.attn.W_[QKV]", "blocks.*.mlp.W_*"])
     step = nt.perturb(rotary_gqa, nt.random_direction(space, seed=3), space, magnitude=3.0)
     exact = trace(rotary_gqa, step, ragged, method="patching", progress=False)
