@@ -223,4 +223,12 @@ SMOLLM2_135M = PretrainedEntry(
     weights="SmolLM2-135M-Instruct (the instruction-tuned release) from its Q4_1 GGUF file (token embedding Q8_0, "
             "norms float32), de-quantised to float32: not the original bfloat16 weights",
     field_data="smollm2-135m",
+    # npeff-tl demo's settings, aiming at 20 minutes on 2 cores (not reached yet: over 45, mostly selectivity and
+    # gradient clustering; benchmarks/RESULTS.md): 8 examples per stratum (112 train, 112 held-out), the MLP
+    # weights of every sixth block (5, 11, ..., 29: 13.3M parameters, chosen without labels; all 30 blocks' MLPs
+    # cost ~8 s per D-PEF here), and plain AtP for the circuits (AtP*'s GradDrop adds a backward pass per residual
+    # writer: 59 on 30 blocks)
+    demo=("data.per_task=8", 'pefs.include=["blocks.5.mlp.W_*", "blocks.11.mlp.W_*", "blocks.17.mlp.W_*", '
+          '"blocks.23.mlp.W_*", "blocks.29.mlp.W_*"]', "selectivity.n_measured=2", "selectivity.kl_targets=[0.5]",
+          "selectivity.n_baseline=80", "selectivity.circuit_method=atp"),
 )
