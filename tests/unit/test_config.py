@@ -94,3 +94,14 @@ def test_earlier_names_are_read_with_a_warning(caplog):
     assert "config section 'perturb' is now called 'selectivity'" in caplog.text
     assert "fit.components is now called fit.n_components" in caplog.text
     assert RunConfig().with_overrides(["perturb.components=3"]).selectivity.n_measured == 3
+
+
+def test_every_zoo_entrys_demo_settings_are_valid_settings():
+    """`npeff-tl demo --model NAME` applies the entry's settings: each must be a setting the run accepts."""
+    from npeff_tl import zoo
+
+    for name, entry in zoo.ENTRIES.items():
+        config = nt.RunConfig().with_overrides(list(entry.demo))
+        assert config.to_dict() != nt.RunConfig().to_dict() or not entry.demo, name
+    smollm2 = nt.RunConfig().with_overrides(list(zoo.entry("smollm2-135m").demo))
+    assert smollm2.pefs.include == [f"blocks.{layer}.mlp.W_*" for layer in range(5, 30, 6)]
