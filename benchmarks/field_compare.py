@@ -17,7 +17,7 @@ Last line: field_compare: npeff_purity=<p> best_baseline_purity=<b> npeff_mf_rec
 best_baseline_mf_recall=<n> npeff_norm_selectivity=<s> control_norm_selectivity=<c> field_loss=<l> bigram_loss=<g>
 (NPEFF: the better of D-NPEFF and LRM-NPEFF per figure; baselines: the label-free rows; figures on the test
 split; selectivity figures are medians over components, the control pooled over both NPEFF methods; the losses
-are the model card's held-out nats per token, nan for a task model.)
+are the model card's held-out nats per token, nan for a task model or a pretrained one: see heldout_loss.py.)
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ def main() -> None:
     pooled = {c: float(torch.tensor([v for v in vs if v is not None]).median()) for c, vs in controls.items()}
     print("  controls pooled over both NPEFF methods, median normalised selectivity: " + json.dumps(pooled))
 
-    card = json.loads((MODELS_DIR / args.model / "card.json").read_text())
-    losses = card.get("heldout_loss_per_token", {})
+    card = MODELS_DIR / args.model / "card.json"  # trained entries only (a pretrained one has no card: nan)
+    losses = json.loads(card.read_text()).get("heldout_loss_per_token", {}) if card.is_file() else {}
     baselines = [name for name in dictionaries if name not in NPEFF and not name.endswith("oracle_hook")]
     line = {
         "npeff_purity": max(figures[m]["purity_at_20"] for m in NPEFF),
