@@ -226,7 +226,7 @@ SMOLLM2_135M = PretrainedEntry(
     # npeff-tl demo's settings, aiming at 20 minutes on 2 cores (not reached yet: over 45, mostly selectivity and
     # gradient clustering; benchmarks/RESULTS.md): 8 examples per stratum (112 train, 112 held-out), the MLP
     # weights of every sixth block (5, 11, ..., 29: 13.3M parameters, chosen without labels; all 30 blocks' MLPs
-    # cost ~8 s per D-PEF here), and plain AtP for the circuits (AtP*'s GradDrop adds a backward pass per residual
+    # cost several times more per PEF), and plain AtP for the circuits (AtP*'s GradDrop adds a backward pass per residual
     # writer: 59 on 30 blocks)
     demo=("data.per_task=8", 'pefs.include=["blocks.5.mlp.W_*", "blocks.11.mlp.W_*", "blocks.17.mlp.W_*", '
           '"blocks.23.mlp.W_*", "blocks.29.mlp.W_*"]', "selectivity.n_measured=2", "selectivity.kl_targets=[0.5]",
