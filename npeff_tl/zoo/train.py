@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only rebuild the field models' BPE tokenizer from this Python's stdlib")
     parser.add_argument("--field-data", nargs="?", const="pycode-4l", metavar="NAME",
                         help="only rebuild a field dataset from this Python's stdlib: pycode-4l's (the default, with "
-                             f"the shipped tokenizer) or a pretrained entry's ({', '.join(FIELD_RECIPES)}; give "
-                             "its tokenizer is the prepared entry's unless --tokenizer-dir names one)")
+                             f"the shipped tokenizer) or a pretrained entry's ({', '.join(FIELD_RECIPES)}; with the "
+                             "prepared entry's tokenizer unless --tokenizer-dir names one)")
     parser.add_argument("--tokenizer-dir", type=Path, metavar="DIR",
                         help="with --field-data NAME: a directory holding the entry's Hugging Face tokenizer (default: "
                              "the prepared entry's, prepared first if needed)")
