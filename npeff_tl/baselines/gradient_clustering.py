@@ -78,20 +78,25 @@ class GradientClustering(ParameterDictionary):
         self._directions = None if self.sketch else self.means  # full-space mean gradients, computed when needed
         self._train_coefficients = self._coefficients_of(rows)
 
-    def _unit_grads(self, examples: LabeledExamples, progress: bool):
-        """(start, stop, unit gradients [b, size] in float64) per batch of ``examples``."""
+    def _grads(self, examples: LabeledExamples, progress: bool):
+        """(start, stop, answer gradients [b, size] in float32, on the CPU) per batch of ``examples``."""
         answers = examples.answers
         if answers is None:  # the model's own answers
             answers = target_log_probs(self.model, examples.examples).argmax(-1)
         for block in per_example_grads(self.model, examples.examples, self.space, AnswerLogProb(answers),
                                        batch_size=self.batch_size, progress=progress):
-            yield block.start, block.stop, _unit_rows(block.grads[:, 0].double()).cpu()
+            yield block.start, block.stop, block.grads[:, 0].float().cpu()
+
+    def _unit(self, grads: Float[Tensor, "b size"]) -> Float[Tensor, "b d"]:
+        """Unit gradients (float64), or with a sketch their unit sketches: the sketch is linear and the rows are
+        renormalised after it, so it takes the raw gradients (a float32 pass instead of float64 copies)."""
+        return _unit_rows(self.sketch(grads).double() if self.sketch else grads.double())
 
     def _rows(self, examples: LabeledExamples, progress: bool) -> Float[Tensor, "n d"]:
         """The examples' unit gradients (float32), or with a sketch their sketches, renormalised."""
         out = torch.empty(len(examples), self.sketch.dim if self.sketch else self.space.size, dtype=torch.float32)
-        for start, stop, unit in self._unit_grads(examples, progress):
-            out[start:stop] = (_unit_rows(self.sketch(unit)) if self.sketch else unit).float()
+        for start, stop, grads in self._grads(examples, progress):
+            out[start:stop] = self._unit(grads).float()
         return out
 
     def _coefficients_of(self, rows: Float[Tensor, "n d"]) -> Float[Tensor, "n r"]:
@@ -107,15 +112,15 @@ class GradientClustering(ParameterDictionary):
 
     def coefficients(self, examples: LabeledExamples | Examples) -> Float[Tensor, "n r"]:
         out = torch.empty(len(examples), self.n_components, dtype=torch.float64)
-        for start, stop, unit in self._unit_grads(as_labeled(examples), progress=False):
-            out[start:stop] = self._coefficients_of(_unit_rows(self.sketch(unit)) if self.sketch else unit)
+        for start, stop, grads in self._grads(as_labeled(examples), progress=False):
+            out[start:stop] = self._coefficients_of(self._unit(grads))
         return out
 
     def direction(self, j: int) -> Float[Tensor, " size"]:
         if self._directions is None:  # sketched: the clusters' mean unit gradients in the full space
             sums = torch.zeros(self.n_components, self.space.size, dtype=torch.float64)
-            for start, stop, unit in self._unit_grads(self.train, progress=False):
-                sums.index_add_(0, self.labels[start:stop], unit)
+            for start, stop, grads in self._grads(self.train, progress=False):
+                sums.index_add_(0, self.labels[start:stop], _unit_rows(grads.double()))
             self._directions = _unit_rows(sums)
         return self._directions[j]
 
@@ -145,10 +150,12 @@ class CountSketch:
         if dim < 1:
             raise ValueError(f"the sketch needs dim >= 1, got {dim}")
         generator = torch.Generator().manual_seed(seed)
-        self.dim = dim
+        self.dim = dim  # int64 buckets: index_add_ over dim 1 takes a slow path with int32 ones (30x here)
         self.bucket = torch.randint(dim, (size,), generator=generator)
-        self.sign = torch.randint(2, (size,), generator=generator, dtype=torch.float64) * 2 - 1
+        self.sign = torch.randint(2, (size,), generator=generator, dtype=torch.float32) * 2 - 1
 
     def __call__(self, x: Float[Tensor, "b size"]) -> Float[Tensor, "b dim"]:
+        """S x in the dtype of x (each entry sums about size/dim terms: float32 keeps them to ~1e-6, far below
+        the sketch's own error of ~1/sqrt(dim))."""
         out = torch.zeros(x.shape[0], self.dim, dtype=x.dtype, device=x.device)
         return out.index_add_(1, self.bucket.to(x.device), x * self.sign.to(x.device, x.dtype))

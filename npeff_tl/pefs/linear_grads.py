@@ -103,7 +103,8 @@ def linear_map_grads(
     in a reused buffer and is valid until the next one is produced. With ``diagonal``, the iterator gives the
     sums over outputs of the squared gradients, [b, numel], instead (see the module's docstring).
     """
-    maps: dict[str, LinearMap] = {name: adapter.linear_maps()[name] for name in names}
+    every_map = adapter.linear_maps()  # once: a bridge adapter rebuilds the dict on each call
+    maps: dict[str, LinearMap] = {name: every_map[name] for name in names}
     modules = list({c.module: None for m in maps.values() for c in (m.output, m.input) if c is not None})
     with torch.enable_grad(), requiring_grad_only(adapter, names), _recording(modules) as calls:
         logits = adapter.target_logits(tokens, positions)
