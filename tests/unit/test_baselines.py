@@ -76,6 +76,23 @@ def test_gradient_clustering(zoo):
     _restores_and_changes(clusters, model, test)
 
 
+def test_the_comparison_can_cluster_gradients_of_named_parameters(zoo):
+    from npeff_tl.baselines.factory import build_baselines
+    from npeff_tl.config import CompareConfig
+
+    model, train, test = zoo
+    config = CompareConfig(sae_widths=[], sae_k=[], activation_kmeans=False, gradient_include=["blocks.1.mlp.W_*"])
+    [clusters] = build_baselines(model, train, test, config, 3, lambda width, hook: None)
+    assert clusters.space.names == ["blocks.1.mlp.W_in", "blocks.1.mlp.W_out"]
+    assert clusters.direction(0).shape == (clusters.space.size,)
+    [default] = build_baselines(model, train, test, CompareConfig(sae_widths=[], sae_k=[], activation_kmeans=False),
+                                3, lambda width, hook: None)
+    assert "unembed.W_U" in default.space.names
+    with pytest.raises(ValueError, match="blocks.9"):
+        build_baselines(model, train, test, CompareConfig(sae_widths=[], sae_k=[], activation_kmeans=False,
+                                                          gradient_include=["blocks.9.*"]), 3, lambda w, h: None)
+
+
 def _unit_answer_grads(model, examples, space, index):
     """Unit gradients of the answers' log-probabilities, one plain backward per example."""
     rows = []

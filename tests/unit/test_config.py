@@ -103,5 +103,6 @@ def test_every_zoo_entrys_demo_settings_are_valid_settings():
     for entry in zoo.ENTRIES.values():  # a bad key or value raises here
         nt.RunConfig().with_overrides(list(entry.demo))
     smollm2 = nt.RunConfig().with_overrides(list(zoo.entry("smollm2-135m").demo))
-    assert smollm2.pefs.include == [f"blocks.{layer}.mlp.W_*" for layer in range(5, 30, 6)]
-    assert (smollm2.data.per_task, smollm2.selectivity.circuit_method, smollm2.selectivity.n_baseline) == (8, "atp", 80)
+    assert smollm2.pefs.include == smollm2.compare.gradient_include == [f"blocks.{layer}.mlp.W_*"
+                                                                         for layer in range(5, 30, 6)]
+    assert (smollm2.data.per_task, smollm2.selectivity.circuit_method, smollm2.selectivity.n_baseline) == (6, "atp", 60)
