@@ -71,6 +71,7 @@ def attribution_effects(adapter: ModelAdapter, runs: Runs, kinds: list[NodeKind]
 def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
     model = adapter.model
     n_layers = model.cfg.n_layers
+    known = set(model.hook_dict)  # once: a bridge rebuilds its hook dict (with aliases) on every access
     acts: dict[str, Tensor] = {}
     dropped = {"writer": None}  # the residual writer that passes no gradient in the current backward pass
 
@@ -88,11 +89,11 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
     resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(1, n_layers)] if qk_fix else []
     rotary_names = [name for layer in range(1, n_layers) for name in
                     (f"blocks.{layer}.attn.hook_cos", f"blocks.{layer}.attn.hook_sin")
-                    if qk_fix and name in model.hook_dict]  # a bridge's rotary embedding, as its attention got it
+                    if qk_fix and name in known]  # a bridge's rotary embedding, as its attention got it
     hooks = [("blocks.0.hook_resid_pre", leaf)] + [(name, capture(acts, name, detach=False))
                                                    for name in node_hooks + qk_names + resid_names]
     hooks += [(name, capture(acts, name)) for name in rotary_names]
-    writers = _writers(model) if grad_drop else {}
+    writers = _writers(model.cfg.n_layers, known) if grad_drop else {}
     for index, name in writers.items():
         hooks.append((name, lambda act, hook, index=index: gate(act, hook, index)))
     drop = [index for index in writers if index > 0]  # nothing upstream of the first writer is a node
@@ -147,12 +148,13 @@ def _times_change(kind: NodeKind, grad: Tensor, delta: Tensor) -> Float[Tensor, 
     return torch.einsum("mbtuf,btuf->mbtu", units.double(), kind.as_units(delta))
 
 
-def _writers(model) -> dict[int, str]:
-    """The residual writers GradDrop drops in turn, by writer index: attention and MLP outputs of each block."""
+def _writers(n_layers: int, hooks: set[str]) -> dict[int, str]:
+    """The residual writers GradDrop drops in turn, by writer index: attention and MLP outputs of each block
+    (those among the model's ``hooks``)."""
     names = {}
-    for layer in range(model.cfg.n_layers):
+    for layer in range(n_layers):
         for sublayer, name in enumerate(("hook_attn_out", "hook_mlp_out")):
-            if f"blocks.{layer}.{name}" in model.hook_dict:
+            if f"blocks.{layer}.{name}" in hooks:
                 names[2 * layer + sublayer] = f"blocks.{layer}.{name}"
     return names
 
