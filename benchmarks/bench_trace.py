@@ -1,11 +1,17 @@
 """Does AtP* rank a component's nodes like exact activation patching, and how much faster is it?
 
 Run:  .venv/bin/python benchmarks/bench_trace.py [--model tasks-2l] [--per-task 64] [--components 16] [--top 20]
+      [--include GLOB ...] [--traced N] [--window N]
+      The real model (exact patching of every head at every position costs one forward pass per node):
+      .venv/bin/python benchmarks/bench_trace.py --model smollm2-135m --per-task 4 --components 8 --traced 2
+      --top 3 --window 16 --include 'blocks.5.mlp.W_*' 'blocks.11.mlp.W_*' 'blocks.17.mlp.W_*' ...
 
-D-NPEFF and LRM-NPEFF are fitted to the PEFs of the train split (all attention and MLP weights, top-4 classes).
-For every component: its ``--top`` test examples by coefficient, the magnitude at which its intervention moves
-them by a mean KL of 0.5 nats (sign +1), and three traces of that intervention over every head output, MLP output
-and residual-stream node at every position up to the target: exact patching (the ground truth), AtP and AtP*.
+D-NPEFF and LRM-NPEFF are fitted to the PEFs of the train split (``--include``: all attention and MLP weights by
+default; top-4 classes). For every component (``--traced N``: the N with the most training mass): its ``--top``
+test examples by coefficient (``--window N``: each cut to its last N tokens, the target last), the magnitude at
+which its intervention moves them by a mean KL of 0.5 nats (sign +1), and three traces of that intervention over
+every head output, MLP output and residual-stream node at every position up to the target: exact patching (the
+ground truth), AtP and AtP*.
 ``--metric logprob`` traces the change of the original answer's log-probability instead of the KL.
 Per component: Spearman correlation of mean |effect| over all head and MLP nodes x positions, and the recall of
 exact patching's top 10 nodes among the estimate's top 20; time of exact patching / time of AtP* (same examples,
@@ -39,6 +45,14 @@ def calibrated(dictionary, j: int, probe: nt.KLProbe) -> float | None:
 
 def describe(tr, k: int = 5) -> str:
     return ", ".join(f"{row['node']}@-{row['offset']} {row['effect']:.3g}" for row in tr.top_nodes(k))
+
+
+def windowed(examples: nt.Examples, window: int | None) -> nt.Examples:
+    """Each example as its own sequence of (at most) its last ``window`` tokens up to the target."""
+    if window is None:
+        return examples
+    return nt.Examples.from_tokens([examples.tokens[s, max(0, int(p) - window + 1):int(p) + 1].tolist()
+                                    for s, p in zip(examples.seq_index.tolist(), examples.position.tolist())])
 
 
 def induction_routes(model, examples: nt.Examples, labels: list[str], exact) -> str | None:
@@ -84,6 +98,10 @@ def main() -> None:
     parser.add_argument("--components", type=int, default=16)
     parser.add_argument("--top", type=int, default=20, help="test examples traced per component")
     parser.add_argument("--nnz", type=int, default=8192)
+    parser.add_argument("--include", nargs="+", default=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"],
+                        help="the parameters of the PEFs (TL name globs)")
+    parser.add_argument("--traced", type=int, default=None, help="trace only the N components with most mass")
+    parser.add_argument("--window", type=int, default=None, help="cut each traced example to its last N tokens")
     parser.add_argument("--metric", default="kl", choices=["kl", "logprob"], help="what the traces measure")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -91,11 +109,12 @@ def main() -> None:
     model, data = nt.zoo.load(args.model, n_train=args.per_task, n_test=args.per_task)
     train = nt.LabeledExamples.from_dataset(data["train"])
     test = nt.LabeledExamples.from_dataset(data["test"])
-    space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"])
+    space = nt.ParamSpace(model, include=args.include)
     target = nt.Target(classes=nt.TopK(4))
     print(f"bench_trace: {args.model}, {len(train)} train / {len(test)} test examples, {args.components} components "
-          f"per fit, top {args.top} test examples each, KL target {KL_TARGET}, metric {args.metric}, {args.threads} "
-          "threads")
+          f"per fit ({args.traced or 'all'} traced), top {args.top} test examples each (window: "
+          f"{args.window or 'whole'}), {space.size:,} parameters, KL target {KL_TARGET}, metric {args.metric}, "
+          f"{args.threads} threads")
     rows = []
     for kind in ("diagonal", "lowrank"):
         pefs = nt.compute_pefs(model, train.examples, space, target, kind, nnz=args.nnz, progress=False)
@@ -104,9 +123,11 @@ def main() -> None:
         dictionary = nt.NPEFFDictionary(model, solver.fit(pefs, progress=False), train, target, pefs)
         coefficients = dictionary.coefficients(test)
         print(f"\n== {dictionary.name}")
-        for j in range(dictionary.n_components):
+        mass = dictionary.train_coefficients.double().sum(0)
+        traced = mass.topk(min(args.traced or dictionary.n_components, dictionary.n_components)).indices.sort().values
+        for j in traced.tolist():
             top = coefficients[:, j].topk(args.top).indices
-            examples = test.examples.subset(top)
+            examples = windowed(test.examples.subset(top), args.window)
             magnitude = calibrated(dictionary, j, nt.KLProbe(model, examples))
             strategy = statistics.mode([train.labels[i] for i in dictionary.top_examples(j).tolist()])
             if magnitude is None:
@@ -125,8 +146,9 @@ def main() -> None:
                   f"AtP spearman {plain['spearman']:.3f} recall {plain['recall']:.2f} | patching "
                   f"{seconds['patching']:.2f} s, AtP* {seconds['atp*']:.2f} s, AtP {seconds['atp']:.2f} s")
             print(f"      exact: {describe(traces['patching'])}")
-            routes = induction_routes(model, examples, [test.labels[i] for i in top.tolist()], traces["patching"])
-            if strategy == "induction" and routes:
+            routes = (induction_routes(model, examples, [test.labels[i] for i in top.tolist()], traces["patching"])
+                      if strategy == "induction" and model.cfg.n_layers == 2 else None)  # the two-layer task models
+            if routes:
                 print(f"      routes (noising): {routes}")
                 restored = trace(model, dictionary.intervention(j, magnitude, 1), examples, method="patching",
                                  metric=args.metric, direction="denoising", progress=False)
