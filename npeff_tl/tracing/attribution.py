@@ -282,6 +282,24 @@ def _later_attention(model, later: int, acts: dict[str, Tensor], grads: list[dic
                            (G * A).sum(-1))
 
 
+def _layer_unit_chunks(n_layers: int, units: int, step: int) -> list[list[tuple[int, int, int]]]:
+    """The (layer, unit) pairs of layers [0, n_layers) in chunks of at most ``step`` pairs, each chunk as
+    (layer, first unit, end unit) runs: one pass of the QK fix per chunk instead of per layer (deep models have
+    hundreds of earlier-later layer pairs of a few heads each)."""
+    chunks, current, room = [], [], step
+    for layer in range(n_layers):
+        start = 0
+        while start < units:
+            stop = min(units, start + room)
+            current.append((layer, start, stop))
+            room -= stop - start
+            start = stop
+            if room == 0:
+                chunks.append(current)
+                current, room = [], step
+    return chunks + ([current] if current else [])
+
+
 def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_heads: list[_LaterAttention]
                     ) -> Float[Tensor, "pm layers b seq units"]:
     """Per (pass, slot) and node: the exact-softmax effect of the node's direct-path change of every later
@@ -293,6 +311,7 @@ def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_head
     out = torch.zeros(len(later_heads[0].G), cfg.n_layers, b, seq, units, dtype=torch.float64, device=first.device)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=first.device).tril()  # [query, key]
     step = max(1, QK_CHUNK // (b * seq * cfg.n_heads * seq))  # units per chunk
+    delta_units = [kind.as_units(deltas[kind.hook(layer)]) for layer in range(cfg.n_layers)]
     for heads in later_heads:
         ln = model.blocks[heads.layer].ln1
         W_Q, b_Q, W_K, b_K, scale = heads.W_Q, heads.b_Q, heads.W_K, heads.b_K, heads.scale
@@ -300,30 +319,33 @@ def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_head
         G_key = G.permute(0, 1, 4, 2, 3)  # [pm, b, key, head, query]
         A_key = A.permute(0, 3, 1, 2)[:, :, None]  # [b, key, 1, head, query]
         logit_A = A_key.log() - torch.log1p(-A_key)
-        for layer in range(heads.layer):
-            delta = kind.as_units(deltas[kind.hook(layer)])
-            for start in range(0, units, step):
-                stop = min(units, start + step)
-                with torch.no_grad():
-                    x2 = ln(heads.resid[:, :, None] + kind.writes(model, layer, delta[:, :, start:stop])).double()
-                # changes at hook_q and hook_k (what AtP's first-order terms multiply), and as the logits take them
-                dq = torch.einsum("btud,hde->btuhe", x2, W_Q) + b_Q - heads.q[:, :, None]
-                dk = torch.einsum("btud,hde->btuhe", x2, W_K) + b_K - heads.k[:, :, None]
-                dQ, dK = _for_scores(dq, dk, heads.rotary, heads.group)
-                # queries: row t of the pattern recomputed with the patched query at t
-                rows = torch.einsum("btuhe,bshe->btuhs", Q[:, :, None] + dQ, K) / scale
-                rows = rows.masked_fill(~causal[None, :, None, None, :], -torch.inf).softmax(-1)
-                dA_rows = rows - A.permute(0, 2, 1, 3)[:, :, None]  # [b, query, unit, head, key]
-                term = (torch.einsum("pbhts,btuhs->pbtu", G, dA_rows)
-                        - torch.einsum("pbthe,btuhe->pbtu", heads.Gq, dq))
-                # keys: entry t of every later row recomputed with the patched key at t (one logit moves)
-                shift = torch.einsum("bshe,btuhe->btuhs", Q, dK) / scale  # [b, key, unit, head, query]
-                new = torch.sigmoid(logit_A + shift)
-                others = torch.where(A_key < 1, (1 - new) / (1 - A_key), torch.ones_like(new)) - 1
-                # sum over rows s and heads of G . dA: the other entries of row s scale by (1 + others), entry t
-                # becomes new
-                term = (term + torch.einsum("btuhs,pbhs->pbtu", others, heads.GA)
-                        + torch.einsum("btuhs,pbths->pbtu", new - A_key - others * A_key, G_key)
-                        - torch.einsum("pbthe,btuhe->pbtu", heads.Gk, dk))
-                out[:, layer, :, :, start:stop] += term
+        # every earlier layer's nodes of this kind as one axis of (layer, unit) pairs, taken in chunks
+        for chunk in _layer_unit_chunks(heads.layer, units, step):
+            with torch.no_grad():
+                writes = torch.cat([kind.writes(model, layer, delta_units[layer][:, :, start:stop], start)
+                                    for layer, start, stop in chunk], dim=2)
+                x2 = ln(heads.resid[:, :, None] + writes).double()
+            # changes at hook_q and hook_k (what AtP's first-order terms multiply), and as the logits take them
+            dq = torch.einsum("btud,hde->btuhe", x2, W_Q) + b_Q - heads.q[:, :, None]
+            dk = torch.einsum("btud,hde->btuhe", x2, W_K) + b_K - heads.k[:, :, None]
+            dQ, dK = _for_scores(dq, dk, heads.rotary, heads.group)
+            # queries: row t of the pattern recomputed with the patched query at t
+            rows = torch.einsum("btuhe,bshe->btuhs", Q[:, :, None] + dQ, K) / scale
+            rows = rows.masked_fill(~causal[None, :, None, None, :], -torch.inf).softmax(-1)
+            dA_rows = rows - A.permute(0, 2, 1, 3)[:, :, None]  # [b, query, unit, head, key]
+            term = (torch.einsum("pbhts,btuhs->pbtu", G, dA_rows)
+                    - torch.einsum("pbthe,btuhe->pbtu", heads.Gq, dq))
+            # keys: entry t of every later row recomputed with the patched key at t (one logit moves)
+            shift = torch.einsum("bshe,btuhe->btuhs", Q, dK) / scale  # [b, key, unit, head, query]
+            new = torch.sigmoid(logit_A + shift)
+            others = torch.where(A_key < 1, (1 - new) / (1 - A_key), torch.ones_like(new)) - 1
+            # sum over rows s and heads of G . dA: the other entries of row s scale by (1 + others), entry t
+            # becomes new
+            term = (term + torch.einsum("btuhs,pbhs->pbtu", others, heads.GA)
+                    + torch.einsum("btuhs,pbths->pbtu", new - A_key - others * A_key, G_key)
+                    - torch.einsum("pbthe,btuhe->pbtu", heads.Gk, dk))
+            offset = 0
+            for layer, start, stop in chunk:
+                out[:, layer, :, :, start:stop] += term[..., offset:offset + stop - start]
+                offset += stop - start
     return out

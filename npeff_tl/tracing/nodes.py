@@ -43,14 +43,16 @@ class NodeKind:
             return act
         return act.unsqueeze(-1) if self.unit == "neuron" else act.unsqueeze(2)
 
-    def writes(self, model, layer: int, delta: Float[Tensor, "batch pos units features"]
+    def writes(self, model, layer: int, delta: Float[Tensor, "batch pos units features"], first_unit: int = 0
                ) -> Float[Tensor, "batch pos units d_model"]:
-        """What a change ``delta`` of each unit adds to the residual stream after its block (linear in delta)."""
+        """What a change ``delta`` of each unit adds to the residual stream after its block (linear in delta);
+        ``delta`` may hold the units from ``first_unit`` on only."""
+        units = slice(first_unit, first_unit + delta.shape[2])
         if self.unit == "head":
-            W_O = model.blocks[layer].attn.W_O  # [head, d_head, d_model]
+            W_O = model.blocks[layer].attn.W_O[units]  # [head, d_head, d_model]
             return torch.einsum("bpud,udm->bpum", delta, W_O.to(delta.dtype))
         if self.unit == "neuron":
-            W_out = model.blocks[layer].mlp.W_out  # [d_mlp, d_model]
+            W_out = model.blocks[layer].mlp.W_out[units]  # [d_mlp, d_model]
             return delta * W_out.to(delta.dtype)
         return delta
 

@@ -231,6 +231,34 @@ def test_the_qk_fix_covers_rotary_grouped_query_attention_on_a_hookedtransformer
     assert figures["spearman"] > 0.9 and figures["recall"] >= 0.8, figures
 
 
+@pytest.mark.hooked
+def test_the_qk_fix_is_the_same_whatever_its_chunks_of_earlier_nodes(ragged, monkeypatch):
+    """The QK fix takes every earlier layer's nodes in chunks of (layer, unit) pairs: one pair per chunk, chunks
+    that split a layer's heads and chunks that span layers give the same estimates (3 layers: two later layers
+    with one and two earlier ones)."""
+    import npeff_tl.tracing.attribution as attribution
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=3, d_model=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=23, n_ctx=12, act_fn="gelu", seed=1,
+        dtype=torch.float64, device="cpu")).eval()
+    space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKV]", "blocks.*.mlp.W_*"])
+    step = nt.perturb(model, nt.random_direction(space, seed=3), space, magnitude=3.0)
+    method = TraceMethod("qk", qk_fix=True)
+    whole = trace(model, step, ragged, method=method, progress=False)
+    b, seq, heads = len(ragged), ragged.tokens.shape[1], model.cfg.n_heads
+    assert attribution.QK_CHUNK // (b * seq * heads * seq) >= 3 * heads  # the default: all earlier heads at once
+    for units_per_chunk in (1, 3, 6):
+        monkeypatch.setattr(attribution, "QK_CHUNK", units_per_chunk * b * seq * heads * seq)
+        chunked = trace(model, step, ragged, method=method, progress=False)
+        for kind in whole.per_example:
+            assert torch.allclose(chunked.per_example[kind], whole.per_example[kind], atol=1e-12, equal_nan=True)
+    pairs = [(layer, unit) for chunk in attribution._layer_unit_chunks(3, 4, 3) for layer, start, stop in chunk
+             for unit in range(start, stop)]
+    assert pairs == [(layer, unit) for layer in range(3) for unit in range(4)]
+    assert [len(chunk) for chunk in attribution._layer_unit_chunks(3, 4, 3)] == [1, 2, 2, 1]
+
+
 def test_the_qk_fix_refuses_attention_it_does_not_reproduce(model64, ragged, step, monkeypatch):
     import npeff_tl.tracing.attribution as attribution
 
