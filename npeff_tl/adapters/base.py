@@ -82,6 +82,11 @@ class ModelAdapter(ABC):
         go through ``torch.func``. The default, no parameters, is always correct."""
         return {}
 
+    def hooks(self, fwd_hooks: list[tuple[str, Callable]]):
+        """A context manager adding forward hooks ``(hook name, fn(activation, hook))`` to a TransformerLens model
+        (``model.hooks``), removed on exit."""
+        return self.model.hooks(fwd_hooks=fwd_hooks)
+
     @property
     def vocab_size(self) -> int | None:
         """The number of token ids the model embeds (None: unknown, so token ids go unchecked)."""

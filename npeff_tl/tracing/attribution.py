@@ -98,7 +98,7 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
         hooks.append((name, lambda act, hook, index=index: gate(act, hook, index)))
     drop = [index for index in writers if index > 0]  # nothing upstream of the first writer is a node
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+    with torch.enable_grad(), adapter.hooks(hooks):
         logits = adapter.target_logits(runs.tokens, runs.targets[:, None])[:, 0]
         outputs = metric.outputs(logits, state)  # [b, m]
     deltas = {name: (runs.sources[name] - acts[name].detach()).double() for name in node_hooks}

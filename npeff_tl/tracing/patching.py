@@ -27,7 +27,7 @@ def patching_effects(adapter: ModelAdapter, runs: Runs, kinds: list[NodeKind], m
         grid = torch.stack(torch.meshgrid(*(torch.arange(n) for n in shape), indexing="ij"), -1).reshape(-1, 4)
         jobs = grid[grid[:, 3] <= runs.targets.cpu()[grid[:, 0]]]  # rows (example, layer, unit, position)
         for chunk in jobs.split(patch_batch):
-            with torch.no_grad(), runs.context, adapter.model.hooks(fwd_hooks=_patch_hooks(kind, chunk, runs)):
+            with torch.no_grad(), runs.context, adapter.hooks(_patch_hooks(kind, chunk, runs)):
                 patched = target_log_probs(adapter, runs.tokens[chunk[:, 0]], runs.targets[chunk[:, 0]])
             effects[tuple(chunk.T)] = metric.effect(patched, state.rows(chunk[:, 0]))
         out[kind.key] = effects

@@ -56,7 +56,7 @@ def run_pair(adapter: ModelAdapter, tokens: Tensor, targets: Tensor, perturbatio
     tokens = tokens[:, : int(targets.max()) + 1]
     acts: dict[str, Tensor] = {}
 
-    keeping = model.hooks(fwd_hooks=[(name, capture(acts, name)) for name in hooks])
+    keeping = adapter.hooks([(name, capture(acts, name)) for name in hooks])
     denoise = direction == "denoising"
     with torch.no_grad():
         with keeping if denoise else nullcontext():

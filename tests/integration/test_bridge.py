@@ -245,6 +245,28 @@ def test_component_readouts_cover_grouped_query_heads_and_gated_neurons(models, 
     assert float(readout.neurons.sum()) == pytest.approx(mlp, rel=1e-9)     # W_gate, W_in and W_out
 
 
+def test_the_adapters_hooks_run_like_transformerlens_hooks_on_a_bridge(models, examples):
+    """``adapter.hooks`` puts every hook behind one filter: hooks on one point run in the given order on each
+    other's outputs (as ``model.hooks`` with one entry per hook does), names resolve as the bridge's, unknown
+    names are refused, and nothing stays behind."""
+    from npeff_tl.adapters import as_adapter
+
+    _, bridge, _ = models
+    tokens = examples.tokens
+    hooks = [("blocks.0.hook_resid_post", lambda act, hook: act * 2),
+             ("blocks.0.hook_resid_post", lambda act, hook: act + 1),
+             ("blocks.0.hook_mlp_out", lambda act, hook: None)]
+    with torch.no_grad():
+        with bridge.hooks(fwd_hooks=hooks):
+            expected = bridge(tokens)
+        with as_adapter(bridge).hooks(hooks):
+            got = bridge(tokens)
+        plain = bridge(tokens)
+    assert torch.equal(got, expected) and not torch.equal(got, plain)
+    with pytest.raises(ValueError, match="no hooks named \\['blocks.0.hook_nothing'\\]"):
+        as_adapter(bridge).hooks([("blocks.0.hook_nothing", lambda act, hook: None)])
+
+
 def _mlp_step(bridge):
     space = nt.ParamSpace(bridge, include=["blocks.*.mlp.W_*"])
     return nt.perturb(bridge, nt.random_direction(space, seed=3), space, magnitude=3.0)
