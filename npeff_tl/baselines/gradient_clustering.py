@@ -79,17 +79,17 @@ class GradientClustering(ParameterDictionary):
         self._train_coefficients = self._coefficients_of(rows)
 
     def _grads(self, examples: LabeledExamples, progress: bool):
-        """(start, stop, answer gradients [b, size] in float32, on the CPU) per batch of ``examples``."""
+        """(start, stop, answer gradients [b, size] in the model's dtype, on the CPU) per batch of ``examples``."""
         answers = examples.answers
         if answers is None:  # the model's own answers
             answers = target_log_probs(self.model, examples.examples).argmax(-1)
         for block in per_example_grads(self.model, examples.examples, self.space, AnswerLogProb(answers),
                                        batch_size=self.batch_size, progress=progress):
-            yield block.start, block.stop, block.grads[:, 0].float().cpu()
+            yield block.start, block.stop, block.grads[:, 0].cpu()
 
     def _unit(self, grads: Float[Tensor, "b size"]) -> Float[Tensor, "b d"]:
         """Unit gradients (float64), or with a sketch their unit sketches: the sketch is linear and the rows are
-        renormalised after it, so it takes the raw gradients (a float32 pass instead of float64 copies)."""
+        renormalised after it, so it takes the raw gradients (no float64 copies of a float32 model's)."""
         return _unit_rows(self.sketch(grads).double() if self.sketch else grads.double())
 
     def _rows(self, examples: LabeledExamples, progress: bool) -> Float[Tensor, "n d"]:
