@@ -30,10 +30,8 @@ import argparse
 import time
 
 import torch
-from sklearn.cluster import SpectralClustering
-
 import npeff_tl as nt
-from npeff_tl.baselines.gradient_clustering import CountSketch
+from npeff_tl.baselines.gradient_clustering import CountSketch, spectral_clusters
 from npeff_tl.dictionaries import top_of
 from npeff_tl.evaluation.metrics import label_metrics
 from npeff_tl.interventions import target_log_probs
@@ -84,11 +82,7 @@ class Clusters:
     """Spectral clusters of unit rows, scored as a dictionary (the label metrics need only these members)."""
 
     def __init__(self, name: str, train: nt.LabeledExamples, rows: torch.Tensor, n_clusters: int, seed: int):
-        affinity = 1 - torch.arccos((rows @ rows.T).clamp(-1, 1)) / torch.pi
-        labels = torch.as_tensor(SpectralClustering(n_clusters, affinity="precomputed", random_state=seed)
-                                 .fit_predict(affinity.numpy()))
-        means = torch.stack([rows[labels == c].mean(0) for c in range(n_clusters)])
-        self.means = means / means.norm(dim=1, keepdim=True).clamp(min=1e-300)
+        _, self.means = spectral_clusters(rows, n_clusters, seed)  # gradient clustering's own recipe
         self.name, self.train, self.n_components = name, train, n_clusters
         self.train_coefficients = self.coefficients(rows)
 

@@ -57,8 +57,6 @@ class GradientClustering(ParameterDictionary):
                  space: ParamSpace | None = None, name: str = "gradient_clustering", batch_size: int = 16,
                  seed: int = 0, max_relative_magnitude: float = 1.0, sketch_dim: int | None = None,
                  progress: bool = False):
-        from sklearn.cluster import SpectralClustering
-
         self.model, self.train, self.name = model, as_labeled(train), name
         self.space = space if space is not None else default_space(model)
         self.batch_size = gradient_batch(self.space.size, batch_size)
@@ -70,11 +68,7 @@ class GradientClustering(ParameterDictionary):
             sketch_dim = SKETCH_DIM
         self.sketch = None if sketch_dim is None else CountSketch(self.space.size, sketch_dim, seed)
         rows = self._rows(self.train, progress)  # unit gradients, or their sketches
-        cosine = (rows @ rows.T).double().clamp(-1, 1)
-        affinity = 1 - torch.arccos(cosine) / torch.pi
-        clustering = SpectralClustering(n_clusters, affinity="precomputed", random_state=seed)
-        self.labels = torch.as_tensor(clustering.fit_predict(affinity.numpy()))
-        self.means = _unit_rows(torch.stack([rows[self.labels == c].double().mean(0) for c in range(n_clusters)]))
+        self.labels, self.means = spectral_clusters(rows, n_clusters, seed)
         self._directions = None if self.sketch else self.means  # full-space mean gradients, computed when needed
         self._train_coefficients = self._coefficients_of(rows)
 
@@ -130,6 +124,18 @@ class GradientClustering(ParameterDictionary):
     def describe(self) -> str:
         return (f"gradient clustering: {self.n_components} spectral clusters of answer gradients over "
                 f"{self.space.size:,} parameters, fitted to {len(self.train)} examples")
+
+
+def spectral_clusters(rows: Float[Tensor, "n d"], n_clusters: int, seed: int = 0
+                      ) -> tuple[Tensor, Float[Tensor, "r d"]]:
+    """Spectral clusters of unit rows on the affinity 1 - arccos(cos)/pi: each row's cluster and each cluster's
+    mean row, renormalised (float64)."""
+    from sklearn.cluster import SpectralClustering
+
+    affinity = 1 - torch.arccos((rows @ rows.T).double().clamp(-1, 1)) / torch.pi
+    clustering = SpectralClustering(n_clusters, affinity="precomputed", random_state=seed)
+    labels = torch.as_tensor(clustering.fit_predict(affinity.numpy()))
+    return labels, _unit_rows(torch.stack([rows[labels == c].double().mean(0) for c in range(n_clusters)]))
 
 
 def gradient_batch(size: int, requested: int) -> int:
