@@ -18,6 +18,7 @@ from .evaluation import (
     load_selectivity,
     matched_cosines,
     measure_selectivity,
+    split_half_stability,
 )
 from .examples import Examples, LabeledExamples
 from .interventions import (
@@ -71,7 +72,7 @@ __all__ = [
     "Component", "Readout", "ParameterPerturbation", "kl_divergence", "lrm_direction", "perturb", "random_direction",
     "dnpeff_direction", "sign_pattern", "LabeledExamples", "HookIntervention", "KLProbe", "ParameterDirection", "calibrate_magnitude",
     "Dictionary", "NPEFFDictionary", "ParameterDictionary", "compare",
-    "SelectivityConfig", "SelectivityResult", "load_selectivity", "measure_selectivity",
+    "SelectivityConfig", "SelectivityResult", "load_selectivity", "measure_selectivity", "split_half_stability",
     "RunConfig", "load_config", "Run", "run_all", "write_report", "load_model", "save_checkpoint",
     "tracing", "Trace", "load_trace", "trace",
 ]

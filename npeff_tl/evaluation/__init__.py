@@ -1,13 +1,15 @@
-"""Measuring dictionaries: label metrics, matching, held-out selectivity and the comparison table that joins them."""
+"""Measuring dictionaries: label metrics, matching, split-half stability (label-free), held-out selectivity and the
+comparison table that joins them."""
 
 from .comparison import compare
 from .labels import component_labels, component_strategy, components_by_mass
 from .matching import match_coefficients, matched_cosines
 from .metrics import label_metrics, train_ami
 from .selectivity import SelectivityConfig, SelectivityResult, load_selectivity, measure_selectivity
+from .stability import SplitHalfStability, split_half_stability
 
 __all__ = [
     "compare", "component_labels", "component_strategy", "components_by_mass", "match_coefficients",
     "matched_cosines", "label_metrics", "train_ami", "SelectivityConfig", "SelectivityResult", "load_selectivity",
-    "measure_selectivity",
+    "measure_selectivity", "SplitHalfStability", "split_half_stability",
 ]

@@ -144,3 +144,26 @@ def test_compare_builds_and_saves_the_table(tmp_path):
     assert relabeled.loc[0, "ami"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="names must be unique"):
         compare([dictionaries[0], dictionaries[0]], _examples(LABELS))
+
+
+@pytest.mark.filterwarnings("ignore::npeff_tl.ConvergenceWarning")  # 300 iterations: enough to tell 10 from 8 and 12
+def test_split_half_stability_peaks_at_the_planted_number_of_components():
+    """Label-free: on planted D-PEFs with 10 components, two fits to disjoint halves agree at 10 and disagree at
+    8 (pairs merged differently in each half) and at 12 (noise split differently)."""
+    from helpers.planted import planted_diagonal
+
+    A, _, _ = planted_diagonal(0, noise=0.3)
+    pefs = nt.DiagonalPEFs.from_dense(A.float())
+    scores = {}
+    for r in (8, 10, 12):
+        scores[r] = nt.split_half_stability(nt.DNPEFF(r, max_iter=300), pefs, seed=0)
+    assert scores[10].coefficient_correlation > 0.99 and scores[10].component_cosine > 0.99, scores[10]
+    assert max(scores[8].coefficient_correlation, scores[12].coefficient_correlation) < 0.9, scores
+    assert len(scores[12].correlations) == 12 and scores[12].correlations == tuple(sorted(scores[12].correlations,
+                                                                                         reverse=True))
+
+
+def test_split_half_stability_refuses_too_few_examples():
+    pefs = nt.DiagonalPEFs.from_dense(torch.rand(3, 20))
+    with pytest.raises(ValueError, match="at least 4 examples"):
+        nt.split_half_stability(nt.DNPEFF(2), pefs)
