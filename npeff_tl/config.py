@@ -140,15 +140,21 @@ class SelectivitySettings(SelectivityConfig):
         circuit_method: how the NPEFF components' circuits are traced for the report (``npeff_tl.trace``):
             "atp*", "atp", "patching" (exact, slow), or "" for none. "atp*" becomes "atp" on models whose attention
             its QK fix does not cover (ALiBi, soft-capping...), and the run says so.
+        dnpeff_mixes: the mixing weights D-NPEFF's perturbation chooses from on the training examples (two
+            magnitude searches and one selectivity pass per value and component: most of a D-NPEFF component's
+            measuring time); one value is used as given, with no choice to make.
     """
 
     n_measured: int = 16
     circuit_method: str = "atp*"
+    dnpeff_mixes: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
 
     def __post_init__(self):
         super().__post_init__()
         if self.n_measured < 1:
             raise ValueError(f"n_measured must be >= 1, got {self.n_measured}")
+        if not self.dnpeff_mixes or not all(0 < m < 1 for m in self.dnpeff_mixes):
+            raise ValueError(f"dnpeff_mixes must be one or more weights in (0, 1), got {list(self.dnpeff_mixes)}")
         from .tracing import METHODS
 
         if self.circuit_method not in ("", *METHODS):

@@ -225,13 +225,14 @@ SMOLLM2_135M = PretrainedEntry(
     weights="SmolLM2-135M-Instruct (the instruction-tuned release) from its Q4_1 GGUF file (token embedding Q8_0, "
             "norms float32), de-quantised to float32: not the original bfloat16 weights",
     field_data="smollm2-135m",
-    # npeff-tl demo's settings, aiming at 20 minutes on 2 cores (benchmarks/RESULTS.md): 6 examples per stratum
-    # (84 train, 84 held-out), the MLP weights of every sixth block (5, 11, ..., 29: 13.3M parameters, chosen
+    # npeff-tl demo's settings, aiming at 20 minutes on 2 cores (benchmarks/RESULTS.md): 5 examples per stratum
+    # (70 train, 70 held-out), the MLP weights of every sixth block (5, 11, ..., 29: 13.3M parameters, chosen
     # without labels; all 30 blocks' MLPs cost several times more per PEF) for NPEFF and gradient clustering alike
     # (its default, every weight, is 106M), one measured component per method (each costs a magnitude search
-    # and six passes over the held-out set), and plain AtP for the circuits (AtP*'s GradDrop adds a backward pass
-    # per residual writer: 59 on 30 blocks)
-    demo=("data.per_task=6", f"pefs.include={_EVERY_SIXTH_MLP}", f"compare.gradient_include={_EVERY_SIXTH_MLP}",
-          "selectivity.n_measured=1", "selectivity.kl_targets=[0.5]", "selectivity.n_baseline=60",
-          "selectivity.circuit_method=atp"),
+    # and six passes over the held-out set) against 50 baseline examples, D-NPEFF's mixing weight chosen from 3
+    # values instead of 5 (each value costs two magnitude searches on training examples), and plain AtP for the
+    # circuits (AtP*'s GradDrop adds a backward pass per residual writer: 59 on 30 blocks)
+    demo=("data.per_task=5", f"pefs.include={_EVERY_SIXTH_MLP}", f"compare.gradient_include={_EVERY_SIXTH_MLP}",
+          "selectivity.n_measured=1", "selectivity.kl_targets=[0.5]", "selectivity.n_baseline=50",
+          "selectivity.dnpeff_mixes=[0.1, 0.5, 0.9]", "selectivity.circuit_method=atp"),
 )

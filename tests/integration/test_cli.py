@@ -201,6 +201,12 @@ def test_a_memory_budget_picks_the_batch_size_and_the_estimates_are_printed(own_
     expected = batch_size_for(int(0.03 * 2**30), **sizes)
     assert f"diagonal PEFs, batch {expected}: about " in out and 1 < expected < 256
     assert "dnpeff: 3 components over " in out and " parameters, about " in out
+    dictionary, = run.npeff_dictionaries  # the mixing weights reach the D-NPEFF perturbation: a grid, or one as given
+    assert (dictionary.mix, dictionary.mix_grid) == ("auto", (0.1, 0.3, 0.5, 0.7, 0.9))
+    run.close()
+    with Run(tmp_path / "run", run.config.with_overrides(["selectivity.dnpeff_mixes=[0.3]"]), progress=False) as run:
+        dictionary, = run.npeff_dictionaries
+    assert dictionary.mix == 0.3
 
 
 @pytest.mark.parametrize("lines, message", [

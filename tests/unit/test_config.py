@@ -45,7 +45,7 @@ def test_the_printed_settings_load_back_and_name_every_library_field():
         keys = set(tomllib.loads(text)["fit"][table.split(".")[1]])
         assert keys == {f.name for f in dataclasses.fields(settings)} - {"n_components", "seed"}
     assert set(tomllib.loads(text)["selectivity"]) == {f.name for f in dataclasses.fields(nt.SelectivityConfig)} | {
-        "n_measured", "circuit_method"}
+        "n_measured", "circuit_method", "dnpeff_mixes"}
 
 
 @pytest.mark.parametrize("override, message", [
@@ -57,6 +57,8 @@ def test_the_printed_settings_load_back_and_name_every_library_field():
     ("fit.lrm_npeff.speed=2", "unknown config key fit.lrm_npeff.speed; fit.lrm_npeff has n_iters_g_only"),
     ("selectivity.n_measured=0", "n_measured must be >= 1, got 0"),
     ("selectivity.circuit_method=\"atp**\"", "circuit_method must be one of"),
+    ("selectivity.dnpeff_mixes=[0.5, 1.0]", "dnpeff_mixes must be one or more weights in (0, 1), got [0.5, 1.0]"),
+    ("selectivity.dnpeff_mixes=[]", "dnpeff_mixes must be one or more weights in (0, 1), got []"),
     ("selectivity.trace_classes=4", "selectivity.trace_classes must be a class rule table"),
     ("selectivity.trace_classes={\"rule\": \"Top\"}", "class rule 'Top' is unknown"),
     ("fit", "write section.key=value"),
@@ -105,4 +107,5 @@ def test_every_zoo_entrys_demo_settings_are_valid_settings():
     smollm2 = nt.RunConfig().with_overrides(list(zoo.entry("smollm2-135m").demo))
     assert smollm2.pefs.include == smollm2.compare.gradient_include == [f"blocks.{layer}.mlp.W_*"
                                                                          for layer in range(5, 30, 6)]
-    assert (smollm2.data.per_task, smollm2.selectivity.circuit_method, smollm2.selectivity.n_baseline) == (6, "atp", 60)
+    assert (smollm2.data.per_task, smollm2.selectivity.circuit_method, smollm2.selectivity.n_baseline) == (5, "atp", 50)
+    assert smollm2.selectivity.dnpeff_mixes == (0.1, 0.5, 0.9)
