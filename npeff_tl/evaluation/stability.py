@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import Tensor
 
-from ..decomp import DNPEFF, LRMNPEFF
+from ..decomp import DNPEFF, LRMNPEFF, Decomposition
 from ..pefs.containers import PEFs
 from .matching import match_coefficients, matched_cosines
 
@@ -41,6 +42,16 @@ def split_half_stability(solver: DNPEFF | LRMNPEFF, pefs: PEFs, *, seed: int = 0
     first, second = (solver.fit(pefs.subset(half), progress=progress) for half in halves)
     coefficients = [fit.fit_coefficients(pefs, progress=progress) for fit in (first, second)]
     _, _, correlations = match_coefficients(*coefficients)
-    cosines = matched_cosines(first.components, second.components)[2]
+    cosines = matched_cosines(*_on_shared_columns(first, second))[2]
     return SplitHalfStability(coefficient_correlation=sum(correlations) / len(correlations),
                               component_cosine=float(cosines.mean()), correlations=tuple(correlations))
+
+
+def _on_shared_columns(a: Decomposition, b: Decomposition) -> tuple[Tensor, Tensor]:
+    """Both fits' components over the union of their kept columns (a fit drops the columns its half never uses)."""
+    columns = torch.cat([a.kept_columns, b.kept_columns]).unique()  # sorted
+    def spread(fit: Decomposition) -> Tensor:
+        out = torch.zeros(fit.n_components, len(columns), dtype=torch.float64)
+        out[:, torch.searchsorted(columns, fit.kept_columns.cpu())] = fit.components.double().cpu()
+        return out
+    return spread(a), spread(b)

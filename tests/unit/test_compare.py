@@ -163,6 +163,20 @@ def test_split_half_stability_peaks_at_the_planted_number_of_components():
                                                                                          reverse=True))
 
 
+@pytest.mark.filterwarnings("ignore::npeff_tl.ConvergenceWarning")
+def test_split_half_stability_compares_fits_that_kept_different_columns():
+    """Sparse PEFs: each half's fit drops the columns its examples never use, so the fits' columns differ."""
+    from helpers.planted import planted_diagonal
+
+    A, _, _ = planted_diagonal(1, n=120, noise=0.3)
+    pefs = nt.DiagonalPEFs.from_dense(A.float(), nnz=12)
+    fits = [nt.DNPEFF(6, max_iter=50).fit(pefs.subset(half), progress=False) for half in (range(0, 120, 2),
+                                                                                        range(1, 120, 2))]
+    assert fits[0].kept_columns.shape != fits[1].kept_columns.shape or (fits[0].kept_columns != fits[1].kept_columns).any()
+    score = nt.split_half_stability(nt.DNPEFF(6, max_iter=50), pefs, seed=1)
+    assert 0 < score.component_cosine <= 1 + 1e-9 and -1 <= score.coefficient_correlation <= 1
+
+
 def test_split_half_stability_refuses_too_few_examples():
     pefs = nt.DiagonalPEFs.from_dense(torch.rand(3, 20))
     with pytest.raises(ValueError, match="at least 4 examples"):
