@@ -108,4 +108,4 @@ def test_every_zoo_entrys_demo_settings_are_valid_settings():
     assert smollm2.pefs.include == smollm2.compare.gradient_include == [f"blocks.{layer}.mlp.W_*"
                                                                          for layer in range(5, 30, 6)]
     assert (smollm2.data.per_task, smollm2.selectivity.circuit_method, smollm2.selectivity.n_baseline) == (5, "atp", 50)
-    assert smollm2.selectivity.dnpeff_mixes == (0.1, 0.5, 0.9)
+    assert smollm2.selectivity.dnpeff_mixes == (0.1, 0.5, 0.9) and smollm2.pefs.class_rule() == nt.TopK(2)
