@@ -17,6 +17,7 @@ from ..decomp import DNPEFF, LRMNPEFF, Decomposition
 from ..pefs.containers import PEFs
 from .matching import match_coefficients, matched_cosines
 
+
 @dataclasses.dataclass(frozen=True)
 class SplitHalfStability:
     """How alike two fits to disjoint halves of the same examples are.
@@ -33,7 +34,9 @@ class SplitHalfStability:
     correlations: tuple[float, ...]
 
 
-def split_half_stability(solver: DNPEFF | LRMNPEFF, pefs: PEFs, *, seed: int = 0, progress: bool = False) -> SplitHalfStability:
+def split_half_stability(
+    solver: DNPEFF | LRMNPEFF, pefs: PEFs, *, seed: int = 0, progress: bool = False
+) -> SplitHalfStability:
     """Fit ``solver`` to two random halves of ``pefs`` (drawn with ``seed``) and compare the fits."""
     if len(pefs) < 4:
         raise ValueError(f"split_half_stability needs at least 4 examples to split in two, got {len(pefs)}")
@@ -50,6 +53,7 @@ def split_half_stability(solver: DNPEFF | LRMNPEFF, pefs: PEFs, *, seed: int = 0
 def _on_shared_columns(a: Decomposition, b: Decomposition) -> tuple[Tensor, Tensor]:
     """Both fits' components over the union of their kept columns (a fit drops the columns its half never uses)."""
     columns = torch.cat([a.kept_columns, b.kept_columns]).unique()  # sorted
+
     def spread(fit: Decomposition) -> Tensor:
         out = torch.zeros(fit.n_components, len(columns), dtype=torch.float64)
         out[:, torch.searchsorted(columns, fit.kept_columns.cpu())] = fit.components.double().cpu()
