@@ -38,8 +38,8 @@ from npeff_tl.evaluation.metrics import label_metrics
 METRICS = ("ami", "purity_at_20", "multi_factor_recall")
 GROUPS = {"attn+mlp": ["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"], "attn": ["blocks.*.attn.W_[QKVO]"],
           "mlp": ["blocks.*.mlp.W_*"]}
-RULES = {"top_k(1)": nt.TopK(1), "top_k(2)": nt.TopK(2), "top_k(4)": nt.TopK(4), "threshold(0.05, max 8)": nt.Threshold(0.05, max_k=8),
-         "sampled(8)": nt.Sampled(8), "top_k(4)+tail(12)": nt.TopKWithTail(4, 12)}
+RULES = {"top_k(1)": nt.TopK(1), "top_k(2)": nt.TopK(2), "top_k(4)": nt.TopK(4),
+         "threshold(0.05, max 8)": nt.Threshold(0.05, max_k=8), "sampled(8)": nt.Sampled(8), "top_k(4)+tail(12)": nt.TopKWithTail(4, 12)}
 SOLVERS = {"diagonal": ("dnpeff", nt.DNPEFF), "lowrank": ("lrm_npeff", nt.LRMNPEFF)}  # by PEF kind
 
 

@@ -149,7 +149,7 @@ class NPEFFDictionary(ParameterDictionary):
     Fisher-weighted perturbation (``dnpeff_direction``) with the sign pattern of their top training examples
     and, with ``mix="auto"``, the mixing weight from ``mix_grid`` whose perturbation, calibrated to a mean KL of
     ``mix_kl_target`` on the ``n_top_train`` top training examples, is most selective against
-    ``n_baseline_train`` other training examples (seeded).
+    ``n_baseline_train`` other training examples (seeded); a grid of one weight is used as given.
 
     Args:
         train: the examples the decomposition was fitted to (row i of ``decomposition.W``), with answers for
@@ -190,6 +190,8 @@ class NPEFFDictionary(ParameterDictionary):
                              "decomposition was fitted to, from compute_pefs)")
         if mix != "auto" and not (isinstance(mix, float) and 0 < mix < 1):
             raise ValueError(f"mix must be 'auto' or a float in (0, 1), got {mix!r}")
+        if mix == "auto" and len(mix_grid) == 1:  # nothing to choose between: no searches
+            mix = float(mix_grid[0])
         self.nnz = nnz if nnz is not None else (train_pefs.nnz if train_pefs is not None else None)
         self.name = name or self.variant.name
         self.mix, self.mix_grid, self.mix_kl_target = mix, tuple(mix_grid), mix_kl_target

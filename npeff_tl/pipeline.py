@@ -183,10 +183,9 @@ class Run:
         from .decomp import VARIANTS
         from .dictionaries import NPEFFDictionary
 
-        mixes = tuple(self.config.selectivity.dnpeff_mixes)
         return [NPEFFDictionary(self.model, self.decomposition(m), self.data.train, self.target,
                                 self.pefs(VARIANTS[m].pefs.name), name=m, seed=self.config.fit.seed,
-                                mix=float(mixes[0]) if len(mixes) == 1 else "auto", mix_grid=mixes)
+                                mix_grid=self.config.selectivity.dnpeff_mixes)
                 for m in self.methods()]
 
     @cached_property
