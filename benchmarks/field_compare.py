@@ -105,7 +105,7 @@ def main() -> None:
             print(f"  sae_{width}_oracle_hook: {best} (label-free: {hook})")
     print(f"  SAEs: {time.perf_counter() - started:.0f} s")
     started = time.perf_counter()
-    dictionaries["gradient_clustering"] = [GradientClustering(model, train, r, seed=s) for s in seeds]
+    dictionaries["gradient_clustering"] = GradientClustering.for_seeds(model, train, r, list(seeds))  # one sketch
     dictionaries["activation_kmeans"] = [ActivationKMeans(model, train, hook, r, seed=s) for s in seeds]
     if oracle_hooks:
         by_hook = {h: [ActivationKMeans(model, train, h, r, seed=s, name="activation_kmeans_oracle_hook")

@@ -17,6 +17,7 @@ examples when first needed.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float
@@ -48,15 +49,18 @@ class GradientClustering(ParameterDictionary):
         space: the parameters (default: all but LayerNorm and embeddings).
         batch_size: at most this many examples per gradient batch; fewer where a batch's gradients would take
             more than ``GRADIENT_MEMORY`` (``gradient_batch``: one example at a time for a 100M-parameter space).
-        seed: seeds spectral clustering and the sketch.
+        seed: seeds spectral clustering (and the sketch, unless ``sketch_seed`` is given).
         sketch_dim: compare gradients through a count sketch of this many entries (default: ``SKETCH_DIM`` for
             spaces over ``SKETCH_ABOVE`` parameters, else none: exact cosines).
+        sketch_seed: seeds the count sketch (default: ``seed``).
+        memo: the last examples' unit gradients, shared by dictionaries of the same model, space and sketch so that
+            each set of examples takes one gradient pass among them (``for_seeds`` makes one).
     """
 
     def __init__(self, model: nn.Module, train: LabeledExamples | Examples, n_clusters: int, *,
                  space: ParamSpace | None = None, name: str = "gradient_clustering", batch_size: int = 16,
                  seed: int = 0, max_relative_magnitude: float = 1.0, sketch_dim: int | None = None,
-                 progress: bool = False):
+                 sketch_seed: int | None = None, memo: GradientMemo | None = None, progress: bool = False):
         self.model, self.train, self.name = model, as_labeled(train), name
         self.space = space if space is not None else default_space(model)
         self.batch_size = gradient_batch(self.space.size, batch_size)
@@ -66,11 +70,25 @@ class GradientClustering(ParameterDictionary):
                              f"got {n_clusters}")
         if sketch_dim is None and self.space.size > SKETCH_ABOVE:
             sketch_dim = SKETCH_DIM
-        self.sketch = None if sketch_dim is None else CountSketch(self.space.size, sketch_dim, seed)
+        self.sketch_seed = seed if sketch_seed is None else sketch_seed
+        self.sketch = None if sketch_dim is None else CountSketch(self.space.size, sketch_dim, self.sketch_seed)
+        self.memo = memo
         rows = self._rows(self.train, progress)  # unit gradients, or their sketches
         self.labels, self.means = spectral_clusters(rows, n_clusters, seed)
         self._directions = None if self.sketch else self.means  # full-space mean gradients, computed when needed
         self._train_coefficients = self._coefficients_of(rows)
+
+    @classmethod
+    def for_seeds(cls, model: nn.Module, train: LabeledExamples | Examples, n_clusters: int, seeds: list[int],
+                  **kwargs) -> list[GradientClustering]:
+        """One dictionary per clustering seed from one gradient pass per set of examples: the sketch is seeded by
+        the first seed and the dictionaries share a memo of the last examples' gradients (the train set's, then
+        each held-out set's while the seeds take its coefficients in turn). Each equals the dictionary built alone
+        with that ``seed`` and ``sketch_seed=seeds[0]``; the seeds' spread is then the clustering's alone."""
+        if not seeds:
+            raise ValueError("for_seeds needs at least one seed")
+        train, kwargs = as_labeled(train), {"sketch_seed": seeds[0], **kwargs, "memo": GradientMemo()}
+        return [cls(model, train, n_clusters, seed=s, **kwargs) for s in seeds]
 
     def _grads(self, examples: LabeledExamples, progress: bool):
         """(start, stop, answer gradients [b, size] in the model's dtype, on the CPU) per batch of ``examples``."""
@@ -86,8 +104,15 @@ class GradientClustering(ParameterDictionary):
         renormalised after it, so it takes the raw gradients (no float64 copies of a float32 model's)."""
         return _unit_rows(self.sketch(grads).double() if self.sketch else grads.double())
 
-    def _rows(self, examples: LabeledExamples, progress: bool) -> Float[Tensor, "n d"]:
-        """The examples' unit gradients (float32), or with a sketch their sketches, renormalised."""
+    def _rows(self, examples: LabeledExamples | Examples, progress: bool) -> Float[Tensor, "n d"]:
+        """The examples' unit gradients (float32), or with a sketch their sketches, renormalised (from the memo
+        when it holds them)."""
+        if self.memo is not None:
+            key = (id(self.model), tuple(self.space.names), self.sketch and (self.sketch.dim, self.sketch_seed))
+            return self.memo.rows(examples, key, lambda: self._compute_rows(as_labeled(examples), progress))
+        return self._compute_rows(as_labeled(examples), progress)
+
+    def _compute_rows(self, examples: LabeledExamples, progress: bool) -> Float[Tensor, "n d"]:
         out = torch.empty(len(examples), self.sketch.dim if self.sketch else self.space.size, dtype=torch.float32)
         for start, stop, grads in self._grads(examples, progress):
             out[start:stop] = self._unit(grads).float()
@@ -105,6 +130,8 @@ class GradientClustering(ParameterDictionary):
         return self._train_coefficients
 
     def coefficients(self, examples: LabeledExamples | Examples) -> Float[Tensor, "n r"]:
+        if self.memo is not None:
+            return self._coefficients_of(self._rows(examples, progress=False))
         out = torch.empty(len(examples), self.n_components, dtype=torch.float64)
         for start, stop, grads in self._grads(as_labeled(examples), progress=False):
             out[start:stop] = self._coefficients_of(self._unit(grads))
@@ -146,6 +173,20 @@ def gradient_batch(size: int, requested: int) -> int:
 
 def _unit_rows(x: Tensor) -> Tensor:
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp(min=1e-300)
+
+
+class GradientMemo:
+    """The unit gradient rows of the last examples asked for, kept while the same examples object comes back
+    with the same key (model, parameters and sketch)."""
+
+    def __init__(self):
+        self._examples, self._key, self._rows = None, None, None
+
+    def rows(self, examples: object, key: tuple, compute: Callable[[], Tensor]) -> Tensor:
+        if self._examples is not examples or self._key != key:
+            self._examples, self._key, self._rows = None, None, None  # the old rows go before new ones come
+            self._examples, self._key, self._rows = examples, key, compute()
+        return self._rows
 
 
 class CountSketch:

@@ -127,6 +127,28 @@ def test_gradient_clustering_through_a_count_sketch(zoo):
     assert abs(float(s[0] @ s[1]) - float(x @ y)) < 0.02 and abs(float(s[0].norm()) - 1) < 0.02
 
 
+def test_gradient_clusterings_for_several_seeds_share_their_gradients(zoo, monkeypatch):
+    from npeff_tl.baselines import gradient_clustering as gc
+
+    model, train, test = zoo
+    alone = [GradientClustering(model, train, n_clusters=5, seed=s, sketch_dim=2**12, sketch_seed=1) for s in (1, 2, 3)]
+    passes = []
+    compute = gc.GradientClustering._compute_rows
+    monkeypatch.setattr(gc.GradientClustering, "_compute_rows", lambda self, *a: passes.append(1) or compute(self, *a))
+    together = GradientClustering.for_seeds(model, train, 5, [1, 2, 3], sketch_dim=2**12)
+    held_out = [d.coefficients(test) for d in together]
+    assert len(passes) == 2  # one pass over the train examples, one over the held-out ones, for three seeds
+    assert [d.seed for d in together] == [1, 2, 3] and {d.sketch_seed for d in together} == {1}
+    for one, shared, coefficients in zip(alone, together, held_out):
+        assert torch.equal(one.labels, shared.labels)
+        torch.testing.assert_close(shared.means, one.means, rtol=0, atol=1e-12)
+        torch.testing.assert_close(shared.train_coefficients, one.train_coefficients, rtol=0, atol=1e-12)
+        torch.testing.assert_close(coefficients, one.coefficients(test), rtol=0, atol=1e-6)
+    assert not torch.equal(alone[0].labels, alone[1].labels)  # the seeds do cluster differently
+    together[0].coefficients(test.subset(range(4)))  # other examples: a new pass
+    assert len(passes) == 3
+
+
 def test_activation_kmeans(zoo):
     from sklearn.cluster import KMeans
 
