@@ -14,7 +14,9 @@ outputs (``metrics``) at the base run. AtP* (Kramar et al., arXiv 2403.00745) fi
 - GradDrop. Direct and indirect paths can cancel in the gradient while their effects do not cancel. The
   backward pass is repeated with the gradient through each later layer's residual writes (attention and MLP
   outputs) set to zero, and the node's estimate is the mean over the other layers of the absolute estimates
-  (layers at or before the node's own give the plain estimate). AtP* therefore estimates magnitudes.
+  (layers at or before the node's own give the plain estimate). AtP* therefore estimates magnitudes. Gradients
+  are linear in what flows back, so a pass with a writer cut off is the full gradient minus the part through
+  that writer, which takes a backward pass from the writer only (half of a full pass on average).
 """
 
 from __future__ import annotations
@@ -73,15 +75,9 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
     n_layers = model.cfg.n_layers
     known = set(model.hook_dict)  # once: a bridge rebuilds its hook dict (with aliases) on every access
     acts: dict[str, Tensor] = {}
-    dropped = {"writer": None}  # the residual writer that passes no gradient in the current backward pass
 
     def leaf(act, hook):  # the graph starts at the embeddings, whether or not parameters require gradients
         return act.detach().requires_grad_(True)
-
-    def gate(act, hook, index):
-        if act.requires_grad:
-            act.register_hook(lambda g: torch.zeros_like(g) if dropped["writer"] == index else g)
-        return act
 
     node_hooks = [kind.hook(layer) for kind in kinds for layer in range(n_layers)]
     qk_names = [f"blocks.{layer}.attn.{name}" for layer in range(1, n_layers) for name in
@@ -90,38 +86,32 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
     rotary_names = [name for layer in range(1, n_layers) for name in
                     (f"blocks.{layer}.attn.hook_cos", f"blocks.{layer}.attn.hook_sin")
                     if qk_fix and name in known]  # a bridge's rotary embedding, as its attention got it
-    hooks = [("blocks.0.hook_resid_pre", leaf)] + [(name, capture(acts, name, detach=False))
-                                                   for name in node_hooks + qk_names + resid_names]
-    hooks += [(name, capture(acts, name)) for name in rotary_names]
     writers = _writers(model.cfg.n_layers, known) if grad_drop else {}
-    for index, name in writers.items():
-        hooks.append((name, lambda act, hook, index=index: gate(act, hook, index)))
     drop = [index for index in writers if index > 0]  # nothing upstream of the first writer is a node
+    grad_names = list(dict.fromkeys(node_hooks + qk_names + [writers[w] for w in drop]))  # gradients taken there
+    hooks = [("blocks.0.hook_resid_pre", leaf)] + [(name, capture(acts, name, detach=False))
+                                                   for name in dict.fromkeys(grad_names + resid_names)]
+    hooks += [(name, capture(acts, name)) for name in rotary_names]
 
     with torch.enable_grad(), adapter.hooks(hooks):
         logits = adapter.target_logits(runs.tokens, runs.targets[:, None])[:, 0]
         outputs = metric.outputs(logits, state)  # [b, m]
     deltas = {name: (runs.sources[name] - acts[name].detach()).double() for name in node_hooks}
-    grad_inputs = [acts[name] for name in node_hooks + qk_names]
-    passes = [None] + drop
     m = outputs.shape[1]
     slots = torch.eye(m, dtype=outputs.dtype, device=outputs.device)[:, None, :].expand(-1, outputs.shape[0], -1)
+    full = _grads(outputs, slots, [acts[name] for name in grad_names])  # one backward per output slot, vectorised
+    full = dict(zip(grad_names, full))
     linear = {kind.key: [] for kind in kinds}  # per pass: [m, layers, b, seq, units], gradient x change
     qk_grads = []  # per (pass, slot): hook name -> gradient at queries, keys and patterns (for the QK fix)
-    for writer in passes:
-        dropped["writer"] = writer
-        got = torch.autograd.grad(outputs, grad_inputs, slots, retain_graph=True, allow_unused=True,
-                                  is_grads_batched=True)  # one backward pass per output slot, vectorised
-        got = [torch.zeros(m, *a.shape, dtype=a.dtype, device=a.device) if g is None else g
-               for a, g in zip(grad_inputs, got)]
-        by_name = dict(zip(node_hooks + qk_names, got))
+    P = 1 + len(drop)  # the full pass, then one per dropped writer
+    for writer in [None, *drop]:
+        by_name = full if writer is None else _dropped(full, acts, writers[writer], node_hooks + qk_names)
         for kind in kinds:
             linear[kind.key].append(torch.stack([_times_change(kind, by_name[kind.hook(layer)],
                                                                deltas[kind.hook(layer)])
                                                  for layer in range(n_layers)], 1))
         qk_grads += [{name: by_name[name][slot] for name in qk_names} for slot in range(m)]
-    del outputs, logits, got, by_name
-    P = len(passes)
+    del outputs, logits, full, by_name
 
     b, seq = runs.tokens.shape
     after_target = torch.arange(seq)[None, :] > runs.targets.cpu()[:, None]  # [b, seq]
@@ -139,6 +129,22 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
         effects = _combine(per_pass, drop, kind, n_layers) if grad_drop else per_pass[0]
         out[kind.key] = effects.masked_fill(after_target[:, None, None, :], torch.nan)
     return out
+
+
+def _grads(outputs: Tensor, slots: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    """Gradients of ``outputs`` at ``inputs`` for each slot of ``slots`` (zeros where an input is not upstream)."""
+    got = torch.autograd.grad(outputs, inputs, slots, retain_graph=True, allow_unused=True, is_grads_batched=True)
+    return [torch.zeros(len(slots), *a.shape, dtype=a.dtype, device=a.device) if g is None else g
+            for a, g in zip(inputs, got)]
+
+
+def _dropped(full: dict[str, Tensor], acts: dict[str, Tensor], writer: str, names: list[str]) -> dict[str, Tensor]:
+    """The gradients at ``names`` with no gradient through ``writer``'s residual write: the full gradients minus
+    the part that flows through the writer (its own full gradient carried back from its output), so each pass
+    only goes back from its writer, not from the outputs (gradients are linear in what flows in)."""
+    through = torch.autograd.grad(acts[writer], [acts[name] for name in names], full[writer], retain_graph=True,
+                                  allow_unused=True, is_grads_batched=True)
+    return {name: full[name] if g is None else full[name] - g for name, g in zip(names, through)}
 
 
 def _times_change(kind: NodeKind, grad: Tensor, delta: Tensor) -> Float[Tensor, "m b seq units"]:

@@ -120,6 +120,54 @@ def test_atp_is_gradient_times_change_of_each_node_on_single_examples(model64, r
                 assert torch.allclose(got[:, target - position], expected[position], rtol=1e-8, atol=1e-14)
 
 
+def test_grad_drop_is_the_mean_of_estimates_with_each_later_writer_cut_off(ragged):
+    """Oracle for GradDrop: per example and residual writer, autograd with that writer's gradient set to zero (a
+    tensor hook), the estimate gradient . change with it, and per node the mean of the absolute estimates over the
+    writers other than its own (the plain estimate for writers at or before the node)."""
+    from helpers.models import make_model
+
+    model = make_model(torch.float64, seed=3, n_layers=3)
+    space = nt.ParamSpace(model, include=["blocks.*.attn.W_[QKV]", "blocks.*.mlp.W_*"])
+    step = nt.perturb(model, nt.random_direction(space, seed=3), space, magnitude=3.0)
+    kinds = ("attn.hook_z", "hook_mlp_out", "hook_resid_post", "mlp.hook_post")
+    result = trace(model, step, ragged, method=TraceMethod("grad_drop", grad_drop=True), metric="logprob",
+                   nodes=kinds, progress=False)
+    writers = [f"blocks.{layer}.{name}" for layer in range(3) for name in ("hook_attn_out", "hook_mlp_out")]
+    nodes = [f"blocks.{layer}.{kind}" for kind in kinds for layer in range(3)]
+    for i in range(len(ragged)):
+        tokens, target = ragged.tokens[ragged.seq_index[i]][None], int(ragged.position[i])
+        answer = _target_log_probs(model, tokens[0], target).argmax()
+        with step:
+            _, cache = model.run_with_cache(tokens)
+        estimates = {}  # cut writer (None: none) -> node -> [pos, unit]
+        for cut in [None, *writers]:
+            acts = {}
+
+            def keep(act, hook, name):
+                acts[name] = act
+                if name == cut:
+                    act.register_hook(torch.zeros_like)
+                return act
+
+            hooks = [(name, lambda act, hook, name=name: keep(act, hook, name)) for name in dict.fromkeys(nodes + writers)]
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)[0, target]
+            grads = torch.autograd.grad(logits.log_softmax(-1)[answer], [acts[n] for n in nodes], allow_unused=True)
+            estimates[cut] = {n: (_units(n.split(".", 2)[2], g[0]) * _units(n.split(".", 2)[2], cache[n][0] - acts[n][0].detach())).sum(-1)
+                              for n, g in zip(nodes, grads)}
+        for node in nodes:
+            kind, layer = node.split(".", 2)[2], int(node.split(".")[1])
+            own = 2 * layer + (0 if kind == "attn.hook_z" else 1)
+            is_writer = kind != "hook_resid_post"
+            terms = [estimates[w if index > own else None][node].abs() for index, w in enumerate(writers)
+                     if not (is_writer and index == own)]
+            expected = torch.stack(terms).mean(0)  # [pos, unit]
+            got = result.per_example[kind][i, layer]
+            got = got if kind in ("attn.hook_z", "mlp.hook_post") else got[None]
+            for position in range(target + 1):
+                assert torch.allclose(got[:, target - position], expected[position], rtol=1e-8, atol=1e-14)
+    assert (result.per_example["hook_mlp_out"][:, 0] != 0).any()
+
+
 def test_the_kl_estimate_is_the_kl_of_the_changed_logits():
     """For both bases (the original run when noising, the perturbed run when denoising): the estimate is
     KL(base with the linearised classes' logits moved || original) - KL(base || original), computed directly."""
