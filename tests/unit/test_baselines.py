@@ -144,7 +144,7 @@ def test_gradient_clusterings_for_several_seeds_share_their_gradients(zoo, monke
         torch.testing.assert_close(shared.means, one.means, rtol=0, atol=1e-12)
         torch.testing.assert_close(shared.train_coefficients, one.train_coefficients, rtol=0, atol=1e-12)
         torch.testing.assert_close(coefficients, one.coefficients(test), rtol=0, atol=1e-6)
-    assert not torch.equal(alone[0].labels, alone[1].labels)  # the seeds do cluster differently
+    assert len({tuple(d.labels.tolist()) for d in alone}) > 1  # the seeds do cluster differently
     together[0].coefficients(test.subset(range(4)))  # other examples: a new pass
     assert len(passes) == 3
 
