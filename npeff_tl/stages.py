@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FIGURES = ("ami", "nmi", "purity_at_20", "multi_factor_recall", *(f"median_{f}" for f in SELECTIVITY_FIGURES))
+FIGURES = ("ami", "nmi", "purity_at_20", "multi_factor_recall", "multi_factor_recall_by_stratum", "factor_auc", *(f"median_{f}" for f in SELECTIVITY_FIGURES))
 
 
 def stage_pefs(run: Run) -> None:

@@ -26,7 +26,8 @@ N_CIRCUIT_NODES = 6  # top nodes listed in a component's circuit panel
 N_CIRCUIT_OFFSETS = 12  # positions (before the target) in its heat map
 MIN_ACCURACY_DROP_SHOWN = 0.05  # an accuracy-drop heatmap whose cells all stay below this is left out
 TABLE_FIGURES = {"n_components": "components", "ami": "AMI", "nmi": "NMI", "purity_at_20": "purity@20",
-                 "multi_factor_recall": "multi-factor recall", "median_selectivity": "median selectivity",
+                 "multi_factor_recall": "multi-factor recall", "factor_auc": "factor AUC",
+                 "median_selectivity": "median selectivity",
                  "median_strategy_selectivity": "median strategy selectivity",
                  "median_norm_selectivity": "median normalised selectivity",
                  "median_norm_strategy_selectivity": "median normalised strategy selectivity"}

@@ -11,7 +11,7 @@ from npeff_tl.cli import main
 
 SELECTIVITY = {"median_selectivity", "median_strategy_selectivity", "median_norm_selectivity",
                "median_norm_strategy_selectivity"}
-FIGURES = {"ami", "nmi", "purity_at_20", "multi_factor_recall"} | SELECTIVITY
+FIGURES = {"ami", "nmi", "purity_at_20", "multi_factor_recall", "multi_factor_recall_by_stratum", "factor_auc"} | SELECTIVITY
 METHODS = {"dnpeff", "lrm_npeff", "sae_4", "sae_128", "gradient_clustering", "activation_kmeans"}
 
 

@@ -8,7 +8,8 @@ import torch
 
 import npeff_tl as nt
 from npeff_tl.evaluation import compare, component_labels, label_metrics, match_coefficients, train_ami
-from npeff_tl.evaluation.metrics import best_match_f1, multi_factor_recall, purity_at
+from npeff_tl.evaluation.labels import component_factors
+from npeff_tl.evaluation.metrics import best_match_f1, factor_auc, multi_factor_recall, purity_at
 from npeff_tl.dictionaries import top_of
 
 
@@ -22,9 +23,9 @@ class FixedDictionary:
 
     model = None
 
-    def __init__(self, name, train_coefficients, train_labels, coefficients):
+    def __init__(self, name, train_coefficients, train_labels, coefficients, train_factors=None):
         self.name, self._train, self._coefficients = name, train_coefficients, coefficients
-        self.train = _examples(train_labels)
+        self.train = _examples(train_labels, train_factors)
 
     @property
     def n_components(self):
@@ -103,6 +104,50 @@ def test_multi_factor_recall_by_hand():
     # example 0: top two map to {max, succ}; example 1: {max, other}; example 2: {max, succ}; example 3 has one factor
     assert multi_factor_recall(W, factors, mapping) == pytest.approx(2 / 3)
     assert multi_factor_recall(W, [["max"]] * 4, mapping) is None
+
+
+def test_components_named_by_factor_count_pair_strata_for_both_factors():
+    # component 0's top examples: 3 of the pair stratum a+b and 2 of b; component 1's: 2 of a and 1 of c
+    strata = ["a+b", "a+b", "a+b", "b", "b", "a", "a", "c"]
+    factors = [["a", "b"]] * 3 + [["b"]] * 2 + [["a"]] * 2 + [["c"]]
+    train = torch.tensor([[1.0, 0]] * 5 + [[0, 1.0]] * 3, dtype=torch.float64)
+    d = FixedDictionary("f", train, strata, None, factors)
+    assert component_labels(d) == ["a+b", "a"]  # by stratum: the pair stratum, which no example's factors contain
+    assert component_factors(d) == ["b", "a"]  # by factor: b counts 5 times among component 0's top examples
+
+
+def test_multi_factor_recall_and_factor_auc_on_made_up_dictionaries():
+    names = ["a", "b", "c", "d"]
+    needs = [["a", "b"], ["a", "c"], ["b", "d"], ["c", "d"], ["a"]]
+    perfect = torch.tensor([[float(f in need) * (1 + k) for k, f in enumerate(names)] for need in needs])
+    assert multi_factor_recall(perfect, needs, names) == 1.0 and factor_auc(perfect, needs, names, names) == 1.0
+    # one-hot: each example on the component of its first factor; never two components, and the second factor
+    # ties with the absent ones: AUC (1 + 0.5) / 2 against each of the two other factors
+    one_hot = torch.tensor([[float(f == need[0]) for f in names] for need in needs])
+    assert multi_factor_recall(one_hot, needs, names) == 0.0
+    assert factor_auc(one_hot, needs, names, names) == pytest.approx(0.75)
+    # a factor no component is named by has mass 0; a component named by no factor of the universe adds none
+    assert factor_auc(perfect, needs, ["a", "b", "c", None], names) < 1.0
+    g = torch.Generator().manual_seed(0)
+    random_needs = [sorted(torch.randperm(6, generator=g)[:2].tolist()) for _ in range(400)]
+    random_needs = [[str(f) for f in need] for need in random_needs]
+    W = torch.rand(400, 6, generator=g, dtype=torch.float64)
+    assert factor_auc(W, random_needs, [str(j) for j in range(6)], [str(j) for j in range(6)]) == pytest.approx(0.5, abs=0.04)
+    assert factor_auc(perfect, [["a"]] * 5, names, names) is None
+
+
+def test_label_metrics_report_both_namings_and_the_auc():
+    strata = ["a"] * 10 + ["b"] * 10 + ["c"] * 10 + ["a+b"] * 10
+    factors = [["a"]] * 10 + [["b"]] * 10 + [["c"]] * 10 + [["a", "b"]] * 10
+    train = torch.zeros(40, 3, dtype=torch.float64)
+    train[:10, 0], train[10:20, 1], train[20:30, 2] = 1.0, 1.0, 1.0  # components a, b, c; the pairs take none
+    test = torch.tensor([[1.0, 0.5, 0.1]] * 4 + [[1.0, 0.0, 0.0]] * 4, dtype=torch.float64)
+    d = FixedDictionary("m", train, strata, test, factors)
+    metrics = label_metrics(d, test, _examples(["a+b"] * 4 + ["a"] * 4, [["a", "b"]] * 4 + [["a"]] * 4), k=10)
+    assert metrics["multi_factor_recall"] == 1.0 and metrics["factor_auc"] == 1.0
+    assert metrics["multi_factor_recall_by_stratum"] == 1.0  # the components are single strata here
+    no_factors = label_metrics(d, test, _examples(["a"] * 8), k=10)
+    assert no_factors["multi_factor_recall"] is None and no_factors["factor_auc"] is None
 
 
 def test_train_ami_scores_the_training_assignment():
