@@ -34,7 +34,8 @@ from npeff_tl.baselines.activations import middle_hook, residual_hooks
 from npeff_tl.evaluation.metrics import label_metrics, train_ami
 from npeff_tl.zoo import MODELS_DIR
 
-METRICS = ("ami", "nmi", "purity_at_20", "best_match_f1", "multi_factor_recall")
+METRICS = ("ami", "nmi", "purity_at_20", "best_match_f1", "multi_factor_recall", "multi_factor_recall_by_stratum",
+           "factor_auc")
 NPEFF = ("dnpeff", "lrm_npeff")
 
 
