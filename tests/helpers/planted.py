@@ -91,3 +91,32 @@ def killed_after_checkpoint(iteration):
             yield
     finally:
         Checkpoint.save = save
+
+
+def planted_pairs(seed, kind, r=8, n_train=320, m=480, size=48, shared=10, train_pairs=4, pair_share=0.05):
+    """A compositional split on planted PEFs: training examples use one component each, except ``pair_share`` of
+    them, which use one of ``train_pairs`` pairs; every held-out example uses two components, once per pair (all
+    r (r - 1) / 2 pairs, most never seen in training). ``kind``: "diagonal" (rows W H of non-negative diagonals)
+    or "lowrank" (factors sqrt(W_ij) g_j, one row per active component). Returns (train PEFs, held-out PEFs, the
+    planted components [r, m], the held-out pairs [p, 2], the pairs seen in training)."""
+    from itertools import combinations
+
+    from npeff_tl import DiagonalPEFs, LowRankPEFs
+
+    g = torch.Generator().manual_seed(seed)
+    parts = torch.zeros(r, m, dtype=torch.float64)
+    for j, support in enumerate(planted_supports(g, r, m, size, shared)):
+        parts[j, support] = (0.5 + torch.rand(size, generator=g, dtype=torch.float64) if kind == "diagonal"
+                             else torch.randn(size, generator=g, dtype=torch.float64))
+    pairs = torch.tensor(list(combinations(range(r), 2)))
+    seen = pairs[torch.randperm(len(pairs), generator=g)[:train_pairs]]
+    n_pairs = round(pair_share * n_train)
+    train_active = [[i % r] for i in range(n_train - n_pairs)] + [seen[i % train_pairs].tolist() for i in range(n_pairs)]
+
+    def pefs(active_lists):
+        weights = [0.5 + 1.5 * torch.rand(len(a), generator=g, dtype=torch.float64) for a in active_lists]
+        if kind == "diagonal":
+            return DiagonalPEFs.from_dense(torch.stack([w @ parts[a] for a, w in zip(active_lists, weights)]).float())
+        return LowRankPEFs.from_dense([(w.sqrt()[:, None] * parts[a]).float() for a, w in zip(active_lists, weights)])
+
+    return pefs(train_active), pefs(pairs.tolist()), parts, pairs, seen
