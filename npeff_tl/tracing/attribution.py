@@ -115,7 +115,7 @@ def _estimates(adapter, runs, kinds, metric, state, qk_fix, grad_drop):
 
     b, seq = runs.tokens.shape
     after_target = torch.arange(seq)[None, :] > runs.targets.cpu()[:, None]  # [b, seq]
-    later_heads = [_later_attention(model, later, acts, qk_grads) for later in range(1, n_layers)] if qk_fix else []
+    later_heads = [_later_attention(model, later, acts, qk_grads, m) for later in range(1, n_layers)] if qk_fix else []
     for heads in later_heads:
         _check_recomputed_pattern(heads, acts[f"blocks.{heads.layer}.attn.hook_pattern"], after_target)
     out = {}
@@ -200,10 +200,12 @@ class _LaterAttention:
     Q: Tensor  # [b, pos, head, d_head]: the queries and keys the logits take (rotated, keys per query head)
     K: Tensor
     A: Tensor  # [b, head, query, key]
-    G: Tensor  # [pm, b, head, query, key]
-    Gq: Tensor  # [pm, b, pos, head, d_head]
-    Gk: Tensor  # [pm, b, pos, kv_head, d_head]
-    GA: Tensor  # [pm, b, head, query]: sum over keys of G . A
+    G: Tensor  # [c, b, head, query, key]: the c distinct (pass, slot) rows of gradients, see ``source``
+    Gq: Tensor  # [c, b, pos, head, d_head]
+    Gk: Tensor  # [c, b, pos, kv_head, d_head]
+    GA: Tensor  # [c, b, head, query]: sum over keys of G . A
+    source: Tensor  # [pm]: each (pass, slot)'s row among the c; a GradDrop pass whose writer lies after this
+    # block leaves its gradients as in the full pass, and shares the full pass's rows
 
 
 def _scale(model, attn) -> float:
@@ -264,7 +266,10 @@ def _check_recomputed_pattern(heads: _LaterAttention, pattern: Tensor, after_tar
                          "rotary embedding?); use method='atp' or method='patching'")
 
 
-def _later_attention(model, later: int, acts: dict[str, Tensor], grads: list[dict[str, Tensor]]) -> _LaterAttention:
+def _later_attention(model, later: int, acts: dict[str, Tensor], grads: list[dict[str, Tensor]], m: int
+                     ) -> _LaterAttention:
+    """Block ``later``'s attention recomputed, with the gradients of the (pass, slot) rows ``grads`` (``m`` slots
+    per pass, the full pass first)."""
     attn = model.blocks[later].attn
     W_K, b_K = _key_weights(model, attn)
     W_Q, W_K = attn.W_Q.detach().double(), W_K.detach().double()
@@ -281,11 +286,14 @@ def _later_attention(model, later: int, acts: dict[str, Tensor], grads: list[dic
     Q, K = _for_scores(q, k, rotary, group)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=resid.device).tril()  # [query, key]
     A = (torch.einsum("bthe,bshe->bhts", Q, K) / scale).masked_fill(~causal, -torch.inf).softmax(-1)
-    G = torch.stack([g[f"blocks.{later}.attn.hook_pattern"] for g in grads]).double()
-    Gq = torch.stack([g[f"blocks.{later}.attn.hook_q"] for g in grads]).double()
-    Gk = torch.stack([g[f"blocks.{later}.attn.hook_k"] for g in grads]).double()
+    names = [f"blocks.{later}.attn.{name}" for name in ("hook_pattern", "hook_q", "hook_k")]
+    as_full = [i >= m and all(torch.equal(grads[i][n], grads[i % m][n]) for n in names) for i in range(len(grads))]
+    rows = [i for i, same in enumerate(as_full) if not same]
+    position = {i: k for k, i in enumerate(rows)}
+    source = torch.tensor([position[i % m] if same else position[i] for i, same in enumerate(as_full)])
+    G, Gq, Gk = (torch.stack([grads[i][n] for i in rows]).double() for n in names)
     return _LaterAttention(later, W_Q, b_Q, W_K, b_K, scale, rotary, group, resid, q, k, Q, K, A, G, Gq, Gk,
-                           (G * A).sum(-1))
+                           (G * A).sum(-1), source.to(G.device))
 
 
 def _layer_unit_chunks(n_layers: int, units: int, step: int) -> list[list[tuple[int, int, int]]]:
@@ -314,7 +322,8 @@ def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_head
     first = deltas[kind.hook(0)]
     b, seq = first.shape[:2]
     units = kind.n_units(cfg)
-    out = torch.zeros(len(later_heads[0].G), cfg.n_layers, b, seq, units, dtype=torch.float64, device=first.device)
+    out = torch.zeros(len(later_heads[0].source), cfg.n_layers, b, seq, units, dtype=torch.float64,
+                      device=first.device)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=first.device).tril()  # [query, key]
     step = max(1, QK_CHUNK // (b * seq * cfg.n_heads * seq))  # units per chunk
     delta_units = [kind.as_units(deltas[kind.hook(layer)]) for layer in range(cfg.n_layers)]
@@ -349,7 +358,7 @@ def _qk_corrections(model, kind: NodeKind, deltas: dict[str, Tensor], later_head
             # becomes new
             term = (term + torch.einsum("btuhs,pbhs->pbtu", others, heads.GA)
                     + torch.einsum("btuhs,pbths->pbtu", new - A_key - others * A_key, G_key)
-                    - torch.einsum("pbthe,btuhe->pbtu", heads.Gk, dk))
+                    - torch.einsum("pbthe,btuhe->pbtu", heads.Gk, dk))[heads.source]
             offset = 0
             for layer, start, stop in chunk:
                 out[:, layer, :, :, start:stop] += term[..., offset:offset + stop - start]
