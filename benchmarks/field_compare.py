@@ -13,6 +13,16 @@ gets, shown for reference and never counted as a baseline. Label metrics are the
 with the (min-max) spread. Selectivity (seed 0, the components with the most training mass, one KL target):
 raw and normalised by the sets' Fisher-trace ratio, with random-direction controls.
 
+``--pair-share F`` keeps at most a share F of the train examples from multi-factor strata (seeded; 0 keeps
+none, so every held-out pair is one no method saw in training): the compositional test, where a method that
+learned factors can still explain a pair by two components and a clustering cannot. The held-out split keeps
+all its pairs.
+
+Second-to-last line: multifactor: npeff_top2=<a> best_baseline_top2=<b> npeff_auc=<c> best_baseline_auc=<d>
+unseen_pair_top2=<e> planted_top2=<f> (held-out examples needing two factors, components named by factor:
+top-2 recall and factor AUC, NPEFF the better method, baselines the best label-free row; unseen: NPEFF's top-2
+recall on the pairs absent from the train split; planted: the worse of D- and LRM-NPEFF on planted PEFs whose
+held-out examples each use two planted components, ``tests/helpers/planted.py``).
 Last line: field_compare: npeff_purity=<p> best_baseline_purity=<b> npeff_mf_recall=<m>
 best_baseline_mf_recall=<n> npeff_norm_selectivity=<s> control_norm_selectivity=<c> field_loss=<l> bigram_loss=<g>
 (NPEFF: the better of D-NPEFF and LRM-NPEFF per figure; baselines: the label-free rows; figures on the test
@@ -24,24 +34,67 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import npeff_tl as nt
 from npeff_tl.baselines import ActivationKMeans, GradientClustering, SAEDictionary, train_sae
 from npeff_tl.baselines.activations import middle_hook, residual_hooks
+from npeff_tl.evaluation import component_factors, multi_factor_recall
 from npeff_tl.evaluation.metrics import label_metrics, train_ami
 from npeff_tl.zoo import MODELS_DIR
 
 METRICS = ("ami", "nmi", "purity_at_20", "best_match_f1", "multi_factor_recall", "multi_factor_recall_by_stratum",
-           "factor_auc")
+           "factor_auc", "unseen_pair_recall")
 NPEFF = ("dnpeff", "lrm_npeff")
 
 
 def spread(values: list[float | None]) -> str:
     values = [v for v in values if v is not None]
     return f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})" if values else "n/a"
+
+
+def with_rare_pairs(train: nt.LabeledExamples, share: float, seed: int = 0) -> nt.LabeledExamples:
+    """``train`` with at most a share ``share`` of examples needing two or more factors (a random subset of them)."""
+    multi = [i for i, f in enumerate(train.factors) if len(set(f)) >= 2]
+    single = [i for i, f in enumerate(train.factors) if len(set(f)) < 2]
+    keep = int(share * len(single) / (1 - share)) if share < 1 else len(multi)
+    chosen = torch.randperm(len(multi), generator=torch.Generator().manual_seed(seed))[:keep].tolist()
+    return train.subset(sorted(single + [multi[i] for i in chosen]))
+
+
+def unseen_pair_recall(dictionary, coefficients, test: nt.LabeledExamples) -> float | None:
+    """Top-2 recall (components named by factor) on the held-out examples whose set of factors no train example
+    has."""
+    seen = {frozenset(f) for f in dictionary.train.factors}
+    index = [i for i, f in enumerate(test.factors) if len(set(f)) >= 2 and frozenset(f) not in seen]
+    if not index:
+        return None
+    return multi_factor_recall(torch.as_tensor(coefficients)[index], [test.factors[i] for i in index],
+                               component_factors(dictionary))
+
+
+def planted_top2() -> float:
+    """The worse top-2 recall of D- and LRM-NPEFF on planted pairs (the test suite's planted compositional split)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from helpers.planted import planted_pairs
+
+    recalls = []
+    for kind, solver in (("diagonal", nt.DNPEFF(8, max_iter=2000, tol=1e-8, seed=0)),
+                         ("lowrank", nt.LRMNPEFF(8, n_iters_g_only=50, n_iters_joint=1000, seed=0))):
+        train, test, parts, pairs, _ = planted_pairs(0, kind)
+        dec = solver.fit(train, progress=False)
+        full = torch.zeros(dec.n_components, parts.shape[1], dtype=torch.float64)
+        full[:, dec.kept_columns] = dec.components.double()
+        rows, cols, _ = nt.matched_cosines(parts, full)
+        planted_of = dict(zip(cols.tolist(), rows.tolist()))
+        top = dec.fit_coefficients(test, n_iter=1000, progress=False).topk(2, dim=1).indices.tolist()
+        recalls.append(sum({planted_of[j] for j in t} == set(p) for t, p in zip(top, pairs.tolist())) / len(pairs))
+    return min(recalls)
 
 
 def mean(values: list[float | None]) -> float:
@@ -65,12 +118,18 @@ def main() -> None:
                              "--set pefs.nnz=16384); choose them without labels (docs/settings.md)")
     parser.add_argument("--out", default=None, help="save the seed-0 comparison table and selectivity here")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--pair-share", type=float, default=None,
+                        help="keep at most this share of train examples from multi-factor strata (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     defaults = nt.RunConfig().with_overrides(args.set)
     model, data = nt.zoo.load(args.model, n_train=args.per_group, n_test=args.test_per_group)
     train = nt.LabeledExamples.from_dataset(data["train"])
     test = nt.LabeledExamples.from_dataset(data["test"])
+    if args.pair_share is not None:
+        if not 0 <= args.pair_share < 1:
+            parser.error(f"--pair-share must be in [0, 1), got {args.pair_share}")
+        train = with_rare_pairs(train, args.pair_share)
     r, seeds = defaults.fit.n_components, range(args.seeds)
     space = nt.ParamSpace(model, include=defaults.pefs.include, exclude=defaults.pefs.exclude)
     target = nt.Target(classes=defaults.pefs.class_rule())
@@ -121,7 +180,8 @@ def main() -> None:
     figures: dict[str, dict[str, float]] = {}
     for name, ds in dictionaries.items():
         coefficients = test_coefficients.get(name) or [d.coefficients(test) for d in ds]
-        rows = [label_metrics(d, W, test) for d, W in zip(ds, coefficients)]
+        rows = [{**label_metrics(d, W, test), "unseen_pair_recall": unseen_pair_recall(d, W, test)}
+                for d, W in zip(ds, coefficients)]
         figures[name] = {m: mean([row[m] for row in rows]) for m in METRICS}
         print(f"{name:>30} " + " ".join(f"{spread([row[m] for row in rows]):>22}" for m in METRICS))
 
@@ -162,6 +222,13 @@ def main() -> None:
         "field_loss": losses.get("model", float("nan")),
         "bigram_loss": losses.get("bigram", float("nan")),
     }
+    def best(figure: str, methods) -> float:
+        return max((figures[m][figure] for m in methods if figures[m][figure] == figures[m][figure]), default=math.nan)
+
+    print(f"multifactor: npeff_top2={best('multi_factor_recall', NPEFF):.4g} "
+          f"best_baseline_top2={best('multi_factor_recall', baselines):.4g} "
+          f"npeff_auc={best('factor_auc', NPEFF):.4g} best_baseline_auc={best('factor_auc', baselines):.4g} "
+          f"unseen_pair_top2={best('unseen_pair_recall', NPEFF):.4g} planted_top2={planted_top2():.4g}")
     print("field_compare: " + " ".join(f"{k}={v:.4g}" for k, v in line.items()))
 
 
