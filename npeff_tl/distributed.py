@@ -11,9 +11,11 @@ group left to the interpreter's teardown, or torn down while a peer still runs, 
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -78,14 +80,40 @@ def balanced_ranges(weights: Int64[Tensor, " m"], parts: int) -> list[tuple[int,
 
 
 def leave() -> bool:
-    """End the process group (after a barrier) so that what follows runs in one process; returns whether this
-    process is the one that goes on (rank 0)."""
+    """End the process group (all ranks together, ``_end_together``) so that what follows runs in one process;
+    returns whether this process is the one that goes on (rank 0)."""
     if not active():
         return True
     stays = rank() == 0
-    dist.barrier()
-    dist.destroy_process_group()
+    _end_together()
     return stays
+
+
+def _end_together() -> None:
+    """Destroy the default group on every rank together: a barrier, then a barrier through the rendezvous store
+    (no rank closes its connections while a peer may still be inside the last collective), the group destroyed
+    and collected (its threads end here, not in the interpreter's teardown), and a last store barrier (no rank
+    ends its process while a peer is still tearing its group down). A rank tearing its gloo group down while a
+    peer was still running aborted now and then ("terminate called without an active exception")."""
+    store, n = dist.distributed_c10d._get_default_store(), world_size()
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.barrier()
+    _store_barrier(store, f"npeff_tl/end/{attempt}/collectives", n)
+    dist.destroy_process_group()
+    gc.collect()
+    _store_barrier(store, f"npeff_tl/end/{attempt}/destroyed", n)
+
+
+def _store_barrier(store, key: str, n: int, timeout: float = 60.0) -> None:
+    """Wait until ``n`` processes have reached ``key`` in ``store`` (or ``timeout`` seconds); a store that went
+    away (its host ended first) ends the wait."""
+    try:
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout
+        while store.add(key, 0) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except (RuntimeError, dist.DistError) as error:
+        logger.debug("store barrier %s ended early: %s", key, error)
 
 
 def init_from_env(backend: str | None = None) -> bool:
@@ -105,14 +133,12 @@ def init_from_env(backend: str | None = None) -> bool:
 
 
 def _end_at_exit() -> None:
-    """Destroy the default group while the interpreter is still whole (no-op if ``leave`` already did), after
-    the other ranks have finished too when this one ends normally: a rank that tore its group down while a peer
-    was still running aborted now and then ("terminate called without an active exception"). After an
-    uncaught error there is no barrier, since the peers may be waiting in another collective."""
+    """Destroy the default group while the interpreter is still whole (no-op if ``leave`` already did): with the
+    other ranks (``_end_together``) when this one ends normally; alone after an uncaught error, since the peers
+    may be waiting in another collective."""
     if not dist.is_initialized():
         return
-    try:
-        if getattr(sys, "last_value", None) is None:
-            dist.barrier()
-    finally:
+    if getattr(sys, "last_value", None) is None and active():
+        _end_together()
+    else:
         dist.destroy_process_group()
