@@ -120,3 +120,18 @@ def planted_pairs(seed, kind, r=8, n_train=320, m=480, size=48, shared=10, train
         return LowRankPEFs.from_dense([(w.sqrt()[:, None] * parts[a]).float() for a, w in zip(active_lists, weights)])
 
     return pefs(train_active), pefs(pairs.tolist()), parts, pairs, seen
+
+
+def pair_top2(dec, test, parts, pairs):
+    """How a fit explains planted pairs: (per held-out pair, whether its two largest coefficients are its two
+    planted components, fitted components matched to planted ones by cosine; the worst matched cosine; the
+    smallest of the top-2 coefficients)."""
+    from npeff_tl import matched_cosines
+
+    full = torch.zeros(dec.n_components, parts.shape[1], dtype=torch.float64)
+    full[:, dec.kept_columns] = dec.components.double()
+    rows, cols, cos = matched_cosines(parts, full)
+    planted_of = dict(zip(cols.tolist(), rows.tolist()))  # fitted component -> planted one
+    top = dec.fit_coefficients(test, n_iter=1000, progress=False).topk(2, dim=1)
+    hits = [{planted_of[j] for j in t} == set(p) for t, p in zip(top.indices.tolist(), pairs.tolist())]
+    return hits, float(cos.min()), float(top.values.min())
