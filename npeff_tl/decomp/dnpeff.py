@@ -22,7 +22,7 @@ from ..progress import progress_bar
 from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
 from .decomposition import Decomposition
 from .matrix import PEFMatrix, prepare
-from .solver import check_settings, multiplicative_w, warn_unconverged
+from .solver import check_settings, loss_settled, multiplicative_w, warn_unconverged
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +107,8 @@ class DNPEFF:
                 losses.append({"phase": "joint", "iteration": done, "loss": loss})
                 bar.set_postfix(loss=f"{loss:.4e}")
             bar.update(1)
-            converged = len(losses) >= 2 and losses[-1]["iteration"] == done and (
-                abs(losses[-2]["loss"] - losses[-1]["loss"]) <= self.tol * max(abs(losses[-2]["loss"]), 1e-30)
-            )
+            converged = len(losses) >= 2 and losses[-1]["iteration"] == done and loss_settled(
+                losses[-2]["loss"], losses[-1]["loss"], self.tol, matrix.constant, W.dtype)
             if saver and (done % checkpoint_every == 0 or done == self.max_iter or converged):
                 saver.save({"W": W, "H": Ht.T}, iteration=done, losses=losses, converged=converged)
             if converged:

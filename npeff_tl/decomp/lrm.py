@@ -35,7 +35,7 @@ from ..provenance import tensor_fingerprint
 from .checkpoint import Checkpoint, check_ranks_agree, rank_directory
 from .decomposition import Decomposition
 from .matrix import PEFMatrix, prepare
-from .solver import check_settings, multiplicative_w, warn_unconverged
+from .solver import check_settings, loss_settled, multiplicative_w, warn_unconverged
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class LRMFit:
         in_joint = phase == "joint"
         if in_joint and len(self.losses) >= 2 and self.losses[-2]["phase"] == "joint":
             previous, current = self.losses[-2]["loss"], self.losses[-1]["loss"]
-            self.converged = abs(previous - current) <= self.settings.tol * max(abs(previous), 1e-30)
+            self.converged = loss_settled(previous, current, self.settings.tol, self.matrix.constant, self.W.dtype)
 
     # ------------------------------------------------------------------------------ checkpoints
     def tensors(self) -> dict[str, Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import Tensor
 
 from .matrix import PEFMatrix
@@ -25,6 +26,14 @@ def check_settings(settings, *, at_least_one: tuple[str, ...], non_negative: tup
 
 class ConvergenceWarning(UserWarning):
     """A fit stopped at its iteration cap before the loss settled to within ``tol`` (as scikit-learn's)."""
+
+
+def loss_settled(previous: float, current: float, tol: float, constant: float, dtype: torch.dtype) -> bool:
+    """Whether the loss changed by at most ``tol`` (relative) between two logs, or both logs are within the
+    rounding of a loss expanded as ``constant`` - 2 <A, W H> + ||W H||^2 (``constant`` = ||A||^2 times the
+    factors' machine epsilon): an exact fit, whose relative changes are rounding noise that never settles."""
+    floor = torch.finfo(dtype).eps * constant
+    return abs(previous - current) <= tol * max(abs(previous), 1e-30) or max(abs(previous), abs(current)) <= floor
 
 
 def warn_unconverged(algorithm: str, iterations: int, tol: float, losses: list[dict]) -> None:
