@@ -6,8 +6,10 @@ Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/field_compare.py [--mo
 
 Every method sees the same train examples and is scored on the same held-out examples (for the field model:
 windows from held-out files, train and test from different files). Nothing is chosen with labels by default:
-NPEFF runs at the pipeline's default settings (``npeff-tl config``) unless ``--set`` names others, SAEs and activation k-means look at the
-middle residual stream, and every method gets the same number of components. Rows marked ``oracle_hook``
+NPEFF runs at the pipeline's default settings (``npeff-tl config``) with the zoo entry's label-free settings
+on top (``label_free_settings``: chosen on its train split by split-half stability) and ``--set`` over both,
+SAEs and activation k-means look at the middle residual stream, and every method gets the same number of
+components. Rows marked ``oracle_hook``
 choose their hook among all residual-stream hooks by train-split AMI against the labels: an advantage NPEFF never
 gets, shown for reference and never counted as a baseline. Label metrics are the mean over ``--seeds`` seeds
 with the (min-max) spread. Selectivity (seed 0, the components with the most training mass, one KL target):
@@ -105,7 +107,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--wide", type=int, default=128, help="the wider SAE's number of features")
     parser.add_argument("--sae-steps", type=int, default=1000)
-    parser.add_argument("--selectivity-components", type=int, default=8)
+    parser.add_argument("--selectivity-components", type=int, default=8,
+                        help="NPEFF components measured for selectivity per method (0: skip the stage)")
     parser.add_argument("--kl-target", type=float, default=0.5)
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracle-hook rows")
     parser.add_argument("--set", action="append", default=[], metavar="pefs.KEY=VALUE",
@@ -117,7 +120,8 @@ def main() -> None:
                         help="keep at most this share of train examples from multi-factor strata (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    defaults = nt.RunConfig().with_overrides(args.set)
+    settings = [*nt.zoo.entry(args.model).label_free_settings, *args.set]
+    defaults = nt.RunConfig().with_overrides(settings)
     model, data = nt.zoo.load(args.model, n_train=args.per_group, n_test=args.test_per_group)
     train = nt.LabeledExamples.from_dataset(data["train"])
     test = nt.LabeledExamples.from_dataset(data["test"])
@@ -131,7 +135,8 @@ def main() -> None:
     hook, oracle_hooks = middle_hook(model), ([] if args.no_oracle else residual_hooks(model))
     print(f"field_compare: {args.model}, {len(train)} train / {len(test)} test examples in "
           f"{len(set(train.labels))} groups, {r} components, {args.seeds} seeds, {args.threads} threads; NPEFF on "
-          f"{space.size:,} parameters, classes {target.classes}, nnz {defaults.pefs.nnz}; label-free hook {hook}")
+          f"{space.size:,} parameters, classes {target.classes}, nnz {defaults.pefs.nnz} (settings over the "
+          f"pipeline's: {settings or 'none'}); label-free hook {hook}")
 
     dictionaries: dict[str, list] = {}  # method -> one dictionary per seed
     test_coefficients: dict[str, list] = {}
@@ -180,29 +185,33 @@ def main() -> None:
         figures[name] = {m: mean([row[m] for row in rows]) for m in METRICS}
         print(f"{name:>30} " + " ".join(f"{spread([row[m] for row in rows]):>22}" for m in METRICS))
 
-    started = time.perf_counter()
-    config = nt.SelectivityConfig(kl_targets=(args.kl_target,), n_baseline=min(200, len(test) - 20))
-    traces = nt.fisher_traces(model, test.examples, space, config.trace_classes)  # shared by both NPEFF methods
-    medians, controls = {}, {"random": [], "random_support": []}
-    for method in NPEFF:
-        d = dictionaries[method][0]
-        mass = torch.as_tensor(d.train_coefficients).double().sum(0)
-        components = mass.topk(min(args.selectivity_components, r)).indices.sort().values.tolist()
-        result = nt.measure_selectivity(d, test, components=components, coefficients=test_coefficients[method][0],
-                                        fisher_traces=traces, config=config, progress=False)
-        if args.out:
-            result.save(f"{args.out}/selectivity/{method}")
-        medians[method] = result.medians()[method]
-        for control in controls:
-            controls[control] += [rec.get("norm_selectivity") for rec in result.records if rec["method"] == control]
-        print(f"  {method} selectivity ({len(components)} components): "
-              + json.dumps({k: round(v, 3) if v else v for k, v in result.medians()[method].items()}))
-        for control in controls:
-            print(f"    control {control}: "
-                  + json.dumps({k: round(v, 3) if v else v for k, v in result.medians()[control].items()}))
-    print(f"  selectivity: {time.perf_counter() - started:.0f} s")
-    pooled = {c: float(torch.tensor([v for v in vs if v is not None]).median()) for c, vs in controls.items()}
-    print("  controls pooled over both NPEFF methods, median normalised selectivity: " + json.dumps(pooled))
+    medians = {m: {"norm_selectivity": None} for m in NPEFF}
+    pooled = {"random": float("nan"), "random_support": float("nan")}
+    if args.selectivity_components > 0:
+        started = time.perf_counter()
+        config = nt.SelectivityConfig(kl_targets=(args.kl_target,), n_baseline=min(200, len(test) - 20))
+        traces = nt.fisher_traces(model, test.examples, space, config.trace_classes)  # shared by both NPEFF methods
+        controls = {"random": [], "random_support": []}
+        for method in NPEFF:
+            d = dictionaries[method][0]
+            mass = torch.as_tensor(d.train_coefficients).double().sum(0)
+            components = mass.topk(min(args.selectivity_components, r)).indices.sort().values.tolist()
+            result = nt.measure_selectivity(d, test, components=components, coefficients=test_coefficients[method][0],
+                                            fisher_traces=traces, config=config, progress=False)
+            if args.out:
+                result.save(f"{args.out}/selectivity/{method}")
+            medians[method] = result.medians()[method]
+            for control in controls:
+                controls[control] += [rec.get("norm_selectivity") for rec in result.records
+                                      if rec["method"] == control]
+            print(f"  {method} selectivity ({len(components)} components): "
+                  + json.dumps({k: round(v, 3) if v else v for k, v in result.medians()[method].items()}))
+            for control in controls:
+                print(f"    control {control}: "
+                      + json.dumps({k: round(v, 3) if v else v for k, v in result.medians()[control].items()}))
+        print(f"  selectivity: {time.perf_counter() - started:.0f} s")
+        pooled = {c: float(torch.tensor([v for v in vs if v is not None]).median()) for c, vs in controls.items()}
+        print("  controls pooled over both NPEFF methods, median normalised selectivity: " + json.dumps(pooled))
 
     card = MODELS_DIR / args.model / "card.json"  # trained entries only (a pretrained one has no card: nan)
     losses = json.loads(card.read_text()).get("heldout_loss_per_token", {}) if card.is_file() else {}

@@ -11,10 +11,11 @@ also split-half stability, the label-free score (``nt.split_half_stability``: tw
 train PEFs, their components paired by the correlation of their coefficients over all train examples); on the test split
 also the median normalised selectivity of the components with the most training mass (0.5 nats on their top
 20 held-out examples against 200 others, divided by the sets' Fisher-trace ratio; no controls, which
-field_compare.py runs: they sit at 1 by construction). The number of
+field_compare.py runs: they sit at 1 by construction). By default the number of
 components is given as a multiple of the number of label groups, which uses the labels: those rows are an
-oracle view, never a default. D-PEFs are computed once at the largest nnz and truncated (their entries are
-sorted by value, so a prefix is the smaller sparsification); low-rank PEFs are computed per nnz. Per method
+oracle view, never a default; ``--components 8 16 32`` states the numbers without labels. D-PEFs are
+computed once at the largest nnz and truncated (their entries are sorted by value, so a prefix is the smaller
+sparsification); low-rank PEFs are computed per nnz. Per method
 and factor, the value with the best train purity@20 (chosen with the labels) is marked with '*', the one with the
 best split-half stability (chosen without them) with '+'. ``--include`` replaces the parameter-group factor by one
 stated group (for a model whose every layer does not fit the time).
@@ -68,6 +69,9 @@ def main() -> None:
     parser.add_argument("--base-rule", default="top_k(4)", choices=list(RULES), help="the rule the other factors use")
     parser.add_argument("--include", nargs="+", default=None,
                         help="one stated parameter group (patterns) instead of the group factor's three")
+    parser.add_argument("--components", type=int, nargs="+", default=None,
+                        help="numbers of components to try, stated without labels (default: 1, 2 and 4 per label "
+                             "group, an oracle view)")
     parser.add_argument("--no-stability", action="store_true", help="skip the split-half stability (two more fits)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,7 +85,8 @@ def main() -> None:
     n_groups = len(set(train.labels))
     factors = {
         "nnz": [dataclasses.replace(base, nnz=n) for n in args.nnz],
-        "components": [dataclasses.replace(base, components=m * n_groups) for m in (1, 2, 4)],
+        "components": [dataclasses.replace(base, components=c)
+                       for c in (args.components or [m * n_groups for m in (1, 2, 4)])],
         "rule": [dataclasses.replace(base, rule=r) for r in args.rules],
         "group": [dataclasses.replace(base, group=g) for g in groups],
     }
@@ -162,7 +167,7 @@ def main() -> None:
             for setting, s in rows:
                 value = (f"{getattr(setting, factor)}" + ("*" if setting == best else "")
                          + ("+" if setting == stablest else ""))
-                if factor == "components":
+                if factor == "components" and not args.components:
                     value += f" ({setting.components // n_groups}x groups, oracle)"
                 print(f"{'':>{len(method)}}  {factor:>10} {value:>24}  "
                       + " ".join(f"{_fmt(s['train'][m]):>26}" for m in METRICS) + f"  {_fmt(s['stability']):>15}  "

@@ -68,7 +68,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     name = args.model.removeprefix(ZOO_PREFIX)
     entry = zoo.entry(name)  # an unknown name fails before anything runs
-    config = RunConfig().with_overrides(list(entry.demo))
+    config = RunConfig().with_overrides([*entry.label_free_settings, *entry.demo])
     config.model.name = ZOO_PREFIX + name
     per_task = args.per_task or config.data.per_task
     groups = len(set(zoo.dataset(name, 1, 1)["test"]["strategy"]))  # tasks or strata

@@ -49,6 +49,7 @@ class ZooEntry:
     weight_decay: float = 0.01
     n_ctx: int = 16
     demo: tuple[str, ...] = ("data.per_task=64",)  # npeff-tl demo's settings for this entry (--set style)
+    label_free_settings: tuple[str, ...] = ()  # NPEFF settings chosen for it without labels (docs/settings.md)
 
     def config(self, device: str | torch.device = "cpu") -> dict:
         """The model's HookedTransformerConfig settings."""
@@ -71,7 +72,10 @@ class ZooEntry:
 ENTRIES: dict[str, ZooEntry | FieldEntry | PretrainedEntry] = {
     e.name: e
     for e in [
-        ZooEntry("tasks-2l", n_layers=2),
+        # NPEFF settings chosen on the train split without labels (split-half stability, both methods; docs/settings.md)
+        ZooEntry("tasks-2l", n_layers=2, label_free_settings=(
+            "pefs.classes=top_k", "pefs.k=4", "pefs.nnz=65536",
+            'pefs.include=["blocks.*.attn.W_[QKVO]", "blocks.*.mlp.W_*"]')),
         ZooEntry("tasks-3l", n_layers=3, seed=1, data_seed=1),
         FieldEntry("pycode-4l"),
         SMOLLM2_135M,

@@ -47,6 +47,7 @@ class FieldEntry:
     # took over 15 minutes at the default NPEFF settings; 16 per stratum leaves 192 held-out examples: top 20 + 150)
     demo: tuple[str, ...] = ("data.per_task=16", "selectivity.n_measured=3",
                              "selectivity.kl_targets=[0.5]", "selectivity.n_baseline=150")
+    label_free_settings: tuple[str, ...] = ()  # NPEFF settings chosen for it without labels (docs/settings.md)
 
     def config(self, device: str | torch.device = "cpu") -> dict:
         """The model's HookedTransformerConfig settings."""

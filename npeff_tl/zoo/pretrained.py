@@ -69,7 +69,10 @@ class PretrainedEntry:
         original: the model the file was converted from (its Hugging Face hub name), for users with hub access.
         weights: what the de-quantised weights are (quantisation, fine-tuning), in words.
         field_data: the folder of its field dataset under ``zoo/field_data``.
-        demo: ``npeff-tl demo``'s settings for this entry (``--set`` style).
+        demo: ``npeff-tl demo``'s settings for this entry (``--set`` style): the size of its run.
+        label_free_settings: NPEFF's settings for this model, chosen on its train split without labels
+            (split-half stability, ``benchmarks/settings_study.py``); ``npeff-tl demo`` and
+            ``benchmarks/field_compare.py`` apply them before their own.
     """
 
     name: str
@@ -81,6 +84,7 @@ class PretrainedEntry:
     weights: str
     field_data: str
     demo: tuple[str, ...] = ()
+    label_free_settings: tuple[str, ...] = ()
 
     def directory(self) -> Path:
         """The prepared Hugging Face directory (it may not exist yet)."""
@@ -231,11 +235,12 @@ SMOLLM2_135M = PretrainedEntry(
     # (its default, every weight, is 106M), one measured component per method (each costs a magnitude search
     # and six passes over the held-out set) against 50 baseline examples, D-NPEFF's mixing weight chosen from 3
     # values instead of 5 (each value costs two magnitude searches on training examples), plain AtP for the
-    # circuits (AtP*'s GradDrop adds a backward pass per residual writer: 59 on 30 blocks), and the top-2 class
-    # rule: chosen for this model on the field's train split without labels (split-half stability), as pure as
-    # the default threshold rule on held-out examples at a third of its PEF time
-    demo=("data.per_task=5", "pefs.classes=top_k", "pefs.k=2", f"pefs.include={_EVERY_SIXTH_MLP}",
+    # circuits (AtP*'s GradDrop adds a backward pass per residual writer: 59 on 30 blocks)
+    demo=("data.per_task=5", f"pefs.include={_EVERY_SIXTH_MLP}",
           f"compare.gradient_include={_EVERY_SIXTH_MLP}",
           "selectivity.n_measured=1", "selectivity.kl_targets=[0.5]", "selectivity.n_baseline=50",
           "selectivity.dnpeff_mixes=[0.1, 0.5, 0.9]", "selectivity.circuit_method=atp"),
+    # the top-2 class rule: chosen for this model on the field's train split without labels (split-half
+    # stability), as pure as the default threshold rule on held-out examples at a third of its PEF time
+    label_free_settings=("pefs.classes=top_k", "pefs.k=2"),
 )

@@ -99,12 +99,14 @@ def test_earlier_names_are_read_with_a_warning(caplog):
 
 
 def test_every_zoo_entrys_demo_settings_are_valid_settings():
-    """`npeff-tl demo --model NAME` applies the entry's settings: each must be a setting the run accepts."""
+    """`npeff-tl demo --model NAME` applies the entry's label-free NPEFF settings, then its demo settings: each
+    must be a setting the run accepts."""
     from npeff_tl import zoo
 
     for entry in zoo.ENTRIES.values():  # a bad key or value raises here
-        nt.RunConfig().with_overrides(list(entry.demo))
-    smollm2 = nt.RunConfig().with_overrides(list(zoo.entry("smollm2-135m").demo))
+        nt.RunConfig().with_overrides([*entry.label_free_settings, *entry.demo])
+    entry = zoo.entry("smollm2-135m")
+    smollm2 = nt.RunConfig().with_overrides([*entry.label_free_settings, *entry.demo])
     assert smollm2.pefs.include == smollm2.compare.gradient_include == [f"blocks.{layer}.mlp.W_*"
                                                                          for layer in range(5, 30, 6)]
     assert (smollm2.data.per_task, smollm2.selectivity.circuit_method, smollm2.selectivity.n_baseline) == (5, "atp", 50)
