@@ -2,10 +2,11 @@
 
 Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/multifactor_diagnosis.py [--model pycode-4l]
       [--per-group 30] [--test-per-group 20] [--seeds 3] [--pair-share 0.05] [--nnz 16384 4096]
-      [--set pefs.KEY=VALUE ...]
+      [--rules one_class threshold eight_classes] [--set pefs.KEY=VALUE ...]
 
-On a field dataset (strata of single factors and of pairs, as ``field_compare.py`` uses them) and the pipeline's
-parameter space, two questions, both scored on the held-out examples that need two factors:
+On a field dataset (strata of single factors and of pairs, as ``field_compare.py`` uses them) and the settings
+``field_compare.py`` uses (the pipeline's, the zoo entry's label-free ones over them, ``--set`` over both),
+two questions, both scored on the held-out examples that need two factors:
 
 1. Representation. Each factor's mean D-PEF over the single-factor train examples is a component that names
    that factor, so a representation "holds" a pair if the example's D-PEF, written as the non-negative
@@ -138,9 +139,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pair-share", type=float, default=0.05)
     parser.add_argument("--nnz", type=int, nargs="+", default=[16384, 4096])
+    parser.add_argument("--rules", nargs="*", default=list(RULES), choices=list(RULES),
+                        help="the class rules of the representation rows (default: all three; none: fits only)")
     parser.add_argument("--set", action="append", default=[], metavar="pefs.KEY=VALUE")
     args = parser.parse_args()
-    config = nt.RunConfig().with_overrides(args.set)
+    config = nt.RunConfig().with_overrides([*nt.zoo.entry(args.model).label_free_settings, *args.set])
     model, data = nt.zoo.load(args.model, n_train=args.per_group, n_test=args.test_per_group)
     train = with_rare_pairs(nt.LabeledExamples.from_dataset(data["train"]), args.pair_share)
     test = nt.LabeledExamples.from_dataset(data["test"])
@@ -159,13 +162,14 @@ def main() -> None:
                                                                             ("single_top1", 12))))
 
     started = time.perf_counter()
-    for rule_name, rule in RULES.items():
+    for rule_name, rule in ((name, RULES[name]) for name in args.rules):
         weights = factor_readout(model, train, test, space, rule or default_rule, args.nnz, factors)
         for variant, W in weights.items():
             show(f"factor_means_{rule_name}_{variant}", scores(W, test, factors, factors))
-    for variant, W in activation_readout(model, train, test, factors).items():
-        show(f"factor_means_activations_{variant}", scores(W, test, factors, factors))
-    print(f"  representations: {time.perf_counter() - started:.0f} s")
+    if args.rules:
+        for variant, W in activation_readout(model, train, test, factors).items():
+            show(f"factor_means_activations_{variant}", scores(W, test, factors, factors))
+        print(f"  representations: {time.perf_counter() - started:.0f} s")
 
     started = time.perf_counter()
     target = nt.Target(classes=default_rule)
