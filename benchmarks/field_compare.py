@@ -99,6 +99,35 @@ def mean(values: list[float | None]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def npeff_selectivity(args, model, test, space, dictionaries, test_coefficients) -> tuple[dict, dict]:
+    """Seed 0's selectivity of each NPEFF method's components with the most training mass, with controls: the
+    median figures per method, and each control's median normalised selectivity pooled over both methods."""
+    started = time.perf_counter()
+    config = nt.SelectivityConfig(kl_targets=(args.kl_target,), n_baseline=min(200, len(test) - 20))
+    traces = nt.fisher_traces(model, test.examples, space, config.trace_classes)  # shared by both NPEFF methods
+    medians, controls = {}, {"random": [], "random_support": []}
+    for method in NPEFF:
+        d = dictionaries[method][0]
+        mass = torch.as_tensor(d.train_coefficients).double().sum(0)
+        components = mass.topk(min(args.selectivity_components, d.n_components)).indices.sort().values.tolist()
+        result = nt.measure_selectivity(d, test, components=components, coefficients=test_coefficients[method][0],
+                                        fisher_traces=traces, config=config, progress=False)
+        if args.out:
+            result.save(f"{args.out}/selectivity/{method}")
+        medians[method] = result.medians()[method]
+        for control in controls:
+            controls[control] += [rec.get("norm_selectivity") for rec in result.records if rec["method"] == control]
+        print(f"  {method} selectivity ({len(components)} components): "
+              + json.dumps({k: round(v, 3) if v else v for k, v in result.medians()[method].items()}))
+        for control in controls:
+            print(f"    control {control}: "
+                  + json.dumps({k: round(v, 3) if v else v for k, v in result.medians()[control].items()}))
+    print(f"  selectivity: {time.perf_counter() - started:.0f} s")
+    pooled = {c: float(torch.tensor([v for v in vs if v is not None]).median()) for c, vs in controls.items()}
+    print("  controls pooled over both NPEFF methods, median normalised selectivity: " + json.dumps(pooled))
+    return medians, pooled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="pycode-4l")
@@ -185,33 +214,9 @@ def main() -> None:
         figures[name] = {m: mean([row[m] for row in rows]) for m in METRICS}
         print(f"{name:>30} " + " ".join(f"{spread([row[m] for row in rows]):>22}" for m in METRICS))
 
-    medians = {m: {"norm_selectivity": None} for m in NPEFF}
-    pooled = {"random": float("nan"), "random_support": float("nan")}
+    medians, pooled = ({m: {"norm_selectivity": None} for m in NPEFF}, {"random": float("nan")})
     if args.selectivity_components > 0:
-        started = time.perf_counter()
-        config = nt.SelectivityConfig(kl_targets=(args.kl_target,), n_baseline=min(200, len(test) - 20))
-        traces = nt.fisher_traces(model, test.examples, space, config.trace_classes)  # shared by both NPEFF methods
-        controls = {"random": [], "random_support": []}
-        for method in NPEFF:
-            d = dictionaries[method][0]
-            mass = torch.as_tensor(d.train_coefficients).double().sum(0)
-            components = mass.topk(min(args.selectivity_components, r)).indices.sort().values.tolist()
-            result = nt.measure_selectivity(d, test, components=components, coefficients=test_coefficients[method][0],
-                                            fisher_traces=traces, config=config, progress=False)
-            if args.out:
-                result.save(f"{args.out}/selectivity/{method}")
-            medians[method] = result.medians()[method]
-            for control in controls:
-                controls[control] += [rec.get("norm_selectivity") for rec in result.records
-                                      if rec["method"] == control]
-            print(f"  {method} selectivity ({len(components)} components): "
-                  + json.dumps({k: round(v, 3) if v else v for k, v in result.medians()[method].items()}))
-            for control in controls:
-                print(f"    control {control}: "
-                      + json.dumps({k: round(v, 3) if v else v for k, v in result.medians()[control].items()}))
-        print(f"  selectivity: {time.perf_counter() - started:.0f} s")
-        pooled = {c: float(torch.tensor([v for v in vs if v is not None]).median()) for c, vs in controls.items()}
-        print("  controls pooled over both NPEFF methods, median normalised selectivity: " + json.dumps(pooled))
+        medians, pooled = npeff_selectivity(args, model, test, space, dictionaries, test_coefficients)
 
     card = MODELS_DIR / args.model / "card.json"  # trained entries only (a pretrained one has no card: nan)
     losses = json.loads(card.read_text()).get("heldout_loss_per_token", {}) if card.is_file() else {}
