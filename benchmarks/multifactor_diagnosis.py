@@ -41,7 +41,7 @@ import torch
 import npeff_tl as nt
 from field_compare import with_rare_pairs  # the compositional split, as field_compare.py makes it
 from npeff_tl.baselines.activations import hook_activations, middle_hook
-from npeff_tl.evaluation import component_factors, factor_auc, multi_factor_recall
+from npeff_tl.evaluation import component_factors, factor_auc, factor_mass, multi_factor_recall
 from npeff_tl.interventions import target_log_probs
 from npeff_tl.pefs import per_example_grads
 from npeff_tl.pefs.objectives import ClassLogProbs
@@ -122,15 +122,6 @@ def scores(W: torch.Tensor, test: nt.LabeledExamples, names: list[str | None], f
             "single_top1": top1}
 
 
-def merged(W: torch.Tensor, names: list[str | None], factors: list[str]) -> torch.Tensor:
-    """Coefficients summed per factor name (components named by no factor dropped)."""
-    to_factor = torch.zeros(W.shape[1], len(factors), dtype=torch.float64)
-    for j, name in enumerate(names):
-        if name in factors:
-            to_factor[j, factors.index(name)] = 1.0
-    return W.double() @ to_factor
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="pycode-4l")
@@ -185,7 +176,7 @@ def main() -> None:
                 print(f"  {method} components named by factor (seed 0): {names}")
             W = torch.as_tensor(dec.fit_coefficients(test_pefs, progress=False)).double()
             rows["components"].append(scores(W, test, names, factors))
-            rows["merged"].append(scores(merged(W, names, factors), test, factors, factors))
+            rows["merged"].append(scores(factor_mass(W, names, factors), test, factors, factors))
         for how, runs in rows.items():
             show(f"{method}_{how}", {m: sum(r[m] for r in runs) / len(runs) for m in runs[0]})
     print(f"  fits: {time.perf_counter() - started:.0f} s")

@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Float64
 from torch import Tensor
 
 from ..dictionaries import Dictionary, top_of
@@ -91,20 +91,28 @@ def multi_factor_recall(coefficients: Float[Tensor, "n r"], factors: Sequence[Se
     return hits / total if total else None
 
 
+def factor_mass(coefficients: Float[Tensor, "n r"], factors_of_components: Sequence[str | None],
+                universe: Sequence[str]) -> Float64[Tensor, "n n_factors"]:
+    """Each example's coefficients summed over the components named by each factor of ``universe`` (in its order,
+    without repeats); components named by no factor of it count for none."""
+    names = list(dict.fromkeys(universe))
+    index = {f: i for i, f in enumerate(names)}
+    W = torch.as_tensor(coefficients).double()
+    to_factor = torch.zeros(W.shape[1], len(names), dtype=torch.float64)
+    for j, f in enumerate(factors_of_components):
+        if f in index:
+            to_factor[j, index[f]] = 1.0
+    return W @ to_factor
+
+
 def factor_auc(coefficients: Float[Tensor, "n r"], factors: Sequence[Sequence[str]],
                factors_of_components: Sequence[str | None], universe: Sequence[str]) -> float | None:
     """Mean over the examples with two or more factors of the AUC of their factors' coefficient mass against the
     other factors' (mass of a factor: the sum of the example's coefficients on the components named by it; every
     factor of ``universe`` takes part, those named by no component with mass 0; ties count one half). None when no
     example has two factors."""
-    W = torch.as_tensor(coefficients).double()
     names = list(dict.fromkeys(universe))
-    index = {f: i for i, f in enumerate(names)}
-    to_factor = torch.zeros(W.shape[1], len(names), dtype=torch.float64)
-    for j, f in enumerate(factors_of_components):
-        if f in index:
-            to_factor[j, index[f]] = 1.0
-    mass = W @ to_factor  # [n, factors]
+    mass = factor_mass(coefficients, factors_of_components, names)
     aucs = []
     for i, needed in enumerate(factors):
         needed = set(needed) & set(names)
